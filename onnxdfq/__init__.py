@@ -1,0 +1,1 @@
+"""onnxdfq: data-free quantization of ONNX models."""

@@ -1,0 +1,1 @@
+"""Quantization grids, parameters, fake quantization, range estimators and QDQ export."""
