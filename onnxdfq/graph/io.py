@@ -1,0 +1,112 @@
+"""Load, validate, upgrade and save ONNX models (the only place files are read or written)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import version_converter
+
+from onnxdfq.errors import ModelLoadError, OptionError, UnsupportedModelError
+
+__all__ = [
+    "MIN_OPSET", "QDQ_OPS", "load_model", "prepare_model", "save_model_atomic", "opset_of",
+    "ensure_distinct_paths",
+]
+
+logger = logging.getLogger(__name__)
+
+MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis attribute) arrive in opset 13
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+           "MatMulInteger", "DynamicQuantizeLinear"}
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.BFLOAT16}
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 1
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read a model (external data included) and check it; every failure is a ModelLoadError."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, expected an .onnx file")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # protobuf's DecodeError and friends, missing external files
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else 'parse error'})") from None
+    if not model.graph.node:
+        raise ModelLoadError(f"{path}: not a valid ONNX model (the graph has no nodes; truncated or not ONNX?)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+def prepare_model(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET,
+                  allow_quantized: bool = False) -> onnx.ModelProto:
+    """Reject already-quantized or weightless models, upgrade the opset, run shape inference."""
+    quant_ops = sorted({n.op_type for n in model.graph.node if n.op_type in QDQ_OPS})
+    if quant_ops and not allow_quantized:
+        raise UnsupportedModelError(f"the model is already quantized (contains {', '.join(quant_ops)}); "
+                                    "quantize its FP32 parent instead")
+    has_float_weight = any(init.data_type in _FLOAT_TYPES and int(np.prod(init.dims)) > 1
+                           for init in model.graph.initializer)
+    has_float_weight = has_float_weight or any(
+        n.op_type == "Constant" and n.attribute and n.attribute[0].t.data_type in _FLOAT_TYPES
+        and int(np.prod(n.attribute[0].t.dims)) > 1 for n in model.graph.node)
+    if not has_float_weight:
+        raise UnsupportedModelError("the model has no float weights to quantize")
+    if opset_of(model) < min_opset:
+        try:
+            model = version_converter.convert_version(model, min_opset)
+        except Exception as exc:
+            raise UnsupportedModelError(f"cannot upgrade the model from opset {opset_of(model)} to "
+                                        f"{min_opset}: {str(exc).splitlines()[0]}") from None
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception as exc:  # shapes help but are not required
+        logger.warning("shape inference failed (%s); continuing without inferred shapes", exc)
+    return model
+
+
+def ensure_distinct_paths(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    if Path(dst).resolve() == Path(src).resolve():
+        raise OptionError(f"output path {dst} is the input path; refusing to overwrite the input model")
+
+
+def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike,
+                      validate: Callable[[str], None] | None = None) -> None:
+    """Write to a temporary file beside `path`, check it, then rename it into place.
+
+    `validate(tmp_path)` may raise; the temporary file is removed and `path` is left untouched.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.exists():
+        raise OptionError(f"output directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        onnx.checker.check_model(tmp)
+        if validate is not None:
+            validate(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

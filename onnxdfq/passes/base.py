@@ -1,0 +1,128 @@
+"""Pass infrastructure: the workspace passes share, reports, and the Pass contract.
+
+Modelled on onnx-ir's passes: `Pass.__call__` runs requires -> call -> ensures, and every pass
+reports whether it actually changed anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BNStats", "WeightQuant", "ActRange", "LayerRow", "PassReport", "Workspace", "Pass",
+           "PreconditionError", "PostconditionError"]
+
+logger = logging.getLogger(__name__)
+
+
+class PreconditionError(RuntimeError):
+    pass
+
+
+class PostconditionError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class BNStats:
+    """Per-output-channel pre-activation statistics kept from a folded BatchNormalization."""
+
+    mean: np.ndarray  # beta (float64)
+    std: np.ndarray  # |gamma| (float64)
+
+    def scaled(self, factor: np.ndarray) -> BNStats:
+        """Statistics of the channel after its pre-activation is divided by `factor` (> 0)."""
+        return BNStats(self.mean / factor, self.std / factor)
+
+
+@dataclass
+class WeightQuant:
+    """Integer weights of one layer in canonical layout, with their per-channel scale."""
+
+    bits: int
+    scale: np.ndarray  # [O] (per-channel) or [1] (per-tensor)
+    w_int: np.ndarray  # int64, canonical layout
+    per_channel: bool
+    method: str
+
+    def dequantized(self) -> np.ndarray:
+        shape = [-1] + [1] * (self.w_int.ndim - 1)
+        scale = self.scale.reshape(shape) if self.scale.size > 1 else self.scale.reshape(())
+        return (self.w_int * scale).astype(np.float32)
+
+
+@dataclass
+class ActRange:
+    """Per-tensor activation range and where it came from (bn, propagated, input, calibration...)."""
+
+    lo: float
+    hi: float
+    source: str
+
+
+@dataclass
+class LayerRow:
+    layer: str
+    values: dict[str, Any]
+
+
+@dataclass
+class PassReport:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    rows: list[LayerRow] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    modified: bool = False
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "params": self.params, "modified": self.modified,
+            "seconds": round(self.seconds, 6), "warnings": self.warnings,
+            "layers": {row.layer: row.values for row in self.rows},
+        }
+
+
+@dataclass
+class Workspace:
+    """What the pipeline carries from pass to pass: the graph and everything learnt about it."""
+
+    graph: Any  # onnx_graphsurgeon.Graph (kept untyped so that passes/ never imports graph libraries)
+    bn_stats: dict[str, BNStats] = field(default_factory=dict)  # layer name -> stats of its output
+    act_upper: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> per-channel clip (CLE+ReLU6)
+    weight_quant: dict[str, WeightQuant] = field(default_factory=dict)
+    act_ranges: dict[str, ActRange] = field(default_factory=dict)  # tensor name -> range
+    input_range: tuple[float, float] | None = None
+    reduced_range: list[str] = field(default_factory=list)  # layers given 7-bit weights (see pipeline)
+    reports: list[PassReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class Pass:
+    """A step over the Workspace. Subclasses implement `call`; options go in `__init__`."""
+
+    name = "pass"
+
+    def requires(self, ws: Workspace) -> None:  # noqa: B027 - optional hook
+        """Raise PreconditionError if the workspace is not ready for this pass."""
+
+    def ensures(self, ws: Workspace) -> None:  # noqa: B027 - optional hook
+        """Raise PostconditionError if the pass left the workspace inconsistent."""
+
+    def call(self, ws: Workspace) -> PassReport:
+        raise NotImplementedError
+
+    def __call__(self, ws: Workspace) -> PassReport:
+        self.requires(ws)
+        start = time.perf_counter()
+        report = self.call(ws)
+        report.seconds = time.perf_counter() - start
+        self.ensures(ws)
+        ws.reports.append(report)
+        for message in report.warnings:
+            logger.warning("%s: %s", report.name, message)
+        return report

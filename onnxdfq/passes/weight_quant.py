@@ -1,0 +1,73 @@
+"""Weight quantization: choose each layer's grid and round its weights (nearest or a smarter rounder)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from onnxdfq.graph import layers as graph_layers
+from onnxdfq.passes.base import LayerRow, Pass, PassReport, WeightQuant, Workspace
+from onnxdfq.quant.fake import quantize, sqnr_db
+from onnxdfq.quant.qparams import weight_scale
+from onnxdfq.quant.scheme import BitWidthMap, QuantScheme
+
+__all__ = ["Rounder", "nearest_round", "get_rounder", "WeightQuantPass"]
+
+logger = logging.getLogger(__name__)
+
+# rounder(w_fp [O, ...] float, scale [O] or [1], qmin, qmax) -> int64 array of w_fp's shape
+Rounder = Callable[[np.ndarray, np.ndarray, int, int], np.ndarray]
+
+
+def nearest_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    return quantize(np.asarray(w_fp, np.float64), scale, qmin, qmax, axis=0)
+
+
+def get_rounder(method: str, **options) -> Rounder:
+    if method == "nearest":
+        return nearest_round
+    if method == "squant":
+        from onnxdfq.passes.squant import squant_round
+
+        stages = tuple(options.get("stages") or ("e", "k", "c"))
+
+        def rounder(w_fp, scale, qmin, qmax):
+            return squant_round(w_fp, scale, qmin, qmax, stages=stages)
+
+        return rounder
+    raise ValueError(f"unknown rounding method {method!r}")
+
+
+class WeightQuantPass(Pass):
+    """Quantize every layer's weight onto a symmetric signed grid (zero point 0)."""
+
+    name = "weight_quant"
+
+    def __init__(self, bitmap: BitWidthMap, *, per_channel: bool = True, method: str = "nearest",
+                 rounder: Rounder | None = None, skip: set[str] | None = None) -> None:
+        self.bitmap = bitmap
+        self.per_channel = per_channel
+        self.method = method
+        self.rounder = rounder or get_rounder(method)
+        self.skip = skip or set()
+
+    def call(self, ws: Workspace) -> PassReport:
+        report = PassReport(self.name, params={"method": self.method, "per_channel": self.per_channel,
+                                               "default_bits": self.bitmap.default})
+        for layer in graph_layers.read_layers(ws.graph):
+            if layer.name in self.skip:
+                continue
+            bits = self.bitmap.bits_for(layer.name, layer.op_type)
+            scheme = QuantScheme(bits, signed=True, symmetric=True, per_channel=self.per_channel, axis=0)
+            scale = weight_scale(layer.weight, scheme)
+            w_int = self.rounder(layer.weight, scale, scheme.qmin, scheme.qmax)
+            quant = WeightQuant(bits, scale, w_int, self.per_channel, self.method)
+            ws.weight_quant[layer.name] = quant
+            report.rows.append(LayerRow(layer.name, {
+                "bits": bits, "scale_min": float(scale.min()), "scale_max": float(scale.max()),
+                "weight_sqnr_db": round(sqnr_db(layer.weight, quant.dequantized()), 3),
+            }))
+        report.modified = bool(report.rows)
+        return report

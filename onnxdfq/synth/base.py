@@ -1,0 +1,234 @@
+"""Generator interface, registry and harness for BN-statistics synthetic calibration data.
+
+A generator optimises a batch of inputs so that every BatchNormalization layer sees inputs whose
+per-channel statistics match the layer's running mean and variance. :func:`generate` owns
+everything common (building the torch graph, seeding, batching, progress); a method is one class
+with a ``run`` loop, registered under its name with :func:`register_generator`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import onnx
+import torch
+
+from .executor import TorchGraph
+from .stats import BNTarget, batch_moments, bn_targets, layer_alignment
+
+__all__ = [
+    "Generator",
+    "ProgressFn",
+    "StepFn",
+    "register_generator",
+    "get_generator",
+    "available_methods",
+    "generate",
+    "bn_statistics_loss",
+    "input_sample_shape",
+]
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, batch BN loss)
+StepFn = Callable[[torch.Tensor], None]  # called once per optimisation step with the batch BN loss
+
+_REGISTRY: dict[str, type[Generator]] = {}
+# Built-in methods, imported on first use so that a method file is only loaded when asked for.
+_BUILTIN_MODULES = {"zeroq": ".zeroq", "dsg": ".dsg", "dffg": ".dffg"}
+
+G = TypeVar("G", bound="Generator")
+
+
+class Generator(ABC):
+    """One data-free sample generator.
+
+    Subclasses set ``default_steps``, take their options as keyword arguments of ``__init__``
+    and implement :meth:`run`. ``run`` must call ``on_step(batch_metric)`` once per step with
+    :meth:`batch_metric` of the current iterate, so that every method reports the same number.
+    """
+
+    name: ClassVar[str] = ""
+    default_steps: ClassVar[int] = 500
+
+    def __init__(self, graph: TorchGraph, targets: Sequence[BNTarget]) -> None:
+        self.graph = graph
+        self.targets = list(targets)
+
+    def samples_per_run(self, batch_size: int, steps: int) -> int:
+        """How many samples one call of :meth:`run` on a batch of ``batch_size`` returns."""
+        return batch_size
+
+    def prepare(self, batch_shape: tuple[int, ...], rng: torch.Generator) -> None:  # noqa: B027
+        """Hook run once before the first batch (e.g. to calibrate margins); default: nothing."""
+
+    @abstractmethod
+    def run(self, x0: torch.Tensor, steps: int, on_step: StepFn) -> list[torch.Tensor]:
+        """Optimise the batch ``x0`` for ``steps`` steps; return sample batches, best first."""
+
+    def bn_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The input tensor of every BN layer for the batch ``x``, in graph order."""
+        _, captures = self.graph(x, capture_bn_inputs=True)
+        return [tensor for _, tensor in captures]
+
+    def batch_metric(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """:func:`bn_statistics_loss` of the current batch (detached)."""
+        with torch.no_grad():
+            terms = [layer_alignment(*batch_moments(f, t.eps), t) for f, t in zip(features, self.targets, strict=True)]
+            return torch.stack(terms).mean()
+
+
+def input_prior(x: torch.Tensor) -> torch.Tensor:
+    """ZeroQ's input term: per-channel batch mean/std of ``x`` against N(0, 1)."""
+    mean, std = batch_moments(x, 0.0)
+    return (mean.pow(2) + (std - 1.0).pow(2)).mean()
+
+
+def register_generator(name: str) -> Callable[[type[G]], type[G]]:
+    """Class decorator: make a :class:`Generator` subclass available to :func:`generate`."""
+
+    def decorate(cls: type[G]) -> type[G]:
+        cls.name = name
+        _REGISTRY[name.lower()] = cls
+        return cls
+
+    return decorate
+
+
+def available_methods() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
+
+
+def get_generator(method: str) -> type[Generator]:
+    """The generator class registered as ``method`` (case-insensitive)."""
+    key = method.lower()
+    if key not in _REGISTRY and key in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[key], __package__)
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown synthetic-data method {method!r}; available: {', '.join(available_methods())}")
+    return _REGISTRY[key]
+
+
+def input_sample_shape(model: onnx.ModelProto) -> tuple[int, ...]:
+    """The model input's shape without its batch axis, e.g. (3, 32, 32); must be static."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise ValueError(f"synthetic data needs a model with exactly one input, got {[i.name for i in inputs]}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims[1:])
+    if len(dims) < 2 or any(s <= 0 for s in shape):
+        raise ValueError(f"input {inputs[0].name!r} must have static non-batch dims, got {shape}")
+    return shape
+
+
+def generate(
+    model: onnx.ModelProto,
+    method: str,
+    n: int,
+    *,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: str = "cpu",
+    steps: int | None = None,
+    progress: ProgressFn | None = None,
+    **options: Any,
+) -> np.ndarray:
+    """Generate ``n`` synthetic calibration inputs for ``model`` with ``method``.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        A float model that still has its BatchNormalization nodes.
+    method : str
+        A registered method: ``"zeroq"``, ``"dsg"`` or ``"dffg"`` (see :func:`available_methods`).
+    n : int
+        Number of samples. Batches of ``batch_size`` are optimised until ``n`` are collected.
+    steps : int, optional
+        Optimisation steps per batch; the method's ``default_steps`` when omitted.
+    progress : callable, optional
+        ``progress(step, total, loss)`` after every step; ``loss`` is the current batch's
+        :func:`bn_statistics_loss`, ``total`` the number of steps over all batches.
+    **options
+        Method-specific keyword options (e.g. ``lr`` for ZeroQ, ``alpha`` for DFFG).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32, shape ``(n, *input_shape[1:])`` (NCHW for image models). With a fixed ``seed``
+        the result is reproducible on the CPU.
+    """
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
+    generator_cls = get_generator(method)
+    sample_shape = input_sample_shape(model)
+    graph = TorchGraph(model).to(device).eval()
+    generator = generator_cls(graph, bn_targets(graph), **options)
+    steps = generator_cls.default_steps if steps is None else steps
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    runs = math.ceil(n / generator.samples_per_run(batch_size, steps))
+    total, done = runs * steps, 0
+
+    def on_step(metric: torch.Tensor) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total, float(metric))
+
+    rng = torch.Generator().manual_seed(seed)
+    batch_shape = (batch_size, *sample_shape)
+    generator.prepare(batch_shape, rng)
+    chunks: list[torch.Tensor] = []
+    for run in range(runs):
+        x0 = torch.randn(batch_shape, generator=rng).to(device)
+        chunks.extend(sample.detach().cpu() for sample in generator.run(x0, steps, on_step))
+        logger.debug("%s: batch %d/%d done", generator_cls.name, run + 1, runs)
+    return torch.cat(chunks)[:n].numpy().astype(np.float32, copy=False)
+
+
+def bn_statistics_loss(
+    model: onnx.ModelProto | TorchGraph,
+    x: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> float:
+    """How far the BN-input statistics of the whole set ``x`` are from the BN running statistics.
+
+    ``L = (1/L_bn) * sum_l ( ||mu~_l - mu_l||^2 / C_l + ||sigma~_l - sigma_l||^2 / C_l )``
+
+    where, for BN layer l with C_l channels, mu_l and sigma_l = sqrt(running_var + eps) are its
+    running statistics and mu~_l, sigma~_l = sqrt(var~ + eps) the per-channel mean and (biased)
+    std of its input over all of ``x`` (every sample and spatial position; accumulated in float64
+    over chunks of ``batch_size``). It is ZeroQ's objective divided by the number of BN layers;
+    real data gets a small value, Gaussian noise a large one.
+    """
+    graph = model if isinstance(model, TorchGraph) else TorchGraph(model)
+    graph = graph.to(device).eval()
+    targets = bn_targets(graph)
+    data = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x.float()
+    sums: list[torch.Tensor] = [torch.zeros(t.channels, dtype=torch.float64) for t in targets]
+    squares: list[torch.Tensor] = [torch.zeros(t.channels, dtype=torch.float64) for t in targets]
+    counts = [0] * len(targets)
+    with torch.no_grad():
+        for start in range(0, data.shape[0], batch_size):
+            _, captures = graph(data[start : start + batch_size].to(device), capture_bn_inputs=True)
+            for index, (_, feature) in enumerate(captures):
+                flat = feature.transpose(0, 1).reshape(feature.shape[1], -1).double().cpu()
+                sums[index] += flat.sum(dim=1)
+                squares[index] += flat.pow(2).sum(dim=1)
+                counts[index] += flat.shape[1]
+    terms = []
+    for target, total, square, count in zip(targets, sums, squares, counts, strict=True):
+        mean = total / count
+        std = torch.sqrt(torch.clamp(square / count - mean.pow(2), min=0.0) + target.eps)
+        cpu_target = BNTarget(target.name, target.mean.double().cpu(), target.std.double().cpu(), target.eps)
+        terms.append(float(layer_alignment(mean, std, cpu_target)))
+    return float(np.mean(terms))
