@@ -228,7 +228,7 @@ def _channel_stage_after_kernels(prio: np.ndarray, q: np.ndarray, flips: _Kernel
         undecided = np.zeros(want.shape, bool)
         if active.size:
             kth = _kth_largest(keys[active], want[active])
-            undecided[active] = kth < 0.5
+            undecided[active] = kth <= 0.5
         fill = np.nonzero(unknown & undecided[:, None])
         if fill[0].size:
             rank = flips.flipped[fill] + 1

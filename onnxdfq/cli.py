@@ -1,0 +1,333 @@
+"""Command line: quantize, eval, compare, inspect, demo. The only module that prints."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from onnxdfq.errors import OnnxDfqError, OptionError
+
+logger = logging.getLogger("onnxdfq")
+
+
+def _friendly(func):
+    """Turn onnxdfq errors into one line on stderr and exit status 2 (no traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except OnnxDfqError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise OptionError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        parts = [int(v) for v in text.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise OptionError(f"--size takes N or H,W, got {text!r}") from None
+    return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=True if quiet else None, file=sys.stderr, leave=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxdfq")
+@click.option("-v", "--verbose", is_flag=True, help="Log what every pass does.")
+def main(verbose: bool) -> None:
+    """onnxdfq: quantize ONNX models without data (BN folding, DFQ, SQuant, DF-MPC) to QDQ ONNX."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+
+
+def _methods() -> list[str]:
+    from onnxdfq.pipeline import METHODS
+
+    return sorted(METHODS)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the quantized model (never the input).")
+@click.option("--method", default="nearest", show_default=True, type=click.Choice(_methods()),
+              help="Weight method.")
+@click.option("--bits", default="8", show_default=True, help="Weight bits 2..8, or LOW/HIGH for dfmpc (e.g. 2/6).")
+@click.option("--act-bits", default="8", show_default=True, help="Activation bits 2..8, or 'none' (float).")
+@click.option("--granularity", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True,
+              help="Weight scales per output channel or per tensor.")
+@click.option("--sigmas", type=float, default=6.0, show_default=True,
+              help="Activation range = BN mean +- this many std.")
+@click.option("--input-range", default=None, help="LO,HI of the network input (default -3,3).")
+@click.option("--mean", default=None, help="Input preprocessing mean (0-1 scale): sets the input range exactly.")
+@click.option("--std", default=None, help="Input preprocessing std (0-1 scale), with --mean.")
+@click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="7-bit weights where an 8-bit input is signed (avoids int16 saturation in x86 kernels).")
+@click.option("--format", "fmt", type=click.Choice(["qdq", "fakequant"]), default="qdq", show_default=True,
+              help="QDQ graph, or float weights already rounded (for runtimes without QDQ).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a JSON report (per-layer bits, scales, SQNR, activation range sources, timings).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@_friendly
+def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str, granularity: str, sigmas: float,
+             input_range: str | None, mean: str | None, std: str | None, reduce_range: str, fmt: str,
+             report_path: Path | None, quiet: bool) -> None:
+    """Quantize MODEL without data and write a QDQ ONNX model to --output."""
+    from onnxdfq.eval.runner import compare as run_compare
+    from onnxdfq.eval.session import check_loads
+    from onnxdfq.graph.io import ensure_distinct_paths, load_model, save_model_atomic
+    from onnxdfq.pipeline import quantize_model
+
+    ensure_distinct_paths(model, output)
+    if report_path is not None:
+        ensure_distinct_paths(model, report_path)
+    fp32 = load_model(model)
+    lohi = None
+    if input_range is not None:
+        values = _floats(input_range, "--input-range")
+        if len(values) != 2 or values[0] >= values[1]:
+            raise OptionError(f"--input-range takes LO,HI with LO < HI, got {input_range!r}")
+        lohi = (values[0], values[1])
+    elif mean is not None or std is not None:
+        m = np.asarray(_floats(mean or "0", "--mean"))
+        s = np.asarray(_floats(std or "1", "--std"))
+        lohi = (float(np.min((0 - m) / s)), float(np.max((1 - m) / s)))
+    start = time.perf_counter()
+    result = quantize_model(fp32, method=method, bits=bits, act_bits=act_bits, granularity=granularity,
+                            sigmas=sigmas, input_range=lohi, fmt=fmt,
+                            reduce_range={"auto": "auto", "on": True, "off": False}[reduce_range])
+    probe: dict = {}
+
+    def validate(tmp_path: str) -> None:
+        check_loads(tmp_path)
+        probe.update(run_compare(fp32, tmp_path, random=16, batch_size=16))
+        if not probe["finite"]:
+            raise OptionError("the quantized model produces non-finite outputs; nothing written")
+
+    save_model_atomic(result.model, output, validate=validate)
+    report = result.report
+    report["fidelity_random_inputs"] = probe
+    report["output"] = str(output)
+    report["output_bytes"] = output.stat().st_size
+    report["timings_s"]["wall"] = round(time.perf_counter() - start, 4)
+    if report_path is not None:
+        _write_json_atomic(report, report_path)
+    if not quiet:
+        for warning in report["warnings"]:
+            click.echo(f"warning: {warning}", err=True)
+        click.echo(_summary(report, model))
+
+
+def _write_json_atomic(data: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=1)
+    os.replace(tmp, path)
+
+
+def _summary(report: dict, model: Path) -> str:
+    layers = report["layers"]
+    sqnrs = [v["weight_sqnr_db"] for v in layers.values() if isinstance(v.get("weight_sqnr_db"), (int, float))]
+    cfg = report["config"]
+    rows = [
+        ["model", str(model)],
+        ["method", f"{cfg['method']}  W{cfg['bits']}{'/' + str(cfg['high_bits']) if cfg['high_bits'] else ''}"
+                   f"  A{cfg['act_bits'] or 'fp32'}  {'per-channel' if cfg['per_channel'] else 'per-tensor'}"],
+        ["layers quantized", f"{len(layers)}  (avg {report['average_weight_bits']:.2f} weight bits)"],
+        ["7-bit (reduce-range)", ", ".join(report["reduced_range_layers"]) or "-"],
+        ["weight SQNR dB", f"min {min(sqnrs):.1f}  median {float(np.median(sqnrs)):.1f}" if sqnrs else "-"],
+        ["activation ranges", ", ".join(f"{k}: {v}" for k, v in sorted(report["activation_sources"].items()))
+         or "none (float activations)"],
+        ["fidelity (16 random inputs)", "SQNR {sqnr_db:.1f} dB  cosine {cosine:.4f}  top-1 agree {top1_agreement:.2f}"
+         .format(**report["fidelity_random_inputs"])],
+        ["time", f"{report['timings_s']['total']:.2f} s quantize, {report['timings_s']['wall']:.2f} s with checks"],
+        ["output", f"{report['output']}  ({report['output_bytes'] / 1e6:.2f} MB)"],
+    ]
+    return _table(rows, ["", ""]).split("\n", 2)[2]
+
+
+def _eval_options(func):
+    for option in reversed([
+        click.option("--data", required=True, type=click.Path(path_type=Path),
+                     help=".npz (x, y), CIFAR batch, folder with labels.txt, or class subfolders."),
+        click.option("--mean", default=None, help="Per-channel mean on the 0-1 scale, e.g. 0.485,0.456,0.406."),
+        click.option("--std", default=None, help="Per-channel std on the 0-1 scale."),
+        click.option("--size", default=None, help="Resize images to N or H,W (default: the model's input size)."),
+        click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1)),
+        click.option("--limit", default=None, type=click.IntRange(1), help="Use only the first N samples."),
+        click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+    ]):
+        func = option(func)
+    return func
+
+
+def _dataset_len(data: Path, limit: int | None) -> int:
+    from onnxdfq.eval.data import open_dataset
+
+    count = open_dataset(data).count
+    return count if limit is None else min(count, limit)
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@_eval_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_friendly
+def eval_cmd(model: Path, data: Path, mean, std, size, batch_size, limit, provider, as_json: bool) -> None:
+    """Top-1 / top-5 accuracy of MODEL on labelled --data."""
+    from onnxdfq.eval.runner import evaluate
+    from onnxdfq.graph.io import load_model
+
+    load_model(model)
+    with _progress(_dataset_len(data, limit), "eval", as_json) as bar:
+        result = evaluate(model, str(data), mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                          size=_size(size), batch_size=batch_size, limit=limit, provider=provider,
+                          progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+        return
+    click.echo(f"{model}: {result.count} samples, {result.seconds:.1f} s on {result.provider}")
+    click.echo(f"top1={result.top1:.2f} top5={result.top5:.2f}")
+
+
+@main.command()
+@click.argument("reference", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("quantized", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", default=None, type=click.Path(path_type=Path), help="Inputs to compare on.")
+@click.option("--random", "random_n", default=None, type=click.IntRange(1), help="Compare on N N(0,1) inputs.")
+@click.option("--mean", default=None)
+@click.option("--std", default=None)
+@click.option("--size", default=None)
+@click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--limit", default=None, type=click.IntRange(1))
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def compare(reference: Path, quantized: Path, data, random_n, mean, std, size, batch_size, limit, provider,
+            as_json: bool) -> None:
+    """Fidelity of QUANTIZED against its FP32 REFERENCE: SQNR of the outputs, cosine, top-1 agreement."""
+    from onnxdfq.eval.runner import compare as run_compare
+    from onnxdfq.graph.io import load_model
+
+    load_model(reference)
+    load_model(quantized)
+    if data is None and random_n is None:
+        random_n = 256
+    result = run_compare(reference, quantized, data=str(data) if data else None, random=random_n,
+                         mean=_floats(mean, "--mean"), std=_floats(std, "--std"), size=_size(size),
+                         batch_size=batch_size, limit=limit, provider=provider)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"samples={result['count']} sqnr_db={result['sqnr_db']:.2f} cosine={result['cosine']:.5f} "
+               f"top1_agreement={100 * result['top1_agreement']:.2f}%")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@_friendly
+def inspect(model: Path) -> None:
+    """A table of MODEL's quantizable layers: op, weight shape, BN, activation, channel range spread."""
+    from onnxdfq.graph import layers as graph_layers
+    from onnxdfq.graph import patterns, surgery
+    from onnxdfq.graph.io import load_model, prepare_model
+    from onnxdfq.passes.base import Workspace
+    from onnxdfq.passes.fold_bn import FoldBatchNormPass
+    from onnxdfq.quant.qparams import channel_absmax
+
+    graph = surgery.import_graph(prepare_model(load_model(model)))
+    graph_layers.ensure_node_names(graph)
+    before = {layer.name: layer for layer in graph_layers.read_layers(graph)}
+    ws = Workspace(graph=graph)
+    FoldBatchNormPass()(ws)
+    rows = []
+    for layer in graph_layers.read_layers(graph):
+        ranges = channel_absmax(layer.weight)
+        nonzero = ranges[ranges > 0]
+        spread = f"{nonzero.max() / nonzero.min():.1f}x" if nonzero.size else "-"
+        kind = "depthwise" if layer.is_depthwise else (f"group {layer.group}" if layer.group > 1 else "")
+        rows.append([layer.name, f"{layer.op_type} {kind}".strip(), "x".join(map(str, before[layer.name].weight.shape)),
+                     "yes" if layer.name in ws.bn_stats else "no", layer.act.kind, spread])
+    click.echo(_table(rows, ["layer", "op", "weight (canonical)", "BN", "activation", "channel range spread"]))
+    unhandled = patterns.unhandled_ops(graph)
+    if unhandled:
+        click.echo("not handled (left in float): " + ", ".join(f"{k} x{v}" for k, v in sorted(unhandled.items())))
+
+
+@main.command()
+@click.option("--out-dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the demo's models here (default: a temporary folder).")
+@click.option("--samples", default=256, show_default=True, type=click.IntRange(8))
+@_friendly
+def demo(out_dir: Path | None, samples: int) -> None:
+    """Build a small MobileNet-like model, quantize it with every method and width, print a table."""
+    import onnx
+
+    from onnxdfq.eval.runner import compare as run_compare
+    from onnxdfq.graph.builders import demo_model
+    from onnxdfq.pipeline import METHODS, quantize_model
+
+    work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="onnxdfq-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = demo_model()
+    onnx.save(fp32, work / "demo.onnx")
+    click.echo(f"demo model: {work / 'demo.onnx'} (7 conv stages with ReLU6, depthwise, residual; "
+               f"BN statistics calibrated on N(0,1) inputs)")
+    settings = [("8", "8", "channel"), ("8", "8", "tensor"), ("4", "8", "channel"), ("3", "none", "channel")]
+    rows = []
+    from tqdm import tqdm
+
+    jobs = [(m, s) for m in sorted(METHODS) for s in settings if not (m == "dfmpc")]
+    jobs += [("dfmpc", ("2/6", "none", "channel"))] if "dfmpc" in METHODS else []
+    for method, (bits, act, gran) in tqdm(jobs, desc="quantize", file=sys.stderr, leave=False):
+        start = time.perf_counter()
+        result = quantize_model(fp32, method=method, bits=bits, act_bits=act, granularity=gran)
+        seconds = time.perf_counter() - start
+        path = work / f"demo.{method}.w{bits.replace('/', '-')}a{act}.{gran}.onnx"
+        onnx.save(result.model, path)
+        fid = run_compare(fp32, result.model, random=samples, seed=123)
+        rows.append([method, f"W{bits}A{act if act != 'none' else 'fp32'}", gran, f"{fid['sqnr_db']:.1f}",
+                     f"{fid['cosine']:.4f}", f"{100 * fid['top1_agreement']:.1f}", f"{1000 * seconds:.0f}"])
+    click.echo(_table(rows, ["method", "bits", "weights", "SQNR dB", "cosine", "top-1 agree %", "quantize ms"]))
+    click.echo(f"(fidelity against the FP32 model on {samples} N(0,1) inputs; models in {work})")
+
+
+if __name__ == "__main__":
+    main()

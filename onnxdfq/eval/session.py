@@ -1,0 +1,61 @@
+"""onnxruntime sessions: the only place onnxruntime is imported (with eval/ as a whole)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import onnxruntime as ort
+
+from onnxdfq.errors import ModelLoadError, OptionError
+
+__all__ = ["PROVIDERS", "make_session", "available_providers", "check_loads"]
+
+logger = logging.getLogger(__name__)
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def make_session(model: Any, provider: str = "cpu", *, threads: int | None = None,
+                 optimized_path: str | None = None, optimize: bool = True) -> ort.InferenceSession:
+    """An InferenceSession on exactly the provider asked for (never a silent CPU fallback).
+
+    `model` is a path, serialized bytes or an onnx.ModelProto.
+    """
+    if provider not in PROVIDERS:
+        raise OptionError(f"--provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    wanted = PROVIDERS[provider]
+    if wanted not in ort.get_available_providers():
+        raise OptionError(f"provider {provider} asked for but this onnxruntime has no {wanted} "
+                          f"(available: {', '.join(ort.get_available_providers())}); "
+                          "install onnxruntime-gpu and a CUDA driver for --provider cuda")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    elif isinstance(model, os.PathLike):
+        model = str(model)
+    providers = [wanted] if provider == "cpu" else [wanted, "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(model, options, providers=providers)
+    except Exception as exc:
+        raise ModelLoadError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+    if session.get_providers()[0] != wanted:
+        raise OptionError(f"onnxruntime fell back to {session.get_providers()[0]} although {wanted} was asked for")
+    return session
+
+
+def check_loads(model: Any) -> None:
+    """Raise ModelLoadError unless onnxruntime (CPU) can build a session for the model."""
+    make_session(model, "cpu")
