@@ -1,0 +1,49 @@
+"""Shared fixtures: paths of the real assets (../shared/assets or $ONNXDFQ_ASSETS) and tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("ONNXDFQ_ASSETS", ROOT.parent / "shared" / "assets"))
+CIFAR_MEAN = [0.485, 0.456, 0.406]
+CIFAR_STD = [0.229, 0.224, 0.225]
+
+
+def asset(relative: str) -> Path:
+    path = ASSETS / relative
+    if not path.exists():
+        pytest.skip(f"shared asset {path} not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet20() -> Path:
+    return asset("cifar10/resnet20.onnx")
+
+
+@pytest.fixture(scope="session")
+def resnet56() -> Path:
+    return asset("cifar10/resnet56.onnx")
+
+
+@pytest.fixture(scope="session")
+def mobilenet() -> Path:
+    return asset("imagenet/mobilenet_v1_0.75.onnx")
+
+
+@pytest.fixture(scope="session")
+def cifar_test() -> Path:
+    return asset("cifar10/test.npz")
+
+
+@pytest.fixture(scope="session")
+def val1300() -> Path:
+    return asset("imagenet/val1300")
+
+
+SHARED_MODELS = ["cifar10/resnet20.onnx", "cifar10/resnet32.onnx", "cifar10/resnet44.onnx",
+                 "cifar10/resnet56.onnx", "imagenet/mobilenet_v1_0.75.onnx"]

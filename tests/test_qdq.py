@@ -1,0 +1,142 @@
+"""QDQ emission: structure, onnxruntime fusion, grid levels, models without BN, unhandled ops."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from models import gemm_matmul_model, model_with_unsupported_op, no_bn_model, run, varied_chain
+from onnx import numpy_helper
+
+import onnxdfq
+from onnxdfq.eval.metrics import sqnr_db
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path) -> dict[str, int]:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def weight_ints(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {name: value for name, value in inits.items() if name.endswith(".weight_quantized")}
+
+
+def test_resnet20_qdq_structure_and_fusion(resnet20, tmp_path):
+    result = onnxdfq.quantize_model(resnet20, method="nearest", bits=8, act_bits=8)
+    model = result.model
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert "BatchNormalization" not in ops
+    ints = weight_ints(model)
+    assert len(ints) == 20 and all(v.dtype == np.int8 for v in ints.values())
+    biases = [i for i in model.graph.initializer if i.name.endswith(".bias_quantized")]
+    assert biases and all(b.data_type == onnx.TensorProto.INT32 for b in biases)
+    for node in model.graph.node:  # per-channel weight scales along the output axis
+        if node.op_type == "DequantizeLinear" and node.name.endswith("weight_DequantizeLinear"):
+            assert [a.i for a in node.attribute if a.name == "axis"] == [0]
+    fused = optimized_ops(model, tmp_path)
+    assert fused.get("QLinearConv", 0) == 19, fused  # every conv runs as an int8 kernel
+    assert fused.get("Conv", 0) == 0
+
+
+def test_mobilenet_qdq_fuses_depthwise_and_relu6(mobilenet, tmp_path):
+    model = onnxdfq.quantize(mobilenet, method="nearest", bits=8, act_bits=8)
+    fused = optimized_ops(model, tmp_path)
+    assert fused.get("QLinearConv", 0) >= 27, fused  # the 1x1 classifier keeps float logits
+    assert fused.get("Clip", 0) == 0  # ReLU6 absorbed into the uint8 range
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+def test_narrow_weight_grid_uses_only_its_levels(bits):
+    model = onnxdfq.quantize(varied_chain(1), bits=bits, act_bits=8)
+    qmax = 2 ** (bits - 1) - 1
+    for name, value in weight_ints(model).items():
+        assert value.min() >= -qmax and value.max() <= qmax, name
+        assert value.max() == qmax or value.min() == -qmax  # the grid is used to its edge
+
+
+@pytest.mark.parametrize("act_bits", [4, 6])
+def test_narrow_activation_grid_uses_only_its_levels(act_bits):
+    model = onnxdfq.quantize(varied_chain(1), bits=8, act_bits=act_bits)
+    quant_outputs = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    for name in quant_outputs:
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = (3 * np.random.default_rng(0).standard_normal((8, 3, 17, 17))).astype(np.float32)
+    values = session.run(quant_outputs, {"input": x})
+    zps = {n.output[0]: numpy_helper.to_array([i for i in model.graph.initializer if i.name == n.input[2]][0])
+           for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    for name, value in zip(quant_outputs, values, strict=True):
+        zero = int(zps[name])
+        if value.dtype == np.uint8:
+            assert value.max() <= 2**act_bits - 1, name
+        else:
+            assert value.min() >= -(2 ** (act_bits - 1)) and value.max() <= 2 ** (act_bits - 1) - 1, (name, zero)
+
+
+def test_quantized_model_stays_close_to_fp32():
+    fp32 = varied_chain(2)
+    x = np.random.default_rng(5).standard_normal((32, 3, 17, 17)).astype(np.float32)
+    ref = run(fp32, x)
+    w8a8 = run(onnxdfq.quantize(fp32, bits=8, act_bits=8), x)
+    w4 = run(onnxdfq.quantize(fp32, bits=4, act_bits=None), x)
+    assert sqnr_db(ref, w8a8) > 20
+    assert sqnr_db(ref, w8a8) > sqnr_db(ref, w4)  # fewer bits, more noise: the grid is really used
+
+
+def test_model_without_bn_quantizes_and_reports_range_sources():
+    fp32 = no_bn_model()
+    result = onnxdfq.quantize_model(fp32, bits=8, act_bits=8)
+    sources = result.report["activation_sources"]
+    assert "bn" not in sources and sources.get("propagated", 0) >= 2 and sources.get("input") == 1
+    x = np.random.default_rng(0).standard_normal((16, 3, 12, 12)).astype(np.float32)
+    assert sqnr_db(run(fp32, x), run(result.model, x)) > 15
+
+
+def test_gemm_and_matmul_weights_quantized_along_stored_out_axis():
+    fp32 = gemm_matmul_model()
+    result = onnxdfq.quantize_model(fp32, bits=8, act_bits=None)
+    for node in result.model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            assert [a.i for a in node.attribute if a.name == "axis"] == [1]
+    x = np.random.default_rng(0).standard_normal((8, 3, 2, 2)).astype(np.float32)
+    assert sqnr_db(run(fp32, x), run(result.model, x)) > 30
+
+
+def test_unhandled_op_passes_through_with_a_named_warning():
+    fp32 = model_with_unsupported_op()
+    result = onnxdfq.quantize_model(fp32, bits=8, act_bits=8)
+    assert any("Sigmoid" in w for w in result.report["warnings"])
+    assert [n for n in result.model.graph.node if n.op_type == "Sigmoid"]
+    x = np.random.default_rng(0).standard_normal((4, 3, 12, 12)).astype(np.float32)
+    assert sqnr_db(run(fp32, x), run(result.model, x)) > 15
+
+
+def test_report_has_per_layer_details(resnet20):
+    report = onnxdfq.quantize_model(resnet20, bits=8, act_bits=8).report
+    layer = report["layers"]["layer1.0.conv1"]
+    assert layer["bits"] == 8 and len(layer["scales"]) == 16 and layer["weight_sqnr_db"] > 30
+    assert report["activations"]["input"]["source"] == "input"
+    assert report["reduced_range_layers"] == ["conv1"]  # the only layer with a signed 8-bit input
+    assert report["timings_s"]["total"] > 0
+
+
+def test_input_model_is_not_modified(resnet20):
+    model = onnx.load(str(resnet20))
+    before = model.SerializeToString()
+    onnxdfq.quantize(model, bits=4, act_bits=8)
+    assert model.SerializeToString() == before
+
+
+def test_already_quantized_model_is_rejected(resnet20):
+    q = onnxdfq.quantize(resnet20)
+    with pytest.raises(onnxdfq.OnnxDfqError, match="already quantized"):
+        onnxdfq.quantize(q)
