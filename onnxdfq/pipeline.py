@@ -17,6 +17,9 @@ from onnxdfq.graph import layers as graph_layers
 from onnxdfq.graph import patterns, surgery
 from onnxdfq.passes.act_ranges import DEFAULT_SIGMAS, BNRangePass
 from onnxdfq.passes.base import Workspace
+from onnxdfq.passes.bias_absorption import BiasAbsorptionPass
+from onnxdfq.passes.bias_correction import AnalyticBiasCorrectionPass
+from onnxdfq.passes.cle import CrossLayerEqualizationPass
 from onnxdfq.passes.fold_bn import FoldBatchNormPass
 from onnxdfq.passes.weight_quant import WeightQuantPass
 from onnxdfq.quant import qdq
@@ -29,6 +32,7 @@ logger = logging.getLogger(__name__)
 # method -> (weight rounder, default CLE, default bias absorption, default bias correction)
 METHODS: dict[str, dict[str, Any]] = {
     "nearest": {"rounder": "nearest", "cle": False, "absorb_bias": False, "bias_correction": False},
+    "dfq": {"rounder": "nearest", "cle": True, "absorb_bias": True, "bias_correction": True},
 }
 
 
@@ -119,6 +123,10 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
         ws.warnings.append("ops not handled by onnxdfq, left in float: "
                            + ", ".join(f"{op} (x{count})" for op, count in sorted(unhandled.items())))
     FoldBatchNormPass()(ws)
+    if config.step("cle"):
+        CrossLayerEqualizationPass()(ws)
+    if config.step("absorb_bias"):
+        BiasAbsorptionPass()(ws)
     layers = graph_layers.read_layers(ws.graph)
     if not layers:
         raise UnsupportedModelError("no quantizable layer (Conv, ConvTranspose, Gemm, MatMul with a "
@@ -129,6 +137,8 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
         BNRangePass(tensors, sigmas=config.sigmas)(ws)
     bitmap = _reduce_range(BitWidthMap(config.bits), layers, ws, config)
     WeightQuantPass(bitmap, per_channel=config.per_channel, method=METHODS[config.method]["rounder"])(ws)
+    if config.step("bias_correction"):
+        AnalyticBiasCorrectionPass()(ws)
     emitted, emit_report = qdq.emit_model(ws, model, config.act_bits, config.fmt)
     ws.reports.append(emit_report)
     timings["total"] = time.perf_counter() - start

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import CIFAR_MEAN, CIFAR_STD
+
 from models import model_with_unsupported_op, varied_chain
 
 

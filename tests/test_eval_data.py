@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from models import run, varied_chain
 from PIL import Image
 
 import onnxdfq
+from models import run, varied_chain
 from onnxdfq.errors import DataError
 from onnxdfq.eval.data import open_dataset
 from onnxdfq.eval.metrics import topk_correct

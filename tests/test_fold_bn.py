@@ -9,8 +9,8 @@ import pytest
 from conftest import SHARED_MODELS, asset
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import run, varied_chain
 
+from models import run, varied_chain
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.graph import surgery
 from onnxdfq.graph.io import prepare_model

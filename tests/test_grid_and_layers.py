@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from models import gemm_matmul_model, varied_chain
 
+from models import gemm_matmul_model, varied_chain
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.graph import surgery
 from onnxdfq.graph.io import prepare_model

@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from models import gemm_matmul_model, model_with_unsupported_op, no_bn_model, run, varied_chain
 from onnx import numpy_helper
 
 import onnxdfq
+from models import gemm_matmul_model, model_with_unsupported_op, no_bn_model, run, varied_chain
 from onnxdfq.eval.metrics import sqnr_db
 
 
