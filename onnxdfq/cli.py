@@ -93,6 +93,11 @@ def _methods() -> list[str]:
 @click.option("--act-bits", default="8", show_default=True, help="Activation bits 2..8, or 'none' (float).")
 @click.option("--granularity", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True,
               help="Weight scales per output channel or per tensor.")
+@click.option("--cle/--no-cle", default=None, help="Cross-layer equalization (default: on for dfq).")
+@click.option("--absorb-bias/--no-absorb-bias", default=None, help="High-bias absorption (default: on for dfq).")
+@click.option("--bias-correction/--no-bias-correction", default=None,
+              help="Analytic bias correction from BN statistics (default: on for dfq).")
+@click.option("--squant-stages", default=None, help="SQuant stages, e.g. e,k,c (default: all).")
 @click.option("--sigmas", type=float, default=6.0, show_default=True,
               help="Activation range = BN mean +- this many std.")
 @click.option("--input-range", default=None, help="LO,HI of the network input (default -3,3).")
@@ -106,7 +111,9 @@ def _methods() -> list[str]:
               help="Write a JSON report (per-layer bits, scales, SQNR, activation range sources, timings).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @_friendly
-def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str, granularity: str, sigmas: float,
+def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str, granularity: str,
+             cle: bool | None, absorb_bias: bool | None, bias_correction: bool | None, squant_stages: str | None,
+             sigmas: float,
              input_range: str | None, mean: str | None, std: str | None, reduce_range: str, fmt: str,
              report_path: Path | None, quiet: bool) -> None:
     """Quantize MODEL without data and write a QDQ ONNX model to --output."""
@@ -131,7 +138,10 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str, g
         lohi = (float(np.min((0 - m) / s)), float(np.max((1 - m) / s)))
     start = time.perf_counter()
     result = quantize_model(fp32, method=method, bits=bits, act_bits=act_bits, granularity=granularity,
-                            sigmas=sigmas, input_range=lohi, fmt=fmt,
+                            sigmas=sigmas, input_range=lohi, fmt=fmt, cle=cle, absorb_bias=absorb_bias,
+                            bias_correction=bias_correction,
+                            squant_stages=tuple(v.strip() for v in squant_stages.split(",")) if squant_stages
+                            else None,
                             reduce_range={"auto": "auto", "on": True, "off": False}[reduce_range])
     probe: dict = {}
 

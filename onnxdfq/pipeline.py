@@ -19,9 +19,9 @@ from onnxdfq.passes.act_ranges import DEFAULT_SIGMAS, BNRangePass
 from onnxdfq.passes.base import Workspace
 from onnxdfq.passes.bias_absorption import BiasAbsorptionPass
 from onnxdfq.passes.bias_correction import AnalyticBiasCorrectionPass
-from onnxdfq.passes.cle import CrossLayerEqualizationPass
+from onnxdfq.passes.cle import CrossLayerEqualizationPass, share_min_ranges
 from onnxdfq.passes.fold_bn import FoldBatchNormPass
-from onnxdfq.passes.weight_quant import WeightQuantPass
+from onnxdfq.passes.weight_quant import WeightQuantPass, get_rounder
 from onnxdfq.quant import qdq
 from onnxdfq.quant.scheme import BitWidthMap, parse_act_bits, parse_bits
 
@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 # method -> (weight rounder, default CLE, default bias absorption, default bias correction)
 METHODS: dict[str, dict[str, Any]] = {
     "nearest": {"rounder": "nearest", "cle": False, "absorb_bias": False, "bias_correction": False},
+    "squant": {"rounder": "squant", "cle": False, "absorb_bias": False, "bias_correction": False},
     "dfq": {"rounder": "nearest", "cle": True, "absorb_bias": True, "bias_correction": True},
 }
 
@@ -77,6 +78,12 @@ def _config_from(method: str, bits: int | str, act_bits: int | str | None, granu
     if high is not None and method != "dfmpc":
         raise OptionError(f"--bits {bits}: LOW/HIGH mixed precision is for --method dfmpc; "
                           f"{method} takes a single width")
+    if options.get("squant_stages") and METHODS[method]["rounder"] != "squant":
+        raise OptionError(f"--squant-stages applies to --method squant, not {method}")
+    if options.get("squant_stages"):
+        stages = tuple(options["squant_stages"])
+        if stages[0] != "e" or not set(stages) <= {"e", "k", "c"}:
+            raise OptionError(f"--squant-stages takes e, e,k, e,c or e,k,c; got {','.join(stages)}")
     if granularity not in ("channel", "tensor"):
         raise OptionError(f"--granularity must be 'channel' or 'tensor', got {granularity!r}")
     known = {f for f in QuantConfig.__dataclass_fields__} - {"method", "bits", "high_bits", "act_bits",
@@ -135,8 +142,11 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
     if config.act_bits is not None:
         tensors = patterns.activation_tensors(ws.graph, layers, {layer.name for layer in layers})
         BNRangePass(tensors, sigmas=config.sigmas)(ws)
+        share_min_ranges(ws)  # Relu -> Min(per-channel bound) from CLE / absorption: one range
     bitmap = _reduce_range(BitWidthMap(config.bits), layers, ws, config)
-    WeightQuantPass(bitmap, per_channel=config.per_channel, method=METHODS[config.method]["rounder"])(ws)
+    rounder_name = METHODS[config.method]["rounder"]
+    rounder = get_rounder(rounder_name, stages=config.options.get("squant_stages"))
+    WeightQuantPass(bitmap, per_channel=config.per_channel, method=rounder_name, rounder=rounder)(ws)
     if config.step("bias_correction"):
         AnalyticBiasCorrectionPass()(ws)
     emitted, emit_report = qdq.emit_model(ws, model, config.act_bits, config.fmt)
