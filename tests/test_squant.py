@@ -144,6 +144,18 @@ def test_matches_reference_with_ties_and_clipping(shape):
             np.testing.assert_array_equal(fast, ref, err_msg=f"stages={stages} trial={trial}")
 
 
+@pytest.mark.parametrize(("qmin", "qmax"), [(0, 15), (-2047, 2047), (-8, 7)])
+def test_matches_reference_on_other_grids(qmin, qmax):
+    """Unsigned, wide (int16 working type) and asymmetric grids, with some values clipped."""
+    rng = np.random.default_rng(qmax)
+    for shape in ((5, 4, 3, 3), (6, 10)):
+        scale = np.full(shape[0], 4.0 / (qmax - qmin))  # half the grid is 2 sigma of x: ~5% clipped
+        w = rng.standard_normal(shape) + (qmin + qmax) / 2 * scale[0]
+        for stages in SQUANT_STAGES:
+            np.testing.assert_array_equal(squant_round(w, scale, qmin, qmax, stages=stages),
+                                          _reference_squant(w, scale, qmin, qmax, stages))
+
+
 def test_reference_is_not_nearest():
     """Guards the comparison above against both sides silently degrading to nearest rounding."""
     rng = np.random.default_rng(3)
@@ -219,6 +231,17 @@ def test_deterministic_and_pure(w, bits):
     np.testing.assert_array_equal(w, w_before)
     np.testing.assert_array_equal(scale, scale_before)
     np.testing.assert_array_equal(first, squant_round(w, scale, qmin, qmax))
+
+
+def test_far_outliers_are_clipped():
+    """Errors far beyond the grid (round(|E|) past any integer type) flip what can flip."""
+    w = np.zeros((2, 3, 3, 3))
+    w[0, 0, 0, 0], w[1, 2, 1, 1] = 1e19, -3e19
+    w[:, :, 2, 2] = 0.3
+    for stages in SQUANT_STAGES:
+        w_int = squant_round(w, np.ones(2), -7, 7, stages=stages)
+        np.testing.assert_array_equal(w_int, _reference_squant(w, np.ones(2), -7, 7, stages))
+        assert w_int[0, 0, 0, 0] == 7 and w_int[1, 2, 1, 1] == -7
 
 
 def test_kernel_and_channel_sums_shrink():

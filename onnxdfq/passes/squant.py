@@ -55,9 +55,11 @@ def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
 
     Notes
     -----
-    With x = w / scale (float64) and the rounding error e = q - x, SQuant approximates the
-    Hessian of the task loss by a diagonal plus per-kernel and per-channel constant blocks, so it
-    minimises the CASE objective: the element-, kernel- and channel-wise sums of e.
+    With x = w / scale (float64) and the rounding error e = q - x, SQuant splits its
+    approximation of the task loss Hessian into three diagonal sub-items acting on single
+    elements, on kernels and on output channels. The data-free objective that results, CASE
+    (Constrained Absolute Sum of Error), asks for small |sum e| over every kernel and every output
+    channel while every element keeps |e| < 1. It is solved greedily, stage by stage:
 
     - E: q = clip(rint(x), qmin, qmax) (ties to even), so |e| <= 1/2 inside the range.
     - K, per kernel with E = sum e over its taps: the candidates are the elements whose error has
@@ -77,9 +79,23 @@ def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
     nearest rounding. The paper's ``over_squant`` quirk for E == 0 is not copied: a kernel with
     E_kernel == 0 after the K stage offers nothing, which keeps |E_kernel| < 1 strict.
 
-    The work is vectorised over all kernels and channels (a sort or partition per row, rank masks);
-    only the few rows with tied priorities are re-ranked with a stable argsort. Inputs are never
-    modified.
+    The work is vectorised over all kernels and channels: per-kernel sums and maxima on a
+    [O, taps, I] copy, a sort or partition of the few rows that need more than their maximum,
+    threshold masks, and an exact stable-argsort re-ranking of rows with tied priorities. Inputs
+    are never modified.
+
+    References
+    ----------
+    C. Guo et al., "SQuant: On-the-Fly Data-Free Quantization via Diagonal Hessian
+    Approximation", ICLR 2022, arXiv:2202.07471; reference code github.com/clevercool/SQuant.
+
+    Examples
+    --------
+    >>> w = np.array([[[0.4, 0.4, 0.4, -0.2]]])  # one kernel, x = w / 1
+    >>> squant_round(w, np.ones(1), -1, 1, stages=("e",)).tolist()  # E = -1.0
+    [[[0, 0, 0, 0]]]
+    >>> squant_round(w, np.ones(1), -1, 1, stages=("e", "k")).tolist()  # flip one 0.4 up
+    [[[1, 0, 0, 0]]]
     """
     stage_set = _check_stages(stages)
     weight = np.asarray(w_fp)
@@ -96,28 +112,12 @@ def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
     if weight.size == 0:
         return np.zeros(weight.shape, np.int64)
 
-    # block layout [O, taps, I]: sums and maxima over a kernel's taps are then vector operations
     rows = weight.reshape(out_ch, in_ch, taps)
-    x_lo, x_hi = _grid_range(rows, scale64)
-    resid = np.empty((out_ch, taps, in_ch))
-    np.divide(rows.transpose(0, 2, 1), scale64[:, None, None], out=resid)
-    q = np.empty(resid.shape, _grid_dtype(qmin, qmax))
-    outside = None
-    if x_lo < qmin or x_hi > qmax:
-        # clipped elements cannot move further out: they are never candidates
-        outside = (resid < qmin) | (resid > qmax)
-        np.rint(np.clip(resid, qmin, qmax), out=q, casting="unsafe")
-        logger.debug("squant: %d element(s) outside [%d, %d]", int(outside.sum()), qmin, qmax)
-    else:
-        np.rint(resid, out=q, casting="unsafe")
-    resid -= q  # x - q = -e
-
-    if "k" in stage_set and taps > 1:
-        flips = _kernel_stage(resid, q, outside)  # resid now holds the flip priorities
-        if "c" in stage_set:
-            _channel_stage_after_kernels(resid, q, flips)
-    elif "c" in stage_set:
-        _channel_stage_flat(resid, q, outside)
+    x_range = _grid_range(rows, scale64)
+    q = _round_blocks(rows, scale64, qmin, qmax, stage_set, x_range, mask_outside=False)
+    if q is None:
+        logger.debug("squant: a flip left [%d, %d]; rerunning with clipped elements masked", qmin, qmax)
+        q = _round_blocks(rows, scale64, qmin, qmax, stage_set, x_range, mask_outside=True)
 
     w_int = np.empty((out_ch, in_ch, taps), np.int64)
     np.copyto(w_int, q.transpose(0, 2, 1))
@@ -132,6 +132,45 @@ def squant_quantize(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *
     scale64 = _channel_scale(scale, weight.shape[0])
     w_dq = w_int * scale64.reshape((-1,) + (1,) * (weight.ndim - 1))
     return w_dq.astype(weight.dtype)
+
+
+def _round_blocks(rows: np.ndarray, scale64: np.ndarray, qmin: int, qmax: int, stage_set: frozenset[str],
+                  x_range: tuple[float, float], mask_outside: bool) -> np.ndarray | None:
+    """All stages on the block layout [O, taps, I] (sums and maxima over taps are vector ops).
+
+    Elements with x outside [qmin, qmax] cannot step outward. Masking them costs full passes, so
+    the first try (`mask_outside` False) skips the mask and returns None if a flip left the grid;
+    a masked element that is not flipped changes nothing, so an on-grid result is exact.
+    """
+    out_ch, in_ch, taps = rows.shape
+    x_lo, x_hi = x_range
+    resid = np.empty((out_ch, taps, in_ch))
+    np.copyto(resid, rows.transpose(0, 2, 1))
+    resid /= scale64[:, None, None]  # x, exactly w / scale in float64
+    q = np.empty(resid.shape, _grid_dtype(qmin, qmax))
+    outside = (resid < qmin) | (resid > qmax) if mask_outside else None
+    if x_lo <= qmin - 0.5 or x_hi >= qmax + 0.5:
+        np.rint(np.clip(resid, qmin, qmax), out=q, casting="unsafe")
+    else:
+        np.rint(resid, out=q, casting="unsafe")
+    resid -= q  # x - q = -e
+    check = not mask_outside and (x_lo < qmin or x_hi > qmax)
+
+    if "k" in stage_set and taps > 1:
+        flips = _kernel_stage(resid, q, outside)  # resid now holds the flip priorities
+        if check and not _on_grid(q, qmin, qmax):
+            return None  # checked before C, which could flip such an element back
+        if "c" in stage_set:
+            _channel_stage_after_kernels(resid, q, flips)
+    elif "c" in stage_set:
+        _channel_stage_flat(resid, q, outside)
+    if check and not _on_grid(q, qmin, qmax):
+        return None
+    return q
+
+
+def _on_grid(q: np.ndarray, qmin: int, qmax: int) -> bool:
+    return bool(q.min() >= qmin and q.max() <= qmax)
 
 
 def _check_stages(stages: Sequence[str]) -> frozenset[str]:
@@ -175,31 +214,35 @@ def _kernel_stage(resid: np.ndarray, q: np.ndarray, outside: np.ndarray | None) 
     """K stage on the block layout [O, taps, I]; updates `q` and turns `resid` into priorities.
 
     The priority of an element is e * sign(E): positive for candidates, equal to |e|, so the
-    largest priorities flip first. Non-candidates (wrong sign, zero, or clipped) are <= 0.
+    largest priorities flip first. Non-candidates (wrong sign or zero error, and clipped
+    elements when `outside` is given) are <= 0.
     """
     err_sum = -resid.sum(axis=1)
     sign = np.sign(err_sum)
-    want = np.rint(np.abs(err_sum)).astype(np.intp)
+    want = _flip_count(err_sum, resid.shape[1])
     prio = resid
     prio *= -sign[:, None, :]
     if outside is not None:
         prio[outside] = -1.0
     top = prio.max(axis=1)
 
-    # threshold = the want-th largest priority; +inf flips nothing
-    thresh = np.where(want == 1, top, np.inf)
-    many = np.nonzero(want >= 2)
-    if many[0].size:
-        thresh[many] = _kth_largest(prio[many[0], :, many[1]], want[many])
-    thresh = np.where(thresh > 0, thresh, _TINY)
+    # flip every priority >= the want-th largest one: top for one flip, above top for none
+    thresh = top + (want == 0)
+    many = np.flatnonzero(want >= 2)
+    if many.size:
+        thresh.reshape(-1)[many] = _top_two(_gather_kernels(prio, many), want.reshape(-1)[many])[0]
+    np.maximum(thresh, _TINY, out=thresh)  # fewer candidates than wanted: flip them all
     flip = prio >= thresh[:, None, :]
     count_dtype = np.uint8 if prio.shape[1] < 256 else np.intp
     flipped = np.add.reduce(flip.view(np.uint8), axis=1, dtype=count_dtype).astype(np.intp)
-    tied = np.nonzero(flipped > want)
-    if tied[0].size:
-        flip[tied[0], :, tied[1]] = _rank_mask(prio[tied[0], :, tied[1]], want[tied])
-        flipped[tied] = want[tied]
-    np.subtract(q, sign.astype(q.dtype)[:, None, :], out=q, where=flip)
+    if (flipped > want).any():  # ties at the threshold: rank them exactly
+        tied = np.flatnonzero(flipped > want)
+        exact = _rank_mask(_gather_kernels(prio, tied), want.reshape(-1)[tied])
+        flip.reshape(-1)[_kernel_index(prio, tied)] = exact
+        flipped.reshape(-1)[tied] = want.reshape(-1)[tied]
+    step = flip.view(np.int8)
+    step *= sign.astype(np.int8)[:, None, :]
+    q -= step
     return _KernelFlips(err_sum=err_sum, sign=sign, flipped=flipped, last=thresh, top=top)
 
 
@@ -208,40 +251,56 @@ def _channel_stage_after_kernels(prio: np.ndarray, q: np.ndarray, flips: _Kernel
     taps = prio.shape[1]
     kernel_err = flips.err_sum - flips.sign * flips.flipped
     side = np.sign(kernel_err)
-    over = (side != 0) & (side == -flips.sign)  # flipped past zero: offer the last flip back
-    under = (side != 0) & (side == flips.sign)  # not there yet: offer the next candidate
     channel_err = kernel_err.sum(axis=1)
     direction = np.sign(channel_err)
-    want = np.rint(np.abs(channel_err)).astype(np.intp)
-    offering = side == direction[:, None]
+    want = _flip_count(channel_err, kernel_err.shape[1])
+    # a kernel offers when its error has the channel's sign: its last flip back when the K stage
+    # took it past zero (side != its starting sign), else its next candidate. The key is the
+    # offer's |e|: 1 - p for a flip back (>= 1/2), p <= 1/2 for a next candidate; keys <= 0 are
+    # never taken. A next candidate after K flips needs a sort of its kernel, so its key starts
+    # as the kernel's top priority (an upper bound <= 1/2) and is only made exact where the
+    # channel's want-th key is not above 1/2.
+    back = side != flips.sign
+    keys = np.where(back, 1.0 - flips.last, flips.top)
+    keys *= side == direction[:, None]
+    thresh, following = _top_two(keys, np.maximum(want, 1))
+    undecided = np.flatnonzero((want > 0) & (thresh <= 0.5))
+    if undecided.size:
+        bounded = np.zeros(keys.shape, bool)
+        bounded[undecided] = (keys[undecided] > 0) & ~back[undecided] & (flips.flipped[undecided] > 0)
+        fill = np.flatnonzero(bounded)
+        if fill.size:
+            rank = flips.flipped.reshape(-1)[fill] + 1
+            nxt = _top_two(_gather_kernels(prio, fill), rank)[0]
+            keys.reshape(-1)[fill] = np.where(rank <= taps, nxt, -1.0)
+            redo = _top_two(keys[undecided], np.maximum(want[undecided], 1))
+            thresh[undecided], following[undecided] = redo
 
-    # |e| of each offer: 1 - p for a flip back (>= 1/2), p for a next candidate (<= 1/2)
-    keys = np.full(kernel_err.shape, -1.0)
-    keys = np.where(offering & over, 1.0 - flips.last, keys)
-    first = offering & under & (flips.flipped == 0)
-    keys = np.where(first & (flips.top > 0), flips.top, keys)
-    # next candidates after a flip need a sort of their kernel; they only matter where the
-    # channel's want-th best known offer is not above 1/2
-    unknown = offering & under & (flips.flipped > 0)
-    if unknown.any():
-        active = np.flatnonzero(want > 0)
-        undecided = np.zeros(want.shape, bool)
-        if active.size:
-            kth = _kth_largest(keys[active], want[active])
-            undecided[active] = kth <= 0.5
-        fill = np.nonzero(unknown & undecided[:, None])
-        if fill[0].size:
-            rank = flips.flipped[fill] + 1
-            nxt = _kth_largest(prio[fill[0], :, fill[1]], rank)
-            keys[fill] = np.where((rank <= taps) & (nxt > 0), nxt, -1.0)
-
-    chosen = np.nonzero(_select_topk(keys, want))
-    if not chosen[0].size:
+    chosen = np.flatnonzero(_topk_from_threshold(keys, want, thresh, following))
+    if not chosen.size:
         return
-    order = np.argsort(-prio[chosen[0], :, chosen[1]], axis=1, kind="stable")
-    rank = np.where(over[chosen], flips.flipped[chosen] - 1, flips.flipped[chosen])
+    order = np.argsort(-_gather_kernels(prio, chosen), axis=1, kind="stable")
+    rank = flips.flipped.reshape(-1)[chosen] - back.reshape(-1)[chosen]
     pos = order[np.arange(rank.size), rank]
-    q[chosen[0], pos, chosen[1]] -= direction[chosen[0]].astype(q.dtype)
+    out_of = chosen // keys.shape[1]
+    q.reshape(-1)[_kernel_index(prio, chosen)[np.arange(rank.size), pos]] -= direction[out_of].astype(q.dtype)
+
+
+def _flip_count(err_sum: np.ndarray, limit: int) -> np.ndarray:
+    """round(|E|) as integers, capped at the row length (more flips than elements cannot happen)."""
+    return np.minimum(np.rint(np.abs(err_sum)), limit).astype(np.intp)
+
+
+def _kernel_index(blocks: np.ndarray, kernels: np.ndarray) -> np.ndarray:
+    """Flat indices [m, taps] into the block layout [O, taps, I] of flat kernel numbers o * I + i."""
+    _, taps, in_ch = blocks.shape
+    base = kernels + (kernels // in_ch) * ((taps - 1) * in_ch)
+    return base[:, None] + np.arange(0, taps * in_ch, in_ch)
+
+
+def _gather_kernels(blocks: np.ndarray, kernels: np.ndarray) -> np.ndarray:
+    """The taps of the given kernels (flat numbers o * I + i), as rows [m, taps]."""
+    return blocks.reshape(-1)[_kernel_index(blocks, kernels)]
 
 
 def _channel_stage_flat(resid: np.ndarray, q: np.ndarray, outside: np.ndarray | None) -> None:
@@ -255,29 +314,37 @@ def _channel_stage_flat(resid: np.ndarray, q: np.ndarray, outside: np.ndarray | 
         out_rows = None if outside is None else outside.transpose(0, 2, 1).reshape(out_ch, -1)
     channel_err = -neg_err.sum(axis=1)
     direction = np.sign(channel_err)
-    want = np.rint(np.abs(channel_err)).astype(np.intp)
+    want = _flip_count(channel_err, neg_err.shape[1])
     prio = neg_err * -direction[:, None]
     if out_rows is not None:
         prio[out_rows] = -1.0
-    chosen = _select_topk(prio, want)
+    step = _select_topk(prio, want).view(np.int8)
+    step *= direction.astype(np.int8)[:, None]
     if taps > 1:
-        chosen = chosen.reshape(out_ch, in_ch, taps).transpose(0, 2, 1)
+        q -= step.reshape(out_ch, in_ch, taps).transpose(0, 2, 1)
     else:
-        chosen = chosen[:, None, :]
-    np.subtract(q, direction.astype(q.dtype)[:, None, None], out=q, where=chosen)
+        q -= step[:, None, :]
 
 
-def _kth_largest(rows: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """The k-th largest value of each row of `rows` [m, L], k >= 1 (clamped to L)."""
+def _top_two(rows: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The k-th and (k+1)-th largest values of each row of `rows` [m, L] (k >= 1, clamped to L).
+
+    Only the top max(k) + 1 of a row are sorted (after a partition) when that is a small part of
+    it. The (k+1)-th is -inf where k == L.
+    """
     length = rows.shape[1]
     k = np.minimum(k, length)
-    kmax = int(k.max())
-    index = np.arange(rows.shape[0])
-    if kmax < length * _PARTITION_FRACTION:
-        top = np.partition(rows, length - kmax, axis=1)[:, length - kmax:]
+    span = int(k.max()) + 1
+    if span < length * _PARTITION_FRACTION:
+        top = np.partition(rows, length - span, axis=1)[:, length - span:]
         top.sort(axis=1)
-        return top[index, kmax - k]
-    return np.sort(rows, axis=1)[index, length - k]
+    else:
+        top = np.sort(rows, axis=1)
+    index = np.arange(rows.shape[0])
+    width = top.shape[1]
+    kth = top[index, width - k]
+    following = np.where(k < width, top[index, np.maximum(width - k - 1, 0)], -np.inf)
+    return kth, following
 
 
 def _rank_mask(rows: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -289,16 +356,20 @@ def _rank_mask(rows: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 
 def _select_topk(keys: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Top-k mask of each row of `keys` [m, L] (see `_rank_mask`), by threshold plus tie repair."""
-    mask = np.zeros(keys.shape, bool)
-    active = np.flatnonzero(k > 0)
-    if not active.size:
-        return mask
-    sub = keys[active]
-    thresh = np.maximum(_kth_largest(sub, k[active]), _TINY)
-    sub_mask = sub >= thresh[:, None]
-    tied = sub_mask.sum(axis=1) > k[active]
-    if tied.any():
-        sub_mask[tied] = _rank_mask(sub[tied], k[active][tied])
-    mask[active] = sub_mask
+    """Top-k mask of each row of `keys` [m, L] (see `_rank_mask`)."""
+    return _topk_from_threshold(keys, k, *_top_two(keys, np.maximum(k, 1)))
+
+
+def _topk_from_threshold(keys: np.ndarray, k: np.ndarray, kth: np.ndarray,
+                         following: np.ndarray) -> np.ndarray:
+    """`_select_topk` given each row's k-th and (k+1)-th largest keys.
+
+    The mask is keys >= the k-th largest (or > 0 where fewer than k keys are positive); a row
+    whose (k+1)-th key passes too has ties at the threshold and is ranked exactly.
+    """
+    thresh = np.where(k > 0, np.maximum(kth, _TINY), np.inf)
+    mask = keys >= thresh[:, None]
+    tied = np.flatnonzero(following >= thresh)
+    if tied.size:
+        mask[tied] = _rank_mask(keys[tied], k[tied])
     return mask

@@ -32,6 +32,8 @@ __all__ = [
     "generate",
     "bn_statistics_loss",
     "input_sample_shape",
+    "input_prior",
+    "run_adam",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,6 +90,31 @@ def input_prior(x: torch.Tensor) -> torch.Tensor:
     """ZeroQ's input term: per-channel batch mean/std of ``x`` against N(0, 1)."""
     mean, std = batch_moments(x, 0.0)
     return (mean.pow(2) + (std - 1.0).pow(2)).mean()
+
+
+LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x -> (loss, batch metric)
+
+
+def run_adam(
+    x0: torch.Tensor, steps: int, loss_fn: LossFn, on_step: StepFn, *, lr: float, plateau_patience: int
+) -> torch.Tensor:
+    """Minimise ``loss_fn`` over the batch with Adam; the learning rate drops 10x on plateaus.
+
+    This is ZeroQ's optimiser (``ReduceLROnPlateau``, floor 1e-4); DSG uses it too.
+    """
+    x = x0.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=0.1, patience=plateau_patience, min_lr=1e-4
+    )
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss, metric = loss_fn(x)
+        on_step(metric)
+        loss.backward()
+        optimizer.step()
+        scheduler.step(float(loss.detach()))
+    return x.detach()
 
 
 def register_generator(name: str) -> Callable[[type[G]], type[G]]:

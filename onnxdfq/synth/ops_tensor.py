@@ -86,10 +86,19 @@ def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> OpFn:
     return lambda node, inputs: fn(inputs[0])
 
 
+def _scalar_bound(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.numel() == 1 else None
+    return None if value is None else float(value)
+
+
 def _clip(node: NodeSpec, inputs: list[Any]) -> torch.Tensor:
-    low = _attr_or_input(node, inputs, "min", 1)
-    high = _attr_or_input(node, inputs, "max", 2)
-    return torch.clamp(inputs[0], min=low, max=high)
+    x = inputs[0]
+    low = _scalar_bound(_attr_or_input(node, inputs, "min", 1))
+    high = _scalar_bound(_attr_or_input(node, inputs, "max", 2))
+    if low is not None and high is not None and x.is_floating_point():
+        return F.hardtanh(x, low, high)  # one fused kernel forward and backward (ReLU6)
+    return torch.clamp(x, min=low, max=high)
 
 
 def _leaky_relu(node: NodeSpec, inputs: list[Any]) -> torch.Tensor:

@@ -7,7 +7,9 @@ Starting from x ~ N(0, 1), minimise with Adam
 
 where mu~_l, sigma~_l are the per-channel batch statistics of BN layer l's input and the last
 term (ZeroQ's input prior) pulls the input channels towards N(0, 1). As in the reference code the
-learning rate drops by 10x when the loss stops improving (``ReduceLROnPlateau``).
+learning rate drops by 10x when the loss stops improving (``ReduceLROnPlateau``). The reference
+code matches per-sample statistics; like DESIGN.md we match batch statistics, which is what the
+activation ranges are calibrated on (and converges faster).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Generator, StepFn, input_prior, register_generator
+from .base import Generator, StepFn, input_prior, register_generator, run_adam
 from .executor import TorchGraph
 from .stats import BNTarget, alignment_loss
 
@@ -30,7 +32,7 @@ class ZeroQGenerator(Generator):
     Parameters
     ----------
     lr : float
-        Adam learning rate (ZeroQ: 0.5).
+        Adam learning rate (ZeroQ: 0.5; 0.1 converges about as well, 0.05 clearly slower).
     input_prior_weight : float
         Weight of the N(0, 1) input term; 0 disables it.
     plateau_patience : int
@@ -53,19 +55,14 @@ class ZeroQGenerator(Generator):
         self.input_prior_weight = input_prior_weight
         self.plateau_patience = plateau_patience
 
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(objective, batch metric)`` for the batch ``x``."""
+        bn_loss = alignment_loss(self.bn_inputs(x), self.targets)
+        metric = bn_loss.detach() / len(self.targets)
+        if self.input_prior_weight:
+            bn_loss = bn_loss + self.input_prior_weight * input_prior(x)
+        return bn_loss, metric
+
     def run(self, x0: torch.Tensor, steps: int, on_step: StepFn) -> list[torch.Tensor]:
-        x = x0.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([x], lr=self.lr)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, factor=0.1, patience=self.plateau_patience, min_lr=1e-4
-        )
-        for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            features = self.bn_inputs(x)
-            bn_loss = alignment_loss(features, self.targets)
-            on_step(bn_loss.detach() / len(self.targets))
-            loss = bn_loss + self.input_prior_weight * input_prior(x) if self.input_prior_weight else bn_loss
-            loss.backward()
-            optimizer.step()
-            scheduler.step(float(loss))
-        return [x.detach()]
+        x = run_adam(x0, steps, self.loss, on_step, lr=self.lr, plateau_patience=self.plateau_patience)
+        return [x]

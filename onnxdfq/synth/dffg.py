@@ -1,0 +1,104 @@
+"""DFFG: fast-gradient iteration for data-free quantization (Leng et al., BMVC 2023).
+
+The ZeroQ loss ``L(x)`` (BN batch-statistics alignment plus the N(0, 1) input prior) is
+minimised with a momentum fast-gradient-sign iteration (MI-FGSM run downhill):
+
+    g_0 = 0
+    g_{t+1} = mu * g_t + grad_x L(x_t) / ||grad_x L(x_t)||_1      (L1 norm per sample)
+    x_{t+1} = x_t - alpha_t * sign(g_{t+1})
+
+Every pixel moves by exactly ``alpha_t`` per step, so a few tens of steps suffice where Adam
+needs hundreds. ``alpha_t`` decays with a cosine from ``alpha`` to ``alpha_final`` so that the
+sign steps stop oscillating around the optimum. The last ``keep`` iterates, ``stride`` steps
+apart, are all returned as calibration samples: one optimisation of a batch of B images yields
+``keep * B`` samples, which is where most of the speed-up over ZeroQ comes from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .base import Generator, StepFn, input_prior, register_generator
+from .executor import TorchGraph
+from .stats import BNTarget, alignment_loss
+
+__all__ = ["DFFGGenerator"]
+
+
+@register_generator("dffg")
+class DFFGGenerator(Generator):
+    """Momentum fast-gradient-sign generator that keeps its intermediate iterates.
+
+    Parameters
+    ----------
+    alpha, alpha_final : float
+        Sign-step size at the first and the last step (cosine decay in between), in input units.
+    momentum : float
+        ``mu``, the decay of the accumulated normalised gradient.
+    keep : int
+        Number of iterates returned per seed image (the final one first).
+    stride : int
+        Steps between two kept iterates.
+    input_prior_weight : float
+        Weight of ZeroQ's N(0, 1) input term; 0 disables it.
+    """
+
+    default_steps = 40
+
+    def __init__(
+        self,
+        graph: TorchGraph,
+        targets: Sequence[BNTarget],
+        *,
+        alpha: float = 0.1,
+        alpha_final: float = 0.005,
+        momentum: float = 0.9,
+        keep: int = 4,
+        stride: int = 3,
+        input_prior_weight: float = 1.0,
+    ) -> None:
+        super().__init__(graph, targets)
+        if keep < 1 or stride < 1:
+            raise ValueError(f"keep and stride must be >= 1, got keep={keep}, stride={stride}")
+        self.alpha = alpha
+        self.alpha_final = alpha_final
+        self.momentum = momentum
+        self.keep = keep
+        self.stride = stride
+        self.input_prior_weight = input_prior_weight
+
+    def _kept_steps(self, steps: int) -> list[int]:
+        """Step counts after which the iterate is kept, last first (never before step 1)."""
+        return sorted({max(steps - i * self.stride, 1) for i in range(self.keep)}, reverse=True)
+
+    def samples_per_run(self, batch_size: int, steps: int) -> int:
+        return batch_size * len(self._kept_steps(steps))
+
+    def step_size(self, step: int, steps: int) -> float:
+        """Cosine decay from ``alpha`` (step 0) to ``alpha_final`` (last step)."""
+        progress = step / max(steps - 1, 1)
+        return self.alpha_final + 0.5 * (self.alpha - self.alpha_final) * (1.0 + math.cos(math.pi * progress))
+
+    def run(self, x0: torch.Tensor, steps: int, on_step: StepFn) -> list[torch.Tensor]:
+        kept_steps = set(self._kept_steps(steps))
+        x = x0.clone()
+        velocity = torch.zeros_like(x)
+        reduce_dims = tuple(range(1, x.dim()))
+        kept: list[torch.Tensor] = []
+        for step in range(steps):
+            x.requires_grad_(True)
+            features = self.bn_inputs(x)
+            loss = alignment_loss(features, self.targets)
+            on_step(loss.detach() / len(self.targets))
+            if self.input_prior_weight:
+                loss = loss + self.input_prior_weight * input_prior(x)
+            (grad,) = torch.autograd.grad(loss, x)
+            l1 = grad.abs().sum(dim=reduce_dims, keepdim=True).clamp_min(1e-12)
+            velocity = self.momentum * velocity + grad / l1
+            x = x.detach() - self.step_size(step, steps) * torch.sign(velocity)
+            if step + 1 in kept_steps:
+                kept.append(x.clone())
+        return kept[::-1]
