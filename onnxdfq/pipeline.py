@@ -131,7 +131,7 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
                            + ", ".join(f"{op} (x{count})" for op, count in sorted(unhandled.items())))
     FoldBatchNormPass()(ws)
     if config.step("cle"):
-        CrossLayerEqualizationPass()(ws)
+        CrossLayerEqualizationPass(act_sigmas=config.sigmas)(ws)
     if config.step("absorb_bias"):
         BiasAbsorptionPass()(ws)
     layers = graph_layers.read_layers(ws.graph)
