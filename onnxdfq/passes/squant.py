@@ -126,7 +126,11 @@ def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
 
 def squant_quantize(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
                     stages: Sequence[str] = ("e", "k", "c")) -> np.ndarray:
-    """``squant_round`` followed by dequantization: q * scale, in the dtype of `w_fp`."""
+    """SQuant fake quantization: ``squant_round`` followed by dequantization.
+
+    Takes the same arguments as `squant_round` and returns q * scale (scale broadcast along the
+    output axis 0) in the dtype of `w_fp`, e.g. to replace a float weight in a model.
+    """
     w_int = squant_round(w_fp, scale, qmin, qmax, stages=stages)
     weight = np.asarray(w_fp)
     scale64 = _channel_scale(scale, weight.shape[0])
