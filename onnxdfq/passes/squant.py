@@ -72,12 +72,15 @@ def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
       or else the next unflipped candidate in the K order. The round(|E_c|) offers with the
       largest |e| (ties to the lower input channel) move one step. Then |E_channel| <= 1/2,
       every |E_kernel| < 1 and every |e| < 1. Without the K stage (``("e", "c")`` or one-tap
-      kernels) every element of the channel is a candidate, as in the reference code.
+      kernels) every element of the channel is a candidate (ties to the lower index in
+      [I, *spatial] order), as in the reference code.
 
     The bounds hold for elements whose x lies in [qmin, qmax]; clipped elements cannot move
     outward, which can leave fewer candidates than flips wanted. Every q stays within one step of
-    nearest rounding. The paper's ``over_squant`` quirk for E == 0 is not copied: a kernel with
-    E_kernel == 0 after the K stage offers nothing, which keeps |E_kernel| < 1 strict.
+    nearest rounding. One corner of the reference code is not copied: a kernel whose sum is
+    exactly 0 after the K stage (E == 0, or |E| exactly an integer) still offers an element there
+    (for E == 0 through ``order[topk - 1]`` with topk = 0); here it offers nothing, which keeps
+    |E_kernel| < 1 strict.
 
     The work is vectorised over all kernels and channels: per-kernel sums and maxima on a
     [O, taps, I] copy, a sort or partition of the few rows that need more than their maximum,
