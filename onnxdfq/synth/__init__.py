@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         bn_statistics_loss,
         generate,
         get_generator,
+        input_sample_shape,
         register_generator,
     )
     from .executor import SUPPORTED_OPS, BatchNormInfo, TorchGraph, UnsupportedOpError
@@ -34,6 +35,7 @@ __all__ = [
     "available_methods",
     "get_generator",
     "register_generator",
+    "input_sample_shape",
     "Generator",
     "TorchGraph",
     "BatchNormInfo",
@@ -47,6 +49,7 @@ _LAZY = {
     "available_methods": ".base",
     "get_generator": ".base",
     "register_generator": ".base",
+    "input_sample_shape": ".base",
     "Generator": ".base",
     "TorchGraph": ".executor",
     "BatchNormInfo": ".executor",

@@ -4,6 +4,10 @@ A generator optimises a batch of inputs so that every BatchNormalization layer s
 per-channel statistics match the layer's running mean and variance. :func:`generate` owns
 everything common (building the torch graph, seeding, batching, progress); a method is one class
 with a ``run`` loop, registered under its name with :func:`register_generator`.
+
+Adding a method: write ``onnxdfq/synth/<name>.py`` with a ``Generator`` subclass decorated with
+``@register_generator("<name>")`` and add it to ``_BUILTIN_MODULES`` below (or just import the
+module before calling :func:`generate`; registration happens at import).
 """
 
 from __future__ import annotations

@@ -105,6 +105,20 @@ def _leaky_relu(node: NodeSpec, inputs: list[Any]) -> torch.Tensor:
     return F.leaky_relu(inputs[0], node.attrs.get("alpha", 0.01))
 
 
+def _prelu(node: NodeSpec, inputs: list[Any]) -> torch.Tensor:
+    x, slope = inputs[0], inputs[1]
+    return torch.where(x >= 0, x, x * slope)
+
+
+def _elu(node: NodeSpec, inputs: list[Any]) -> torch.Tensor:
+    return F.elu(inputs[0], node.attrs.get("alpha", 1.0))
+
+
+def _mean(node: NodeSpec, inputs: list[Any]) -> torch.Tensor:
+    present = [t for t in inputs if t is not None]
+    return functools.reduce(torch.add, present) / len(present)
+
+
 def _hard_sigmoid(node: NodeSpec, inputs: list[Any]) -> torch.Tensor:
     alpha, beta = node.attrs.get("alpha", 0.2), node.attrs.get("beta", 0.5)
     return torch.clamp(alpha * inputs[0] + beta, 0.0, 1.0)
@@ -196,6 +210,9 @@ def _slice(node: NodeSpec, inputs: list[Any]) -> torch.Tensor:
     return x
 
 
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
+
+
 def _pad(node: NodeSpec, inputs: list[Any]) -> torch.Tensor:
     x = inputs[0]
     pads = to_ints(_attr_or_input(node, inputs, "pads", 1))
@@ -203,7 +220,10 @@ def _pad(node: NodeSpec, inputs: list[Any]) -> torch.Tensor:
     value = float(value_in) if value_in is not None else 0.0
     axes_in = inputs[3] if len(inputs) > 3 else None
     axes = to_ints(axes_in) if axes_in is not None else list(range(x.dim()))
-    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[node.attrs.get("mode", "constant")]
+    onnx_mode = node.attrs.get("mode", "constant")
+    if onnx_mode not in _PAD_MODES:
+        raise NotImplementedError(f"Pad {node.name!r}: mode {onnx_mode!r} is not supported")
+    mode = _PAD_MODES[onnx_mode]
     flat = torch_pads(pads, axes, x.dim())
     if mode == "constant":
         return F.pad(x, flat, mode=mode, value=value)
@@ -241,6 +261,7 @@ TENSOR_OPS: dict[str, OpFn] = {
     "Min": _variadic(torch.minimum),
     "Max": _variadic(torch.maximum),
     "Sum": _variadic(torch.add),
+    "Mean": _mean,
     "Relu": _unary(F.relu),
     "Sigmoid": _unary(torch.sigmoid),
     "Tanh": _unary(torch.tanh),
@@ -249,6 +270,11 @@ TENSOR_OPS: dict[str, OpFn] = {
     "Sqrt": _unary(torch.sqrt),
     "Neg": _unary(torch.neg),
     "Abs": _unary(torch.abs),
+    "Log": _unary(torch.log),
+    "Reciprocal": _unary(torch.reciprocal),
+    "Softplus": _unary(F.softplus),
+    "PRelu": _prelu,
+    "Elu": _elu,
     "LeakyRelu": _leaky_relu,
     "HardSigmoid": _hard_sigmoid,
     "Clip": _clip,

@@ -1,0 +1,181 @@
+"""Synthetic calibration data: ZeroQ, DSG and DFFG on the shared ResNet-20 and MobileNet-V1.
+
+Step counts are cut far below the methods' defaults so that the file runs in a few minutes on
+two CPU cores; the assertion is only that each method drives the BN-statistics loss well below
+what Gaussian noise gives (the benchmark in tools/bench_synth.py measures the real thing).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from onnxdfq import synth  # noqa: E402
+from onnxdfq.synth.dsg import slack_margins  # noqa: E402
+from onnxdfq.synth.stats import BNTarget  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+ASSETS = Path(os.environ.get("ONNXDFQ_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
+RESNET20 = ASSETS / "cifar10" / "resnet20.onnx"
+MOBILENET = ASSETS / "imagenet" / "mobilenet_v1_0.75.onnx"
+METHODS = ("zeroq", "dsg", "dffg")
+
+# Cheap settings per model: (path, batch size, steps, max fraction of noise's loss, options per method).
+# MobileNet-V1 takes inputs in [-1, 1]: ZeroQ's lr 0.5 overshoots there in the first tens of
+# steps, so the MobileNet case uses lr 0.2 / alpha 0.1 to show a clear drop within 24 steps.
+CASES = {
+    "resnet20": (RESNET20, 16, 25, 0.1, {}),
+    "mobilenet_v1": (MOBILENET, 2, 24, 0.25, {"zeroq": {"lr": 0.2}, "dsg": {"lr": 0.2}, "dffg": {"alpha": 0.1}}),
+}
+
+
+def _load(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        pytest.skip(f"shared asset {path} is missing")
+    return onnx.load(str(path))
+
+
+@pytest.fixture(scope="module")
+def resnet20_model() -> onnx.ModelProto:
+    return _load(RESNET20)
+
+
+_NOISE_LOSS: dict[str, float] = {}
+
+
+def _noise_loss(case: str, model: onnx.ModelProto, batch: int, size: int) -> float:
+    """BN loss of N(0, 1) noise for ``case``, with the same number of samples as the test."""
+    if case not in _NOISE_LOSS:
+        noise = np.random.default_rng(123).standard_normal((batch, 3, size, size)).astype(np.float32)
+        _NOISE_LOSS[case] = synth.bn_statistics_loss(model, noise)
+    return _NOISE_LOSS[case]
+
+
+def _no_bn_model() -> onnx.ModelProto:
+    weight = numpy_helper.from_array(np.ones((2, 3, 3, 3), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "no_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=[weight],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_generator_beats_gaussian_noise(case: str, method: str) -> None:
+    path, batch, steps, max_fraction, options = CASES[case]
+    model = _load(path)
+    size = 224 if case == "mobilenet_v1" else 32
+    losses: list[float] = []
+    x = synth.generate(model, method, batch, batch_size=batch, steps=steps, seed=0,
+                       progress=lambda step, total, loss: losses.append(loss), **options.get(method, {}))
+    assert x.shape == (batch, 3, size, size) and x.dtype == np.float32 and np.isfinite(x).all()
+    reached = synth.bn_statistics_loss(model, x)
+    noise = _noise_loss(case, model, batch, size)
+    assert reached < max_fraction * noise, f"{method} on {case}: {reached:.4g} vs noise {noise:.4g}"
+    assert len(losses) == steps and losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fixed_seed_is_reproducible(resnet20_model: onnx.ModelProto, method: str) -> None:
+    first = synth.generate(resnet20_model, method, 6, batch_size=4, steps=3, seed=7)
+    again = synth.generate(resnet20_model, method, 6, batch_size=4, steps=3, seed=7)
+    other = synth.generate(resnet20_model, method, 6, batch_size=4, steps=3, seed=8)
+    assert first.shape == (6, 3, 32, 32)
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+
+
+def test_dffg_keeps_intermediate_iterates(resnet20_model: onnx.ModelProto) -> None:
+    calls: list[tuple[int, int]] = []
+    x = synth.generate(resnet20_model, "dffg", 12, batch_size=4, steps=5, keep=3, stride=2, alpha=0.1,
+                       progress=lambda step, total, loss: calls.append((step, total)))
+    # one optimisation of 4 seeds yields 3 iterates each: 12 samples from a single 5-step run
+    assert calls == [(s, 5) for s in range(1, 6)]
+    final, earlier = x[:4], x[4:8]
+    assert not np.array_equal(final, earlier)
+    assert np.abs(final - earlier).max() <= 2 * 0.1 + 1e-5  # two sign steps of at most alpha apart
+
+
+def test_progress_counts_steps_over_all_batches(resnet20_model: onnx.ModelProto) -> None:
+    calls: list[tuple[int, int]] = []
+    synth.generate(resnet20_model, "zeroq", 5, batch_size=2, steps=2, progress=lambda s, t, loss: calls.append((s, t)))
+    assert calls == [(s, 6) for s in range(1, 7)]  # 3 batches of 2 for 5 samples, 2 steps each
+
+
+def test_model_without_batchnorm_is_rejected() -> None:
+    model = _no_bn_model()
+    with pytest.raises(ValueError, match="no BatchNormalization"):
+        synth.generate(model, "zeroq", 4, steps=1)
+    with pytest.raises(ValueError, match="no BatchNormalization"):
+        synth.bn_statistics_loss(model, np.zeros((2, 3, 8, 8), np.float32))
+
+
+def test_a_new_generator_is_one_registered_class(resnet20_model: onnx.ModelProto, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from onnxdfq.synth import base
+    from onnxdfq.synth.base import Generator, register_generator
+
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # the registration below is undone after the test
+
+    @register_generator("test_identity")
+    class IdentityGenerator(Generator):
+        default_steps = 1
+
+        def run(self, x0, steps, on_step):  # type: ignore[no-untyped-def]
+            on_step(self.batch_metric(self.bn_inputs(x0)))
+            return [x0]
+
+    x = synth.generate(resnet20_model, "test_identity", 3, batch_size=3, seed=1)
+    expected = torch.randn((3, 3, 32, 32), generator=torch.Generator().manual_seed(1)).numpy()
+    np.testing.assert_array_equal(x, expected)
+    assert "test_identity" in synth.available_methods()
+
+
+def test_unknown_method_lists_the_available_ones(resnet20_model: onnx.ModelProto) -> None:
+    with pytest.raises(ValueError, match="available: dffg, dsg, zeroq"):
+        synth.generate(resnet20_model, "gan", 4)
+
+
+def test_bn_loss_is_chunk_invariant_and_ranks_real_data_above_noise(resnet20_model: onnx.ModelProto) -> None:
+    data_path = ASSETS / "cifar10" / "test.npz"
+    if not data_path.exists():
+        pytest.skip("CIFAR-10 test set missing")
+    images = np.load(data_path)["x"][:32].astype(np.float32) / 255.0
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    real = ((images - mean) / std).transpose(0, 3, 1, 2).astype(np.float32)
+    whole = synth.bn_statistics_loss(resnet20_model, real, batch_size=32)
+    chunked = synth.bn_statistics_loss(resnet20_model, real, batch_size=5)
+    assert chunked == pytest.approx(whole, rel=1e-6)
+    noise = np.random.default_rng(0).standard_normal(real.shape).astype(np.float32)
+    assert whole < 0.1 * synth.bn_statistics_loss(resnet20_model, noise)
+
+
+def test_slack_margins_match_the_finite_sample_spread() -> None:
+    # For f ~ N(mu, sigma^2) over M = B*H*W values per channel, |mu~ - mu| ~ sigma/sqrt(M) |N(0,1)|,
+    # whose 0.9 quantile is 1.645 sigma / sqrt(M); the std deviation is about 1/sqrt(2) of that.
+    channels, sigma = 256, 2.0
+    target = BNTarget("bn", torch.zeros(channels), torch.full((channels,), sigma), 0.0)
+    delta, gamma, delta_s, gamma_s = slack_margins(target, (8, channels, 16, 16), 0.9, torch.Generator().manual_seed(0))
+    assert delta == pytest.approx(1.645 * sigma / np.sqrt(8 * 256), rel=0.2)
+    assert gamma == pytest.approx(1.645 * sigma / np.sqrt(2 * 8 * 256), rel=0.2)
+    assert delta_s == pytest.approx(1.645 * sigma / np.sqrt(256), rel=0.1)
+    assert gamma_s == pytest.approx(1.645 * sigma / np.sqrt(2 * 256), rel=0.1)
+
+
+def test_importing_synth_does_not_import_torch() -> None:
+    code = "import sys, onnxdfq.synth; assert 'torch' not in sys.modules, 'torch imported eagerly'"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
