@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 __all__ = ["ACT_OPS", "LAYER_OPS", "Activation", "Layer", "read_layers", "write_weight", "write_bias",
-           "single_consumer", "producer", "ensure_node_names", "activation_after"]
+           "single_consumer", "producer", "const_value", "ensure_node_names", "activation_after"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def single_consumer(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | Non
     return tensor.outputs[0]
 
 
-def _const_value(tensor: gs.Tensor) -> np.ndarray | None:
+def const_value(tensor: gs.Tensor) -> np.ndarray | None:
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values)
     node = producer(tensor)
@@ -107,7 +107,7 @@ def activation_after(tensor: gs.Tensor, graph_outputs: set[str]) -> Activation:
     else:
         for position, default in ((1, -np.inf), (2, np.inf)):
             if len(node.inputs) > position and node.inputs[position].name:
-                value = _const_value(node.inputs[position])
+                value = const_value(node.inputs[position])
                 if value is None or value.size != 1:
                     return Activation("none")  # data-dependent clip bounds: not an activation we model
                 if position == 1:
@@ -139,7 +139,7 @@ def _canonical_weight(node: gs.Node, weight: np.ndarray) -> tuple[np.ndarray, in
 def _is_layer(node: gs.Node) -> bool:
     if node.op not in LAYER_OPS or len(node.inputs) < 2:
         return False
-    weight = _const_value(node.inputs[1])
+    weight = const_value(node.inputs[1])
     if weight is None or weight.dtype.kind != "f":
         return False
     if node.op in ("Gemm", "MatMul") and weight.ndim != 2:
@@ -148,7 +148,7 @@ def _is_layer(node: gs.Node) -> bool:
         return False
     if node.op == "Gemm" and float(node.attrs.get("alpha", 1.0)) != 1.0:
         return False
-    if node.op == "MatMul" and _const_value(node.inputs[0]) is not None:
+    if node.op == "MatMul" and const_value(node.inputs[0]) is not None:
         return False
     return True
 
@@ -160,7 +160,7 @@ def read_layers(graph: gs.Graph) -> list[Layer]:
     for node in graph.nodes:
         if not _is_layer(node):
             continue
-        raw = _const_value(node.inputs[1])
+        raw = const_value(node.inputs[1])
         try:
             weight, stored_axis, group = _canonical_weight(node, raw.astype(np.float32))
         except ValueError as exc:
@@ -168,7 +168,7 @@ def read_layers(graph: gs.Graph) -> list[Layer]:
             continue
         bias = None
         if len(node.inputs) > 2 and node.inputs[2].name:
-            bias_value = _const_value(node.inputs[2])
+            bias_value = const_value(node.inputs[2])
             if bias_value is None:
                 continue
             bias = bias_value.astype(np.float32).reshape(-1)

@@ -117,6 +117,8 @@ def insert_channel_min(graph: gs.Graph, tensor: gs.Variable, upper: np.ndarray, 
 
 def replace_activation(node: gs.Node, op: str) -> None:
     """Turn an activation node into another single-input op in place (e.g. Clip(0, 6) -> Relu)."""
+    # gs's SynchronizedList does not take slice deletion; pop so producer/consumer links stay in sync
+    while len(node.inputs) > 1:
+        node.inputs.pop()
     node.op = op
-    del node.inputs[1:]
     node.attrs = {}

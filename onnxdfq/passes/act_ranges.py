@@ -92,7 +92,7 @@ def linear_moments(weight: np.ndarray, bias: np.ndarray | None, group: int, in_m
 
 
 def _const(tensor) -> np.ndarray | None:
-    return graph_layers._const_value(tensor)
+    return graph_layers.const_value(tensor)
 
 
 def _channel_const(value: np.ndarray, channels: int) -> np.ndarray | None:

@@ -268,18 +268,6 @@ def find_pairs(graph, layers: list[graph_layers.Layer]) -> list[EqualizePair]:
     return pairs
 
 
-def _clip_to_relu(node) -> None:
-    """Clip(x, 0, c) -> Relu(x) in place.
-
-    Not surgery.replace_activation: its `del node.inputs[1:]` raises in onnx-graphsurgeon
-    (SynchronizedList.__delitem__ does not take slices); popping one input at a time works.
-    """
-    while len(node.inputs) > 1:
-        node.inputs.pop()
-    node.op = "Relu"
-    node.attrs = {}
-
-
 def set_channel_upper(ws: Workspace, pair: EqualizePair, upper: np.ndarray, *, sort: bool = True) -> None:
     """Give the activation between the pair the per-channel upper bound `upper` (exact ReLU6 after CLE).
 
@@ -296,7 +284,7 @@ def set_channel_upper(ws: Workspace, pair: EqualizePair, upper: np.ndarray, *, s
         const.values = upper.astype(np.float32).reshape(shape)
     else:
         act_node = pair.layer1.act.node
-        _clip_to_relu(act_node)
+        surgery.replace_activation(act_node, "Relu")
         tensor = act_node.outputs[0]
         surgery.insert_channel_min(ws.graph, tensor, upper, f"{pair.layer1.name}_channel_min")
         pair.min_node = tensor.outputs[0]

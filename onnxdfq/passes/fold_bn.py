@@ -60,7 +60,7 @@ class FoldBatchNormPass(Pass):
             if layer.op_type == "MatMul":
                 report.warnings.append(f"{layer.name}: BatchNormalization after MatMul left unfolded")
                 continue
-            params = [graph_layers._const_value(t) for t in bn.inputs[1:5]]
+            params = [graph_layers.const_value(t) for t in bn.inputs[1:5]]
             if any(p is None for p in params):
                 report.warnings.append(f"{bn.name}: BN parameters are not constants; left unfolded")
                 continue
