@@ -320,3 +320,16 @@ def test_resnet20_weights_at_3_bits():
         nearest_ch = np.abs(nearest.sum(axis=(1, 2)))
         assert squant_ch.max() <= 0.5 + EPS, name
         assert squant_ch.mean() < 0.25 * nearest_ch.mean(), name
+
+
+@pytest.mark.parametrize("shape", [(256, 128, 3, 3), (1000, 512), (64, 1, 3, 3)])
+def test_threads_do_not_change_the_result(shape):
+    """Large layers are split by output channel across threads; the rounding must not notice."""
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal(shape).astype(np.float32)
+    w[::5] *= 0.01  # channels of very different scale, and clipped outliers with a shared scale
+    scheme = QuantScheme(3)
+    for scale in (np.abs(w.reshape(shape[0], -1)).max(axis=1) / scheme.qmax, np.array([0.3])):
+        serial = squant_round(w, scale, scheme.qmin, scheme.qmax, threads=1)
+        for threads in (2, 3, 8):
+            np.testing.assert_array_equal(squant_round(w, scale, scheme.qmin, scheme.qmax, threads=threads), serial)

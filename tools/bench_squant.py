@@ -72,14 +72,23 @@ def time_model(weights: list[np.ndarray], scheme: QuantScheme, repeats: int) -> 
         for w, scale in zip(weights, scales, strict=True):
             squant_round(w, scale, scheme.qmin, scheme.qmax)
 
+    def run_squant_serial() -> None:
+        for w, scale in zip(weights, scales, strict=True):
+            squant_round(w, scale, scheme.qmin, scheme.qmax, threads=1)
+
     def run_copy() -> None:
         for w in weights:
             np.copy(w)
 
-    squant = np.array([_timed(run_squant) for _ in range(repeats)])
-    copy = np.array([_timed(run_copy) for _ in range(repeats)])
+    squant, serial, copy = [], [], []
+    for _ in range(repeats):  # interleaved, so load changes hit all three alike
+        squant.append(_timed(run_squant))
+        serial.append(_timed(run_squant_serial))
+        copy.append(_timed(run_copy))
+    squant, serial, copy = np.array(squant), np.array(serial), np.array(copy)
     return {"squant_ms": squant[:, 0].min(), "squant_ms_median": float(np.median(squant[:, 0])),
-            "squant_cpu_ms": squant[:, 1].min(), "copy_ms": copy[:, 0].min(),
+            "squant_cpu_ms": squant[:, 1].min(), "serial_ms": serial[:, 0].min(),
+            "serial_cpu_ms": serial[:, 1].min(), "copy_ms": copy[:, 0].min(),
             "copy_ms_median": float(np.median(copy[:, 0])), "copy_cpu_ms": copy[:, 1].min()}
 
 
@@ -104,11 +113,13 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     load = os.getloadavg()[0]
     lines = [f"SQuant ({args.bits}-bit per-channel, stages e+k+c), wall time, best of {args.repeats}; "
-             f"{cpu}, {os.cpu_count()} CPU(s), load average {load:.1f}, numpy {np.__version__}. "
+             f"{cpu}, {os.cpu_count()} CPU(s), load average {load:.1f} (other jobs inflate times), "
+             f"numpy {np.__version__}. "
              f"Paper: {PAPER_RESNET18_MS:.0f} ms for ResNet-18 on an A100.", "",
-             "| model | params | squant ms | copy ms | ratio |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['squant_ms']:.1f} | {r['copy_ms']:.2f} "
-              f"| {r['ratio']:.0f}x |" for r in rows]
+             "| model | params | squant ms (threads) | squant ms (1 thread) | copy ms | ratio to copy |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['squant_ms']:.1f} | {r['serial_ms']:.1f} "
+              f"| {r['copy_ms']:.2f} | {r['ratio']:.0f}x |" for r in rows]
     lines += ["", "Process CPU time, best of the same runs: "
               + "; ".join(f"{r['model']} squant {r['squant_cpu_ms']:.1f} ms, copy {r['copy_cpu_ms']:.2f} ms"
                           for r in rows) + "."]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +22,11 @@ SQUANT_STAGES: tuple[tuple[str, ...], ...] = (("e",), ("e", "k"), ("e", "c"), ("
 _TINY = float(np.nextafter(0.0, 1.0))
 # when a row's largest flip count is below this fraction of the row, partition instead of sorting it
 _PARTITION_FRACTION = 0.25
+# output channels round independently; layers at least this large are split across threads
+# (numpy releases the GIL in the sorts, partitions and element-wise work that dominate)
+_THREAD_MIN_SIZE = 1 << 15
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,7 @@ class _KernelFlips:
 
 
 def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
-                 stages: Sequence[str] = ("e", "k", "c")) -> np.ndarray:
+                 stages: Sequence[str] = ("e", "k", "c"), threads: int | None = None) -> np.ndarray:
     """Round weights onto the integer grid with SQuant's progressive flipping.
 
     Parameters
@@ -116,15 +124,48 @@ def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
         return np.zeros(weight.shape, np.int64)
 
     rows = weight.reshape(out_ch, in_ch, taps)
+    w_int = np.empty((out_ch, in_ch, taps), np.int64)
+    workers = _worker_count(threads, weight.size, out_ch)
+    if workers == 1:
+        _round_channels(rows, scale64, qmin, qmax, stage_set, w_int)
+    else:
+        bounds = np.linspace(0, out_ch, workers + 1).astype(int)
+        parts = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+        futures = [_pool().submit(_round_channels, rows[part], scale64[part], qmin, qmax, stage_set, w_int[part])
+                   for part in parts]
+        for future in futures:
+            future.result()
+    return w_int.reshape(weight.shape)
+
+
+def _round_channels(rows: np.ndarray, scale64: np.ndarray, qmin: int, qmax: int, stage_set: frozenset[str],
+                    out: np.ndarray) -> None:
+    """All stages for the output channels in `rows` [O', I, taps], written to `out` [O', I, taps]."""
     x_range = _grid_range(rows, scale64)
     q = _round_blocks(rows, scale64, qmin, qmax, stage_set, x_range, mask_outside=False)
     if q is None:
         logger.debug("squant: a flip left [%d, %d]; rerunning with clipped elements masked", qmin, qmax)
         q = _round_blocks(rows, scale64, qmin, qmax, stage_set, x_range, mask_outside=True)
+    np.copyto(out, q.transpose(0, 2, 1))
 
-    w_int = np.empty((out_ch, in_ch, taps), np.int64)
-    np.copyto(w_int, q.transpose(0, 2, 1))
-    return w_int.reshape(weight.shape)
+
+def _worker_count(threads: int | None, size: int, out_ch: int) -> int:
+    if threads is None:
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = min(available, 8)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if size < _THREAD_MIN_SIZE:
+        return 1
+    return max(1, min(threads, out_ch, size // (_THREAD_MIN_SIZE // 2)))
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="squant")
+        return _POOL
 
 
 def squant_quantize(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
