@@ -16,6 +16,8 @@ CIFAR_STD = [0.229, 0.224, 0.225]
 def asset(relative: str) -> Path:
     path = ASSETS / relative
     if not path.exists():
+        if os.environ.get("ONNXDFQ_REQUIRE_ASSETS"):  # CI: a missing asset is a failure, not a skip
+            pytest.fail(f"shared asset {path} not present (ONNXDFQ_REQUIRE_ASSETS is set)")
         pytest.skip(f"shared asset {path} not present")
     return path
 
@@ -47,3 +49,13 @@ def val1300() -> Path:
 
 SHARED_MODELS = ["cifar10/resnet20.onnx", "cifar10/resnet32.onnx", "cifar10/resnet44.onnx",
                  "cifar10/resnet56.onnx", "imagenet/mobilenet_v1_0.75.onnx"]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With ONNXDFQ_REQUIRE_ASSETS set (CI does), every shared asset must be there: no silent skips."""
+    if not os.environ.get("ONNXDFQ_REQUIRE_ASSETS"):
+        return
+    needed = SHARED_MODELS + ["cifar10/test.npz", "cifar10/train5000.npz", "imagenet/val1300/labels.txt"]
+    missing = [rel for rel in needed if not (ASSETS / rel).exists()]
+    if missing:
+        raise pytest.UsageError(f"ONNXDFQ_REQUIRE_ASSETS is set but {ASSETS} lacks: {', '.join(missing)}")

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 
 from onnxdfq.graph import layers as graph_layers
-from onnxdfq.graph import surgery
+from onnxdfq.graph import packing, surgery
 from onnxdfq.passes.base import LayerRow, PassReport, Workspace
 from onnxdfq.quant.qparams import activation_qparams
 from onnxdfq.quant.scheme import QuantScheme
@@ -23,7 +23,7 @@ __all__ = ["FORMATS", "activation_scheme", "emit_model"]
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("qdq", "fakequant")
+FORMATS = ("qdq", "qdq-packed", "fakequant")
 _INT32 = np.iinfo(np.int32)
 
 
@@ -41,12 +41,13 @@ def emit_model(ws: Workspace, template, act_bits: int | None, fmt: str = "qdq") 
     layers = {layer.name: layer for layer in graph_layers.read_layers(graph)}
     tensors = graph.tensors()
     act_qparams: dict[str, tuple[float, int, QuantScheme]] = {}
-    if act_bits is not None and fmt == "qdq":
+    if act_bits is not None and fmt != "fakequant":
         for name, act_range in ws.act_ranges.items():
             scheme = activation_scheme(act_range.lo, act_bits)
             scale, zero_point = activation_qparams(act_range.lo, act_range.hi, scheme)
             act_qparams[name] = (scale, zero_point, scheme)
 
+    to_pack: dict[str, int] = {}
     for name, quant in ws.weight_quant.items():
         layer = layers.get(name)
         if layer is None:
@@ -58,6 +59,9 @@ def emit_model(ws: Workspace, template, act_bits: int | None, fmt: str = "qdq") 
             report.rows.append(LayerRow(name, row))
             continue
         surgery.dequantize_weight(graph, layer, quant.w_int, quant.scale)
+        width = packing.packed_type(quant.bits) if fmt == "qdq-packed" else None
+        if width is not None:
+            to_pack[f"{layer.name}.weight_quantized"] = width
         if layer.bias is not None and layer.input_name in act_qparams:
             s_x = act_qparams[layer.input_name][0]
             bias_scale = s_x * np.broadcast_to(quant.scale, (layer.out_channels,)).astype(np.float64)
@@ -79,5 +83,12 @@ def emit_model(ws: Workspace, template, act_bits: int | None, fmt: str = "qdq") 
                                            "act_dtype": "int8" if scheme.signed else "uint8",
                                            "act_bits": scheme.bits, "source": ws.act_ranges[name].source}))
     model = surgery.export_model(graph, template)
+    if to_pack:
+        model, packed = packing.pack_weights(model, to_pack)
+        for row in report.rows:
+            width = packed.get(f"{row.layer}.weight_quantized")
+            if width is not None:
+                row.values["storage"] = f"int{width}"
+        report.params["packed_layers"] = len(packed)
     report.modified = True
     return model, report

@@ -1,0 +1,67 @@
+"""Store sub-byte weights in packed INT4 / INT2 initializers, so a 4- or 2-bit model's file shrinks.
+
+ONNX has INT4 since opset 21 and INT2 since opset 25; DequantizeLinear takes both. The QDQ
+emitter writes every integer weight into an int8 container; `pack_weights` converts the chosen
+ones (and their zero points, which DequantizeLinear requires to have the same type) afterwards
+and raises the opset and IR version the types need.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = ["PACKED_TYPES", "packed_type", "pack_weights"]
+
+# bits -> (numpy dtype, first opset with the type, first IR version with it)
+PACKED_TYPES: dict[int, tuple[type, int, int]] = {
+    2: (ml_dtypes.int2, 25, 11),
+    4: (ml_dtypes.int4, 21, 10),
+}
+
+
+def packed_type(bits: int) -> int | None:
+    """The narrowest packed width holding a signed `bits`-bit grid, or None if int8 is needed."""
+    for width in sorted(PACKED_TYPES):
+        if bits <= width:
+            return width
+    return None
+
+
+def pack_weights(model: onnx.ModelProto, weights: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Re-store the int8 initializers named in `weights` (name -> packed width 2 or 4) and their zero points.
+
+    Each name must feed input 0 of a DequantizeLinear; its zero point (input 2) is converted too.
+    Values must already lie in the packed type's range. Returns the model (modified in place) and
+    the packed width per weight initializer actually converted.
+    """
+    inits = {init.name: init for init in model.graph.initializer}
+    zero_points = {node.input[0]: node.input[2] for node in model.graph.node
+                   if node.op_type == "DequantizeLinear" and len(node.input) > 2}
+    done: dict[str, int] = {}
+    for name, width in weights.items():
+        if name not in inits or name not in zero_points or zero_points[name] not in inits:
+            continue
+        dtype = PACKED_TYPES[width][0]
+        info = ml_dtypes.iinfo(dtype)
+        for tensor_name in (name, zero_points[name]):
+            init = inits[tensor_name]
+            values = numpy_helper.to_array(init)
+            if values.min(initial=0) < info.min or values.max(initial=0) > info.max:
+                raise ValueError(f"{tensor_name}: values outside the {width}-bit range")
+            init.CopyFrom(numpy_helper.from_array(values.astype(np.int8).astype(dtype), tensor_name))
+        done[name] = width
+    if done:
+        opset = max(PACKED_TYPES[w][1] for w in done.values())
+        ir_version = max(PACKED_TYPES[w][2] for w in done.values())
+        for imp in model.opset_import:
+            if imp.domain in ("", "ai.onnx") and imp.version < opset:
+                imp.version = opset
+        model.ir_version = max(model.ir_version, ir_version)
+        # value_info recorded for the int8 containers would now contradict the initializers
+        kept = [vi for vi in model.graph.value_info if vi.name not in inits or vi.name not in done]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
+    return model, done
