@@ -98,6 +98,7 @@ class Workspace:
     act_ranges: dict[str, ActRange] = field(default_factory=dict)  # tensor name -> range
     input_range: tuple[float, float] | None = None
     reduced_range: list[str] = field(default_factory=list)  # layers given 7-bit weights (see pipeline)
+    weight_ranges: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # stage -> layer -> per-channel
     reports: list[PassReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 

@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""The benchmark table: every shared model x every method x the usual widths, in one run.
+
+For each row: top-1 on the full labelled set (CIFAR-10 test, ImageNet val1300), quantization
+wall time, file size (and INT4/INT2-packed size for <= 4-bit weights), and onnxruntime CPU
+latency of FP32 and quantized at batch 1, measured in turns in the same run (their ratio is
+the speedup). Writes BENCHMARKS.md (repo root) and tools/results/bench.json.
+
+    python tools/bench.py                       # everything (about 40 min on 2 cores)
+    python tools/bench.py --only resnet20       # rows whose id contains a string; others kept from the JSON
+    python tools/bench.py --limit 500 --out /tmp/bench   # quick look on a subset
+
+Rows already in the JSON are reused unless --force (or --limit differs); BENCHMARKS.md is
+always rebuilt from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import onnxdfq
+from onnxdfq.eval.data import Dataset, open_dataset
+from onnxdfq.eval.latency import measure_latency
+from onnxdfq.pipeline import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("ONNXDFQ_ASSETS", ROOT.parent / "shared" / "assets"))
+CIFAR = {"data": "cifar10/test.npz", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+IMAGENET = {"data": "imagenet/val1300", "mean": [0.5] * 3, "std": [0.5] * 3}
+MODELS = {"resnet20": ("cifar10/resnet20.onnx", CIFAR), "resnet32": ("cifar10/resnet32.onnx", CIFAR),
+          "resnet44": ("cifar10/resnet44.onnx", CIFAR), "resnet56": ("cifar10/resnet56.onnx", CIFAR),
+          "mobilenet_v1_0.75": ("imagenet/mobilenet_v1_0.75.onnx", IMAGENET)}
+
+# (label, bits, act_bits) per method family
+WIDTHS = [("W8A8", "8", "8"), ("W6A8", "6", "8"), ("W4A8", "4", "8"), ("W4A4", "4", "4")]
+MIXED = [("2/6 fp32-act", "2/6", "none"), ("2/6 A8", "2/6", "8")]
+
+
+def configs() -> list[dict]:
+    """The matrix (every model x method x width, per-channel) and the issues' focus rows."""
+    rows = []
+    for model in MODELS:
+        for method in ("nearest", "squant", "dfq"):
+            rows += [dict(group="matrix", model=model, method=method, label=label, bits=b, act=a, gran="channel")
+                     for label, b, a in WIDTHS]
+        rows += [dict(group="matrix", model=model, method="dfmpc", label=label, bits=b, act=a, gran="channel")
+                 for label, b, a in MIXED]
+    for model in ("mobilenet_v1_0.75",):  # the per-tensor collapse and its DFQ fix
+        rows += [dict(group="focus", model=model, method=m, label="W8A8", bits="8", act="8", gran="tensor")
+                 for m in ("nearest", "dfq")]
+    for model in ("resnet20", "resnet56"):
+        rows += [dict(group="focus", model=model, method=m, label="W6A8", bits="6", act="8", gran="tensor")
+                 for m in ("nearest", "dfq")]
+    for model in ("resnet20", "resnet56", "mobilenet_v1_0.75"):  # SQuant vs nearest at 4 and 3 bits
+        for label, b, a in (("W3A8", "3", "8"), ("W4 fp32-act", "4", "none"), ("W3 fp32-act", "3", "none")):
+            rows += [dict(group="focus", model=model, method=m, label=label, bits=b, act=a, gran="channel")
+                     for m in ("nearest", "squant")]
+    for row in rows:
+        row["id"] = f"{row['model']} {row['method']} {row['label']} {row['gran']}"
+    return rows
+
+
+def load_data(spec: dict, model_path: Path, limit: int | None) -> Dataset:
+    """The whole evaluation set, decoded and preprocessed once, kept in memory for every row."""
+    session_shape = onnx.load(str(model_path), load_external_data=False).graph.input[0].type.tensor_type.shape
+    size = tuple(d.dim_value for d in session_shape.dim[2:4])
+    dataset = open_dataset(ASSETS / spec["data"], mean=spec["mean"], std=spec["std"], size=size)
+    xs, ys = zip(*dataset.batches(250, limit), strict=True)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    return Dataset(dataset.name, len(x), _arrays=(x, y))
+
+
+def file_size(model: onnx.ModelProto) -> int:
+    return len(model.SerializeToString())
+
+
+def run_row(cfg: dict, path: Path, data: Dataset, fp32: dict, latency_runs: int) -> dict:
+    extra = {"granularity": cfg["gran"]}
+    start = time.perf_counter()
+    result = onnxdfq.quantize_model(str(path), method=cfg["method"], bits=cfg["bits"], act_bits=cfg["act"], **extra)
+    seconds = time.perf_counter() - start
+    model = result.model
+    top1 = onnxdfq.evaluate(model, data, batch_size=250).top1
+    size = file_size(model)
+    packed_size = None
+    if int(cfg["bits"].split("/")[0]) <= 4:
+        packed_size = file_size(onnxdfq.quantize(str(path), method=cfg["method"], bits=cfg["bits"],
+                                                 act_bits=cfg["act"], fmt="qdq-packed", **extra))
+    lat = measure_latency({"fp32": str(path), "q": model}, runs=latency_runs)
+    return {**cfg, "top1": round(top1, 2), "fp32_top1": fp32["top1"], "delta": round(top1 - fp32["top1"], 2),
+            "quantize_s": round(seconds, 3), "bytes": size, "packed_bytes": packed_size, "fp32_bytes": fp32["bytes"],
+            "avg_weight_bits": round(float(result.report.get("average_weight_bits", float("nan"))), 2),
+            "latency_ms": round(lat["q"], 3), "fp32_latency_ms": round(lat["fp32"], 3),
+            "speedup": round(lat["fp32"] / lat["q"], 2), "samples": data.count}
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f}"
+
+
+def render(rows: list[dict], fp32: dict, meta: dict) -> str:
+    out = ["# Benchmarks", "",
+           f"Regenerate: `python tools/bench.py` (one run; {meta['machine']}). Top-1 on the full CIFAR-10 test "
+           "set (10 000 images) and ImageNet `val1300` (1 300 images; it scores above the model's full-validation "
+           "figure, so compare FP32 against quantized, not against papers). Per-channel weights unless noted; "
+           "activation ranges from BN statistics (no data). Latency: onnxruntime CPU EP, batch 1, median, FP32 "
+           "and quantized taking turns in the same run; speedup = FP32 / quantized. Size: the .onnx file; "
+           "'packed' is `--format qdq-packed` (INT4/INT2 initializers).", ""]
+    out += ["## FP32 references", "", "| model | top-1 | size MB | CPU latency ms |", "|---|---:|---:|---:|"]
+    out += [f"| {m} | {v['top1']:.2f} | {_mb(v['bytes'])} | {v.get('latency_ms', float('nan')):.2f} |"
+            for m, v in fp32.items()]
+    by_model: dict[str, list[dict]] = {}
+    for row in rows:
+        if row["group"] == "matrix":
+            by_model.setdefault(row["model"], []).append(row)
+    labels = [label for label, _, _ in WIDTHS] + [label for label, _, _ in MIXED]
+    out += ["", "## Top-1 by method and width", "",
+            "| model | method | " + " | ".join(labels) + " |", "|---|---|" + "---:|" * len(labels)]
+    for model, model_rows in by_model.items():
+        for method in dict.fromkeys(r["method"] for r in model_rows):
+            cells = {r["label"]: f"{r['top1']:.2f}" for r in model_rows if r["method"] == method}
+            out.append(f"| {model} | {method} | " + " | ".join(cells.get(label, "") for label in labels) + " |")
+    out += ["", "## Every row", "",
+            "| model | method | W/A | granularity | top-1 | vs FP32 | quantize s | size MB | packed MB "
+            "| latency ms | speedup |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['method']} | {r['label']} | {r['gran']} | {r['top1']:.2f} | "
+                   f"{r['delta']:+.2f} | {r['quantize_s']:.2f} | {_mb(r['bytes'])} | {_mb(r.get('packed_bytes'))} | "
+                   f"{r['latency_ms']:.2f} | {r['speedup']:.2f}x |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=None, help="run rows whose id contains one of these")
+    parser.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N samples only")
+    parser.add_argument("--latency-runs", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=ROOT, help="folder for BENCHMARKS.md; JSON in OUT/tools/results")
+    args = parser.parse_args()
+
+    json_path = args.out / "tools" / "results" / "bench.json"
+    saved = json.loads(json_path.read_text()) if json_path.exists() else {"rows": [], "fp32": {}}
+    if saved.get("limit") != args.limit:
+        saved = {"rows": [], "fp32": {}}
+    done = {row["id"]: row for row in saved["rows"]}
+    fp32 = saved["fp32"]
+    wanted = [c for c in configs() if c["method"] in METHODS
+              and (not args.only or any(s in c["id"] for s in args.only))]
+    todo = [c for c in wanted if args.force or c["id"] not in done]
+    print(f"{len(todo)} rows to run ({len(wanted) - len(todo)} reused)", file=sys.stderr)
+    data_cache: dict[str, Dataset] = {}
+    for index, cfg in enumerate(todo, 1):
+        rel, spec = MODELS[cfg["model"]]
+        path = ASSETS / rel
+        if cfg["model"] not in data_cache:
+            data_cache = {cfg["model"]: load_data(spec, path, args.limit)}  # one set in memory at a time
+            if args.force or cfg["model"] not in fp32:
+                data = data_cache[cfg["model"]]
+                lat = measure_latency({"fp32": str(path)}, runs=args.latency_runs)["fp32"]
+                fp32[cfg["model"]] = {"top1": round(onnxdfq.evaluate(str(path), data, batch_size=250).top1, 2),
+                                      "bytes": path.stat().st_size, "latency_ms": round(lat, 3)}
+        row = run_row(cfg, path, data_cache[cfg["model"]], fp32[cfg["model"]], args.latency_runs)
+        done[cfg["id"]] = row
+        print(f"[{index}/{len(todo)}] {cfg['id']}: top1 {row['top1']:.2f} (fp32 {row['fp32_top1']:.2f}) "
+              f"{row['quantize_s']:.2f}s speedup {row['speedup']:.2f}x", file=sys.stderr, flush=True)
+        _save(json_path, args, done, fp32)  # a cut-off run keeps what it measured
+    _save(json_path, args, done, fp32)
+
+
+def _save(json_path: Path, args, done: dict, fp32: dict) -> None:
+    order = {cfg["id"]: i for i, cfg in enumerate(configs())}
+    rows = sorted(done.values(), key=lambda r: order.get(r["id"], len(order)))
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, onnxruntime CPU EP",
+            "load_average": os.getloadavg()[0], "limit": args.limit}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**meta, "rows": rows, "fp32": fp32}
+    fd, tmp = tempfile.mkstemp(dir=json_path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=1)
+    os.replace(tmp, json_path)
+    (args.out / "BENCHMARKS.md").write_text(render(rows, fp32, meta))
+
+
+if __name__ == "__main__":
+    main()
