@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.passes.base import LayerRow, Pass, PassReport, WeightQuant, Workspace
 from onnxdfq.quant.fake import quantize, sqnr_db
-from onnxdfq.quant.qparams import weight_scale
+from onnxdfq.quant.qparams import TINY_SCALE, weight_scale
 from onnxdfq.quant.scheme import BitWidthMap, QuantScheme
 
 __all__ = ["Rounder", "nearest_round", "get_rounder", "WeightQuantPass"]
@@ -56,12 +57,17 @@ class WeightQuantPass(Pass):
     def call(self, ws: Workspace) -> PassReport:
         report = PassReport(self.name, params={"method": self.method, "per_channel": self.per_channel,
                                                "default_bits": self.bitmap.default})
+        zero_channels: dict[str, int] = {}
         for layer in graph_layers.read_layers(ws.graph):
             if layer.name in self.skip:
                 continue
             bits = self.bitmap.bits_for(layer.name, layer.op_type)
             scheme = QuantScheme(bits, signed=True, symmetric=True, per_channel=self.per_channel, axis=0)
-            scale = weight_scale(layer.weight, scheme)
+            with warnings.catch_warnings(record=True) as caught:  # all-zero channels: say which layer
+                warnings.simplefilter("always", RuntimeWarning)
+                scale = weight_scale(layer.weight, scheme)
+            if caught:
+                zero_channels[layer.name] = int((np.asarray(scale) <= TINY_SCALE).sum())
             w_int = self.rounder(layer.weight, scale, scheme.qmin, scheme.qmax)
             quant = WeightQuant(bits, scale, w_int, self.per_channel, self.method)
             ws.weight_quant[layer.name] = quant
@@ -69,5 +75,9 @@ class WeightQuantPass(Pass):
                 "bits": bits, "scale_min": float(scale.min()), "scale_max": float(scale.max()),
                 "weight_sqnr_db": round(sqnr_db(layer.weight, quant.dequantized()), 3),
             }))
+        if zero_channels:  # dead channels (CLE cuts them out on purpose) quantize to exact zeros
+            report.warnings.append(f"{sum(zero_channels.values())} all-zero weight channel(s) in {len(zero_channels)} "
+                                   "layer(s), stored as zeros: " + ", ".join(f"{k} ({v})" for k, v in
+                                                                            zero_channels.items()))
         report.modified = bool(report.rows)
         return report
