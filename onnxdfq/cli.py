@@ -1,4 +1,4 @@
-"""Command line: quantize, eval, compare, inspect, demo. The only module that prints."""
+"""Command line: quantize, eval, compare, synth, inspect, demo. The only module that prints."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from onnxdfq.errors import OnnxDfqError, OptionError
+from onnxdfq.errors import DataError, OnnxDfqError, OptionError
 
 logger = logging.getLogger("onnxdfq")
 
@@ -74,7 +74,8 @@ def _progress(total: int, desc: str, quiet: bool):
 @click.option("-v", "--verbose", is_flag=True, help="Log what every pass does.")
 def main(verbose: bool) -> None:
     """onnxdfq: quantize ONNX models without data (BN folding, DFQ, SQuant, DF-MPC) to QDQ ONNX."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    # the commands print the passes' warnings themselves (from the report); logging adds detail with -v
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(levelname)s: %(message)s")
 
 
 def _methods() -> list[str]:
@@ -90,7 +91,10 @@ def _methods() -> list[str]:
 @click.option("--method", default="nearest", show_default=True, type=click.Choice(_methods()),
               help="Weight method.")
 @click.option("--bits", default="8", show_default=True, help="Weight bits 2..8, or LOW/HIGH for dfmpc (e.g. 2/6).")
-@click.option("--act-bits", default="8", show_default=True, help="Activation bits 2..8, or 'none' (float).")
+@click.option("--act-bits", default=None, help="Activation bits 2..8, or 'none' (float). Default: 8; none for dfmpc.")
+@click.option("--dfmpc-opt", "dfmpc_opts", multiple=True, metavar="KEY=VALUE",
+              help="DF-MPC option, repeatable: lambda1, lambda2, rho (number or fit), compensate, reestimate "
+                   "(none|mean|mean+std), sigma_model (tap|regression|blend), quantizer (lsq|absmax|twn), high_gain.")
 @click.option("--granularity", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True,
               help="Weight scales per output channel or per tensor.")
 @click.option("--cle/--no-cle", default=None, help="Cross-layer equalization (default: on for dfq).")
@@ -98,29 +102,46 @@ def _methods() -> list[str]:
 @click.option("--bias-correction/--no-bias-correction", default=None,
               help="Analytic bias correction from BN statistics (default: on for dfq).")
 @click.option("--squant-stages", default=None, help="SQuant stages, e.g. e,k,c (default: all).")
-@click.option("--sigmas", type=float, default=6.0, show_default=True,
-              help="Activation range = BN mean +- this many std.")
+@click.option("--sigmas", type=click.FloatRange(0, min_open=True), default=None,
+              help="Activation range = BN mean +- this many std (default 6; 4 below 6-bit activations).")
 @click.option("--input-range", default=None, help="LO,HI of the network input (default -3,3).")
 @click.option("--mean", default=None, help="Input preprocessing mean (0-1 scale): sets the input range exactly.")
 @click.option("--std", default=None, help="Input preprocessing std (0-1 scale), with --mean.")
 @click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="7-bit weights where an 8-bit input is signed (avoids int16 saturation in x86 kernels).")
-@click.option("--format", "fmt", type=click.Choice(["qdq", "fakequant"]), default="qdq", show_default=True,
-              help="QDQ graph, or float weights already rounded (for runtimes without QDQ).")
+@click.option("--calib", default="bn", show_default=True,
+              help="Activation ranges from: bn (BN statistics, no data), synth:zeroq|dsg|dffg (samples generated "
+                   "from the BN statistics; needs the synth extra), or data:PATH.npz (x float32 NCHW preprocessed, "
+                   "or uint8 NHWC images with --mean/--std).")
+@click.option("--calib-range", type=click.Choice(["mse", "percentile", "minmax"]), default="mse",
+              show_default=True, help="Range estimator for --calib synth:/data: (MSE-optimal clipping at --act-bits).")
+@click.option("--calib-samples", type=click.IntRange(1), default=None,
+              help="Samples to generate (default 256) or to use from data: (default all).")
+@click.option("--calib-percentile", type=click.FloatRange(50, 100, min_open=True), default=99.99, show_default=True,
+              help="Percentile of |x| per side for --calib-range percentile.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --calib synth:.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Torch device that generates --calib synth: samples.")
+@click.option("--format", "fmt", type=click.Choice(["qdq", "qdq-packed", "fakequant"]), default="qdq",
+              show_default=True,
+              help="QDQ graph; QDQ with 4-/2-bit weights packed as INT4 (opset 21) / INT2 (opset 25) "
+                   "initializers; or float weights already rounded (for runtimes without QDQ).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a JSON report (per-layer bits, scales, SQNR, activation range sources, timings).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @_friendly
-def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str, granularity: str,
+def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str | None, dfmpc_opts: tuple[str, ...],
+             granularity: str,
              cle: bool | None, absorb_bias: bool | None, bias_correction: bool | None, squant_stages: str | None,
              sigmas: float,
-             input_range: str | None, mean: str | None, std: str | None, reduce_range: str, fmt: str,
+             input_range: str | None, mean: str | None, std: str | None, reduce_range: str, calib: str,
+             calib_range: str, calib_samples: int | None, calib_percentile: float, seed: int, device: str, fmt: str,
              report_path: Path | None, quiet: bool) -> None:
-    """Quantize MODEL without data and write a QDQ ONNX model to --output."""
+    """Quantize MODEL without data (or calibrated on --calib samples) and write a QDQ ONNX model to --output."""
     from onnxdfq.eval.runner import compare as run_compare
     from onnxdfq.eval.session import check_loads
     from onnxdfq.graph.io import ensure_distinct_paths, load_model, save_model_atomic
-    from onnxdfq.pipeline import quantize_model
+    from onnxdfq.pipeline import METHODS, quantize_model
 
     ensure_distinct_paths(model, output)
     if report_path is not None:
@@ -137,12 +158,19 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str, g
         s = np.asarray(_floats(std or "1", "--std"))
         lohi = (float(np.min((0 - m) / s)), float(np.max((1 - m) / s)))
     start = time.perf_counter()
-    result = quantize_model(fp32, method=method, bits=bits, act_bits=act_bits, granularity=granularity,
+    if act_bits is None:
+        act_bits = METHODS[method].get("act_bits", "8")
+    extra = {"dfmpc": _dfmpc_options(dfmpc_opts)} if dfmpc_opts else {}
+    result = quantize_model(fp32, method=method, bits=bits, act_bits=act_bits, granularity=granularity, **extra,
                             sigmas=sigmas, input_range=lohi, fmt=fmt, cle=cle, absorb_bias=absorb_bias,
                             bias_correction=bias_correction,
                             squant_stages=tuple(v.strip() for v in squant_stages.split(",")) if squant_stages
                             else None,
-                            reduce_range={"auto": "auto", "on": True, "off": False}[reduce_range])
+                            reduce_range={"auto": "auto", "on": True, "off": False}[reduce_range],
+                            calib=calib, calib_range=calib_range, calib_samples=calib_samples,
+                            calib_percentile=calib_percentile, seed=seed, device=device,
+                            mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                            calib_progress=_loss_bar("synth", quiet))
     probe: dict = {}
 
     def validate(tmp_path: str) -> None:
@@ -165,6 +193,58 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str, g
         click.echo(_summary(report, model))
 
 
+def _loss_bar(desc: str, quiet: bool):
+    """A progress callback (step, total, bn_loss) that draws a tqdm bar with the BN loss as postfix."""
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def update(step: int, total: int, loss: float) -> None:
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=desc, unit="step", disable=True if quiet else None,
+                                file=sys.stderr, leave=False)
+        bar = state["bar"]
+        bar.set_postfix_str(f"bn_loss={loss:.4g}", refresh=False)
+        bar.update(step - bar.n)
+        if step >= total:
+            bar.close()
+
+    return update
+
+
+def _dfmpc_rows(report: dict) -> list[list[str]]:
+    """Summary rows for a DF-MPC run: the pairs, the unpaired layers, the weight storage."""
+    params = next((p["params"] for p in report["passes"] if p["name"] == "dfmpc"), None)
+    if params is None:
+        return []
+    pairs = params["pairs"]
+    shown = ", ".join(f"{low}->{high}" for low, high in pairs[:3]) + (" ..." if len(pairs) > 3 else "")
+    return [["DF-MPC pairs (low->high)", f"{len(pairs)}: {shown}" if pairs else "none"],
+            ["DF-MPC unpaired (high)", f"{len(params['unpaired'])}: " + ", ".join(
+                f"{name} ({why.split(' (')[0]})" for name, why in list(params["unpaired"].items())[:3])
+             + (" ..." if len(params["unpaired"]) > 3 else "")],
+            ["weight storage", f"{params['weight_storage_bytes'] / 1024:.1f} KiB at "
+                               f"{params['average_weight_bits']:.2f} bits on average"]]
+
+
+def _dfmpc_options(pairs: tuple[str, ...]) -> dict:
+    """--dfmpc-opt KEY=VALUE pairs -> keyword arguments of DFMPCPass (numbers, booleans, strings)."""
+    options: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"--dfmpc-opt takes KEY=VALUE, got {pair!r}")
+        text = value.strip()
+        if text.lower() in ("true", "on", "yes", "false", "off", "no"):
+            options[key.strip()] = text.lower() in ("true", "on", "yes")
+            continue
+        try:
+            options[key.strip()] = float(text)
+        except ValueError:
+            options[key.strip()] = text
+    return options
+
+
 def _write_json_atomic(data: dict, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
     with os.fdopen(fd, "w") as handle:
@@ -181,8 +261,10 @@ def _summary(report: dict, model: Path) -> str:
         ["method", f"{cfg['method']}  W{cfg['bits']}{'/' + str(cfg['high_bits']) if cfg['high_bits'] else ''}"
                    f"  A{cfg['act_bits'] or 'fp32'}  {'per-channel' if cfg['per_channel'] else 'per-tensor'}"],
         ["layers quantized", f"{len(layers)}  (avg {report['average_weight_bits']:.2f} weight bits)"],
+        *_dfmpc_rows(report),
         ["7-bit (reduce-range)", ", ".join(report["reduced_range_layers"]) or "-"],
         ["weight SQNR dB", f"min {min(sqnrs):.1f}  median {float(np.median(sqnrs)):.1f}" if sqnrs else "-"],
+        ["calibration", _calib_line(report.get("calibration", {}))],
         ["activation ranges", ", ".join(f"{k}: {v}" for k, v in sorted(report["activation_sources"].items()))
          or "none (float activations)"],
         ["fidelity (16 random inputs)", "SQNR {sqnr_db:.1f} dB  cosine {cosine:.4f}  top-1 agree {top1_agreement:.2f}"
@@ -191,6 +273,17 @@ def _summary(report: dict, model: Path) -> str:
         ["output", f"{report['output']}  ({report['output_bytes'] / 1e6:.2f} MB)"],
     ]
     return _table(rows, ["", ""]).split("\n", 2)[2]
+
+
+def _calib_line(calib: dict) -> str:
+    if calib.get("source", "bn") == "bn":
+        return f"BN statistics (mean +- {calib.get('sigmas', 6):g} std)"
+    line = f"{calib['source']}, {calib['samples']} samples, {calib['estimator']} estimator (A{calib['act_bits']})"
+    if "bn_loss" in calib:
+        line += f", BN loss {calib['bn_loss']:.4g}"
+    if "seconds" in calib:
+        line += f", generated in {calib['seconds']:.1f} s"
+    return line
 
 
 def _eval_options(func):
@@ -268,6 +361,107 @@ def compare(reference: Path, quantized: Path, data, random_n, mean, std, size, b
         return
     click.echo(f"samples={result['count']} sqnr_db={result['sqnr_db']:.2f} cosine={result['cosine']:.5f} "
                f"top1_agreement={100 * result['top1_agreement']:.2f}%")
+
+
+def _generator_options(items: tuple[str, ...]) -> dict:
+    options: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"--option takes KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise OptionError(f"--option {key}: {value!r} is not a number") from None
+    return options
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--method", required=True, help="Generator: zeroq, dsg or dffg.")
+@click.option("-n", "--samples", default=256, show_default=True, type=click.IntRange(1), help="Samples to write.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The .npz to write: x (float32 NCHW, preprocessed model inputs) and meta (JSON).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Images optimised together (BN statistics are matched per batch).")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Steps per batch (default: the method's).")
+@click.option("-O", "--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Generator option, repeatable, e.g. -O lr=0.2 (zeroq, dsg) or -O alpha=0.05 (dffg).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@_friendly
+def synth(model: Path, method: str, samples: int, output: Path, device: str, seed: int, batch_size: int,
+          steps: int | None, options: tuple[str, ...], quiet: bool) -> None:
+    """Generate calibration inputs for MODEL whose BN-input statistics match its BN layers."""
+    from onnxdfq.graph.io import ensure_distinct_paths, load_model
+
+    ensure_distinct_paths(model, output)
+    if output.suffix != ".npz":
+        raise OptionError(f"-o {output}: the output must be an .npz file")
+    proto = load_model(model)
+    try:
+        from onnxdfq import synth as synth_pkg
+
+        synth_pkg.get_generator(method)
+    except ImportError as exc:
+        raise OptionError(f"onnxdfq synth needs torch: pip install -e \".[synth]\" torch==2.13.0 ({exc})") from None
+    extra = _generator_options(options)
+    start = time.perf_counter()
+    x = synth_pkg.generate(proto, method, samples, batch_size=batch_size, seed=seed, device=device, steps=steps,
+                           progress=_loss_bar(f"synth {method}", quiet), **extra)
+    seconds = time.perf_counter() - start
+    bn_loss = synth_pkg.bn_statistics_loss(proto, x, device=device)
+    noise = np.random.default_rng(seed).standard_normal(x.shape).astype(np.float32)
+    noise_loss = synth_pkg.bn_statistics_loss(proto, noise, device=device)
+    meta = {"model": str(model), "method": method, "samples": int(len(x)), "seed": seed, "batch_size": batch_size,
+            "steps": steps or synth_pkg.get_generator(method).default_steps, "options": extra, "device": device,
+            "seconds": round(seconds, 3), "bn_loss": bn_loss, "noise_bn_loss": noise_loss}
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent if str(output.parent)
+                               else ".")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, x=x, meta=np.array(json.dumps(meta)))
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    if not quiet:
+        rows = [["samples", f"{len(x)} x {list(x.shape[1:])} float32 (preprocessed model inputs)"],
+                ["method", f"{method}  steps {meta['steps']} per batch of {batch_size}, seed {seed}, {device}"
+                 + (f"  ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else "")],
+                ["BN loss", f"{bn_loss:.4g}  (Gaussian noise: {noise_loss:.4g})"],
+                ["time", f"{seconds:.1f} s"],
+                ["output", str(output)]]
+        click.echo(_table(rows, ["", ""]).split("\n", 2)[2])
+
+
+@main.command()
+@click.argument("report_json", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the HTML page.")
+@_friendly
+def report(report_json: Path, output: Path) -> None:
+    """Turn a `quantize --report` JSON into an HTML page: weight ranges before/after CLE, weight SQNR
+    and bit widths per layer, activation ranges and their sources."""
+    from onnxdfq.graph.io import ensure_distinct_paths
+    from onnxdfq.report_html import render_report
+
+    ensure_distinct_paths(report_json, output)
+    try:
+        data = json.loads(report_json.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{report_json}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{report_json}: not a JSON report ({exc})") from None
+    if not isinstance(data, dict) or "layers" not in data or "config" not in data:
+        raise DataError(f"{report_json}: not an onnxdfq quantize report (no 'layers' / 'config')")
+    page = render_report(data)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent if str(output.parent) else ".")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(page)
+    os.replace(tmp, output)
+    click.echo(f"wrote {output} ({len(page) / 1e3:.0f} kB, {len(data['layers'])} layers)")
 
 
 @main.command()

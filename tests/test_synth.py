@@ -33,10 +33,11 @@ METHODS = ("zeroq", "dsg", "dffg")
 
 # Cheap settings per model: (path, batch size, steps, max fraction of noise's loss, options per method).
 # MobileNet-V1 takes inputs in [-1, 1]: ZeroQ's lr 0.5 overshoots there in the first tens of
-# steps, so the MobileNet case uses lr 0.2 / alpha 0.1 to show a clear drop within 24 steps.
+# steps, so the MobileNet case uses lr 0.2 / alpha 0.1 to show a clear drop within 24 steps
+# (measured: 0.14 / 0.13 / 0.15 of the noise loss for zeroq / dsg / dffg, batch 2, seed 0).
 CASES = {
     "resnet20": (RESNET20, 16, 25, 0.1, {}),
-    "mobilenet_v1": (MOBILENET, 2, 24, 0.25, {"zeroq": {"lr": 0.2}, "dsg": {"lr": 0.2}, "dffg": {"alpha": 0.1}}),
+    "mobilenet_v1": (MOBILENET, 2, 24, 0.2, {"zeroq": {"lr": 0.2}, "dsg": {"lr": 0.2}, "dffg": {"alpha": 0.1}}),
 }
 
 
@@ -116,10 +117,12 @@ def test_progress_counts_steps_over_all_batches(resnet20_model: onnx.ModelProto)
 
 
 def test_model_without_batchnorm_is_rejected() -> None:
+    from onnxdfq.errors import UnsupportedModelError
+
     model = _no_bn_model()
-    with pytest.raises(ValueError, match="no BatchNormalization"):
+    with pytest.raises(UnsupportedModelError, match="no BatchNormalization"):
         synth.generate(model, "zeroq", 4, steps=1)
-    with pytest.raises(ValueError, match="no BatchNormalization"):
+    with pytest.raises(UnsupportedModelError, match="no BatchNormalization"):
         synth.bn_statistics_loss(model, np.zeros((2, 3, 8, 8), np.float32))
 
 
@@ -143,9 +146,16 @@ def test_a_new_generator_is_one_registered_class(resnet20_model: onnx.ModelProto
     assert "test_identity" in synth.available_methods()
 
 
-def test_unknown_method_lists_the_available_ones(resnet20_model: onnx.ModelProto) -> None:
-    with pytest.raises(ValueError, match="available: dffg, dsg, zeroq"):
+def test_unknown_method_or_option_is_an_option_error(resnet20_model: onnx.ModelProto) -> None:
+    from onnxdfq.errors import OptionError
+
+    with pytest.raises(OptionError, match="available: dffg, dsg, zeroq"):
         synth.generate(resnet20_model, "gan", 4)
+    with pytest.raises(OptionError, match="unexpected keyword argument 'alpha'"):
+        synth.generate(resnet20_model, "zeroq", 4, alpha=0.1)
+    if not torch.cuda.is_available():
+        with pytest.raises(OptionError, match="no CUDA device"):
+            synth.generate(resnet20_model, "dffg", 4, device="cuda")
 
 
 def test_bn_loss_is_chunk_invariant_and_ranks_real_data_above_noise(resnet20_model: onnx.ModelProto) -> None:

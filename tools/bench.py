@@ -65,8 +65,18 @@ def configs() -> list[dict]:
         for label, b, a in (("W3A8", "3", "8"), ("W4 fp32-act", "4", "none"), ("W3 fp32-act", "3", "none")):
             rows += [dict(group="focus", model=model, method=m, label=label, bits=b, act=a, gran="channel")
                      for m in ("nearest", "squant")]
+    for model in ("resnet20", "resnet56", "mobilenet_v1_0.75"):  # the paper's SQuant: rounding only
+        for label, b, a in (("W4A8", "4", "8"), ("W3A8", "3", "8"), ("W4 fp32-act", "4", "none"),
+                            ("W3 fp32-act", "3", "none")):
+            rows.append(dict(group="focus", model=model, method="squant", label=label, bits=b, act=a, gran="channel",
+                             opts={"bias_correction": False}))
+    for model in ("resnet20", "resnet56", "mobilenet_v1_0.75"):  # nearest with the same bias correction
+        for label, b, a in (("W4A8", "4", "8"), ("W3 fp32-act", "3", "none")):
+            rows.append(dict(group="focus", model=model, method="nearest", label=label, bits=b, act=a,
+                             gran="channel", opts={"bias_correction": True}))
     for row in rows:
-        row["id"] = f"{row['model']} {row['method']} {row['label']} {row['gran']}"
+        suffix = "".join(f" {'+' if v else '-'}{k}" for k, v in row.get("opts", {}).items())
+        row["id"] = f"{row['model']} {row['method']}{suffix} {row['label']} {row['gran']}"
     return rows
 
 
@@ -85,7 +95,7 @@ def file_size(model: onnx.ModelProto) -> int:
 
 
 def run_row(cfg: dict, path: Path, data: Dataset, fp32: dict, latency_runs: int) -> dict:
-    extra = {"granularity": cfg["gran"]}
+    extra = {"granularity": cfg["gran"], **cfg.get("opts", {})}
     start = time.perf_counter()
     result = onnxdfq.quantize_model(str(path), method=cfg["method"], bits=cfg["bits"], act_bits=cfg["act"], **extra)
     seconds = time.perf_counter() - start
@@ -110,7 +120,8 @@ def _mb(n: int | None) -> str:
 
 def render(rows: list[dict], fp32: dict, meta: dict) -> str:
     out = ["# Benchmarks", "",
-           f"Regenerate: `python tools/bench.py` (one run; {meta['machine']}). Top-1 on the full CIFAR-10 test "
+           f"Regenerate: `python tools/bench.py` (one run; {meta['machine']}; load average {meta['load_average']:.1f} "
+           "when last written: latencies are only comparable within a row). Top-1 on the full CIFAR-10 test "
            "set (10 000 images) and ImageNet `val1300` (1 300 images; it scores above the model's full-validation "
            "figure, so compare FP32 against quantized, not against papers). Per-channel weights unless noted; "
            "activation ranges from BN statistics (no data). Latency: onnxruntime CPU EP, batch 1, median, FP32 "
@@ -134,9 +145,30 @@ def render(rows: list[dict], fp32: dict, meta: dict) -> str:
             "| model | method | W/A | granularity | top-1 | vs FP32 | quantize s | size MB | packed MB "
             "| latency ms | speedup |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['method']} | {r['label']} | {r['gran']} | {r['top1']:.2f} | "
+        opts = r.get("opts", {}).items()
+        method = r["method"] + "".join(f" {'+' if v else '-'}{k.replace('_', '-')}" for k, v in opts)
+        out.append(f"| {r['model']} | {method} | {r['label']} | {r['gran']} | {r['top1']:.2f} | "
                    f"{r['delta']:+.2f} | {r['quantize_s']:.2f} | {_mb(r['bytes'])} | {_mb(r.get('packed_bytes'))} | "
                    f"{r['latency_ms']:.2f} | {r['speedup']:.2f}x |")
+    out += ["", "## Reading the latency column", "",
+            "- 8-bit activations: onnxruntime's CPU EP fuses DequantizeLinear -> Conv -> QuantizeLinear into "
+            "QLinearConv (int8 kernels), and the Relu disappears into the uint8 zero point; `tests/test_qdq.py` "
+            "checks that every ResNet-20 conv fuses. The speedup over FP32 at batch 1 is modest on these small "
+            "models (per-op overhead dominates) and grows with layer size.",
+            "- Sub-8-bit activations (W4A4): the QDQ graph keeps a Clip in front of each QuantizeLinear so that only "
+            "the 4-bit levels occur; no onnxruntime kernel computes with 4-bit activations, the Clip blocks the "
+            "QLinearConv fusion and the model runs as float convolutions between Q/DQ pairs, several times slower "
+            "than FP32. Such files are for accuracy studies and for runtimes with low-bit kernels.",
+            "- Float activations (fp32-act rows) run DequantizeLinear + float Conv: no speedup; their point is the "
+            "weight storage (see the packed size).",
+            "", "## CUDA execution provider", "",
+            "No GPU was lent to the task that produced this table, so there are no CUDA rows. `onnxdfq eval "
+            "--provider cuda` refuses to run when onnxruntime has no CUDA EP (it never falls back to the CPU "
+            "silently; tested). What to expect from onnxruntime's CUDA EP with these files: its default build "
+            "implements QuantizeLinear, DequantizeLinear and MatMulInteger but no QLinearConv, so a QDQ Conv runs "
+            "as DequantizeLinear -> FP32 cuDNN Conv -> QuantizeLinear: results match the CPU EP's QDQ semantics, "
+            "but there is no int8 speedup (expect FP32 speed or a little slower). For int8 speed on NVIDIA GPUs "
+            "use the TensorRT EP, which consumes QDQ models directly."]
     return "\n".join(out) + "\n"
 
 
@@ -146,6 +178,8 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N samples only")
     parser.add_argument("--latency-runs", type=int, default=20)
+    parser.add_argument("--latency-only", action="store_true",
+                        help="re-measure only the latencies of rows in the JSON (run it on a quiet machine)")
     parser.add_argument("--out", type=Path, default=ROOT, help="folder for BENCHMARKS.md; JSON in OUT/tools/results")
     args = parser.parse_args()
 
@@ -157,6 +191,10 @@ def main() -> None:
     fp32 = saved["fp32"]
     wanted = [c for c in configs() if c["method"] in METHODS
               and (not args.only or any(s in c["id"] for s in args.only))]
+    if args.latency_only:
+        remeasure_latency(wanted, done, fp32, args)
+        _save(json_path, args, done, fp32)
+        return
     todo = [c for c in wanted if args.force or c["id"] not in done]
     print(f"{len(todo)} rows to run ({len(wanted) - len(todo)} reused)", file=sys.stderr)
     data_cache: dict[str, Dataset] = {}
@@ -176,6 +214,21 @@ def main() -> None:
               f"{row['quantize_s']:.2f}s speedup {row['speedup']:.2f}x", file=sys.stderr, flush=True)
         _save(json_path, args, done, fp32)  # a cut-off run keeps what it measured
     _save(json_path, args, done, fp32)
+
+
+def remeasure_latency(wanted: list[dict], done: dict, fp32: dict, args) -> None:
+    """Latency columns again for rows already measured (quantize + time; no evaluation)."""
+    for index, cfg in enumerate([c for c in wanted if c["id"] in done], 1):
+        path = ASSETS / MODELS[cfg["model"]][0]
+        model = onnxdfq.quantize(str(path), method=cfg["method"], bits=cfg["bits"], act_bits=cfg["act"],
+                                 granularity=cfg["gran"], **cfg.get("opts", {}))
+        lat = measure_latency({"fp32": str(path), "q": model}, runs=args.latency_runs)
+        row = done[cfg["id"]]
+        row.update(latency_ms=round(lat["q"], 3), fp32_latency_ms=round(lat["fp32"], 3),
+                   speedup=round(lat["fp32"] / lat["q"], 2))
+        fp32[cfg["model"]]["latency_ms"] = row["fp32_latency_ms"]
+        print(f"[{index}] {cfg['id']}: {row['latency_ms']:.2f} ms vs fp32 {row['fp32_latency_ms']:.2f} ms "
+              f"({row['speedup']:.2f}x)", file=sys.stderr, flush=True)
 
 
 def _save(json_path: Path, args, done: dict, fp32: dict) -> None:

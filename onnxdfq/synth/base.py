@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 import torch
 
+from onnxdfq.errors import OptionError, UnsupportedModelError
+
 from .executor import TorchGraph
 from .stats import BNTarget, batch_moments, bn_targets, layer_alignment
 
@@ -38,12 +40,24 @@ __all__ = [
     "input_sample_shape",
     "input_prior",
     "run_adam",
+    "SynthOptionError",
+    "SynthInputError",
+    "check_device",
 ]
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, batch BN loss)
 StepFn = Callable[[torch.Tensor], None]  # called once per optimisation step with the batch BN loss
+
+
+class SynthOptionError(OptionError, ValueError):
+    """An unknown method or an impossible sample count / batch size / step count."""
+
+
+class SynthInputError(UnsupportedModelError, ValueError):
+    """The model's input cannot be synthesised (several inputs, dynamic non-batch dims)."""
+
 
 _REGISTRY: dict[str, type[Generator]] = {}
 # Built-in methods, imported on first use so that a method file is only loaded when asked for.
@@ -142,8 +156,17 @@ def get_generator(method: str) -> type[Generator]:
     if key not in _REGISTRY and key in _BUILTIN_MODULES:
         importlib.import_module(_BUILTIN_MODULES[key], __package__)
     if key not in _REGISTRY:
-        raise ValueError(f"unknown synthetic-data method {method!r}; available: {', '.join(available_methods())}")
+        raise SynthOptionError(f"unknown synthetic-data method {method!r}; available: {', '.join(available_methods())}")
     return _REGISTRY[key]
+
+
+def check_device(device: str) -> None:
+    """Raise SynthOptionError unless torch can use ``device`` (e.g. CUDA asked for on a CPU build)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SynthOptionError(f"--device {device} asked for but torch {torch.__version__} sees no CUDA device; "
+                               "use --device cpu")
+    if not device.startswith(("cpu", "cuda")):
+        raise SynthOptionError(f"--device must be cpu or cuda, got {device!r}")
 
 
 def input_sample_shape(model: onnx.ModelProto) -> tuple[int, ...]:
@@ -151,11 +174,11 @@ def input_sample_shape(model: onnx.ModelProto) -> tuple[int, ...]:
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
-        raise ValueError(f"synthetic data needs a model with exactly one input, got {[i.name for i in inputs]}")
+        raise SynthInputError(f"synthetic data needs a model with exactly one input, got {[i.name for i in inputs]}")
     dims = inputs[0].type.tensor_type.shape.dim
     shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims[1:])
     if len(dims) < 2 or any(s <= 0 for s in shape):
-        raise ValueError(f"input {inputs[0].name!r} must have static non-batch dims, got {shape}")
+        raise SynthInputError(f"input {inputs[0].name!r} must have static non-batch dims, got {shape}")
     return shape
 
 
@@ -196,14 +219,19 @@ def generate(
         the result is reproducible on the CPU.
     """
     if n < 1 or batch_size < 1:
-        raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
+        raise SynthOptionError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
     generator_cls = get_generator(method)
+    check_device(device)
     sample_shape = input_sample_shape(model)
     graph = TorchGraph(model).to(device).eval()
-    generator = generator_cls(graph, bn_targets(graph), **options)
+    targets = bn_targets(graph)
+    try:
+        generator = generator_cls(graph, targets, **options)
+    except TypeError as exc:  # an option the method does not take
+        raise SynthOptionError(f"{generator_cls.name}: {exc}") from None
     steps = generator_cls.default_steps if steps is None else steps
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise SynthOptionError(f"steps must be >= 1, got {steps}")
     runs = math.ceil(n / generator.samples_per_run(batch_size, steps))
     total, done = runs * steps, 0
 
@@ -241,6 +269,7 @@ def bn_statistics_loss(
     over chunks of ``batch_size``). It is ZeroQ's objective divided by the number of BN layers;
     real data gets a small value, Gaussian noise a large one.
     """
+    check_device(device)
     graph = model if isinstance(model, TorchGraph) else TorchGraph(model)
     graph = graph.to(device).eval()
     targets = bn_targets(graph)

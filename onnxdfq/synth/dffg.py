@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Generator, StepFn, input_prior, register_generator
+from .base import Generator, StepFn, SynthOptionError, input_prior, register_generator
 from .executor import TorchGraph
 from .stats import BNTarget, alignment_loss
 
@@ -75,7 +75,7 @@ class DFFGGenerator(Generator):
     ) -> None:
         super().__init__(graph, targets)
         if keep < 1 or stride < 1:
-            raise ValueError(f"keep and stride must be >= 1, got keep={keep}, stride={stride}")
+            raise SynthOptionError(f"keep and stride must be >= 1, got keep={keep}, stride={stride}")
         self.alpha = alpha
         self.alpha_final = alpha_final
         self.momentum = momentum

@@ -17,6 +17,8 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from onnxdfq.errors import UnsupportedModelError
+
 from .ops_nn import NN_OPS
 from .ops_tensor import TENSOR_OPS, NodeSpec, OpFn
 
@@ -31,7 +33,7 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 BNCapture = list[tuple[str, torch.Tensor]]
 
 
-class UnsupportedOpError(ValueError):
+class UnsupportedOpError(UnsupportedModelError, ValueError):
     """The graph contains ops the torch executor cannot run."""
 
 

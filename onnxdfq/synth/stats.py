@@ -12,9 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from onnxdfq.errors import UnsupportedModelError
+
 from .executor import TorchGraph
 
 __all__ = [
+    "NoBatchNormError",
     "BNTarget",
     "bn_targets",
     "batch_moments",
@@ -22,6 +25,10 @@ __all__ = [
     "layer_alignment",
     "alignment_loss",
 ]
+
+
+class NoBatchNormError(UnsupportedModelError, ValueError):
+    """The model has no BatchNormalization node, so there are no statistics to match."""
 
 
 @dataclass(frozen=True)
@@ -41,12 +48,13 @@ class BNTarget:
 def bn_targets(graph: TorchGraph) -> list[BNTarget]:
     """One :class:`BNTarget` per BatchNormalization node, in graph order.
 
-    Raises ``ValueError`` when the graph has no BatchNormalization: every generator here needs
-    the BN running statistics, and a model with BN already folded has none.
+    Raises :class:`NoBatchNormError` (an ``UnsupportedModelError`` and a ``ValueError``) when the
+    graph has no BatchNormalization: every generator here needs the BN running statistics, and a
+    model with BN already folded has none.
     """
     stats = graph.bn_running_stats()
     if not stats:
-        raise ValueError(
+        raise NoBatchNormError(
             "the model has no BatchNormalization nodes: BN-statistics data generation needs the "
             "running mean/var of every BN (use the model before BN folding)"
         )

@@ -1,0 +1,137 @@
+"""Calibration data and activation statistics: the onnxruntime side of `--calib synth:|data:`.
+
+- :func:`calibration_samples` turns a :class:`~onnxdfq.passes.calib_ranges.CalibSpec` into model
+  inputs: generated on the fly (``synth:METHOD``, needs the ``synth`` extra) or read from an
+  ``.npz`` (``data:PATH``).
+- :func:`collect_statistics` runs a float model whose graph outputs include every tensor to
+  calibrate and streams their values into :class:`~onnxdfq.quant.range_estimators.TensorObserver`
+  objects (two passes when the estimator needs a histogram).
+
+Calibration ``.npz`` files: ``x`` float32 NCHW, already preprocessed (what the model eats; this
+is what ``onnxdfq synth`` writes), used as is. Raw data sets in the evaluation format (``x``
+uint8 NHWC) are accepted too when the preprocessing ``mean``/``std`` are given: pixels are
+scaled to [0, 1], normalised and resized to the model's input size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxdfq.errors import DataError, UnsupportedModelError
+from onnxdfq.eval.data import open_dataset
+from onnxdfq.eval.session import make_session
+from onnxdfq.passes.calib_ranges import CalibSpec
+from onnxdfq.quant.range_estimators import TensorObserver
+
+__all__ = ["calibration_samples", "load_samples", "synthesize", "collect_statistics", "input_shape"]
+
+logger = logging.getLogger(__name__)
+
+SynthProgress = Callable[[int, int, float], None]  # (step, total, batch BN loss), as synth.generate
+
+
+def input_shape(model: Any) -> tuple[int, ...]:
+    """The single input's shape without the batch axis (e.g. (3, 32, 32)); must be static."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise UnsupportedModelError(f"calibration needs a model with exactly one input, got "
+                                    f"{[i.name for i in inputs]}")
+    dims = inputs[0].type.tensor_type.shape.dim[1:]
+    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
+    if any(s <= 0 for s in shape):
+        raise UnsupportedModelError(f"calibration needs static input dims (batch excepted), got {shape} for "
+                                    f"{inputs[0].name!r}")
+    return shape
+
+
+def load_samples(path: str | Path, shape: tuple[int, ...], *, limit: int | None = None,
+                 mean: list[float] | None = None, std: list[float] | None = None) -> np.ndarray:
+    """Model inputs from an ``.npz``: float ``x`` as is, uint8 ``x`` (NHWC) preprocessed with mean/std."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise DataError(f"{path}: calibration data must be an .npz with an array 'x'")
+    size = tuple(shape[1:3]) if len(shape) == 3 else None
+    open_dataset(path)  # validates the file (a DataError names what is wrong)
+    with np.load(path, allow_pickle=False) as data:
+        raw = data["x"]
+    if raw.dtype == np.uint8:
+        if mean is None or std is None:
+            raise DataError(f"{path}: 'x' holds raw uint8 images; give the model's preprocessing with --mean and "
+                            "--std (or store float32 NCHW inputs that are already preprocessed)")
+        dataset = open_dataset(path, mean=mean, std=std, size=size, channels=shape[0])
+        x = np.concatenate([batch for batch, _ in dataset.batches(256, limit)])
+    else:
+        x = np.asarray(raw[:limit] if limit else raw, np.float32)
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise DataError(f"{path}: samples of shape {list(x.shape[1:])} do not fit the model input {list(shape)}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: 'x' contains NaN or inf")
+    return x
+
+
+def synthesize(model: Any, spec: CalibSpec, progress: SynthProgress | None = None) -> tuple[np.ndarray, dict]:
+    """``spec.samples`` generated inputs (``spec.method``) and a summary of the run."""
+    try:
+        from onnxdfq import synth
+
+        start = time.perf_counter()
+        x = synth.generate(model, spec.method, spec.sample_count(), batch_size=spec.batch_size, seed=spec.seed,
+                           device=spec.device, progress=progress, **spec.synth_options)
+    except ImportError as exc:
+        raise UnsupportedModelError(f"--calib synth:{spec.method} needs torch: pip install -e \".[synth]\" "
+                                    f"torch==2.13.0 ({exc})") from None
+    seconds = time.perf_counter() - start
+    return x, {"method": spec.method, "seconds": round(seconds, 3), "seed": spec.seed,
+               "bn_loss": synth.bn_statistics_loss(model, x, device=spec.device)}
+
+
+def calibration_samples(model: Any, spec: CalibSpec, progress: SynthProgress | None = None) -> tuple[np.ndarray,
+                                                                                                       dict]:
+    """The calibration inputs for ``spec`` (``model`` is the float model, BN not folded)."""
+    shape = input_shape(model)
+    if spec.source == "synth":
+        return synthesize(model, spec, progress)
+    if spec.source == "data":
+        x = load_samples(spec.path, shape, limit=spec.samples, mean=spec.mean, std=spec.std)
+        return x, {"path": str(spec.path)}
+    raise ValueError(f"calibration source {spec.source!r} has no samples")
+
+
+def _batches(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(x), batch_size):
+        yield np.ascontiguousarray(x[start:start + batch_size])
+
+
+def collect_statistics(model: Any, tensors: list[str], samples: np.ndarray, *, histogram: bool,
+                       batch_size: int = 32, provider: str = "cpu") -> dict[str, TensorObserver]:
+    """Observe every tensor in ``tensors`` (all graph outputs of ``model``) over ``samples``.
+
+    Pass 1 records min/max; with ``histogram`` a second pass fills histograms over those ranges.
+    """
+    session = make_session(model, provider)
+    input_name = session.get_inputs()[0].name
+    available = {out.name for out in session.get_outputs()}
+    missing = [name for name in tensors if name not in available and name != input_name]
+    if missing:
+        raise ValueError(f"tensors to calibrate are not graph outputs: {missing[:5]}")
+    fetched = [name for name in tensors if name != input_name]  # the input itself is observed as fed
+    observers = {name: TensorObserver() for name in tensors}
+    for pass_index in range(2 if histogram else 1):
+        for batch in _batches(samples, batch_size):
+            values = session.run(fetched, {input_name: batch}) if fetched else []
+            pairs = list(zip(fetched, values, strict=True))
+            if input_name in observers:
+                pairs.append((input_name, batch))
+            for name, value in pairs:
+                if pass_index == 0:
+                    observers[name].observe_range(value)
+                else:
+                    observers[name].observe_histogram(value)
+    return observers

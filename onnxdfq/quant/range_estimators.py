@@ -1,0 +1,173 @@
+"""Activation range estimators for calibration: min-max, percentile and MSE-optimal clipping.
+
+Statistics only (numpy, no model I/O). Calibration streams batches of one tensor's values into a
+:class:`TensorObserver` in two passes over the data: the first records the running min and max,
+the second a histogram of ``BINS`` equal bins over ``[min, max]`` (exact zeros counted apart,
+since ReLU outputs put half their mass there and zero is always exactly representable). An
+estimator turns the observer into a per-tensor range ``(lo, hi)``:
+
+- ``minmax``: ``(min, max)``.
+- ``percentile``: the ``p``-th percentile of the positive values and the ``(100 - p)``-th of the
+  negative ones, each side taken on its own (``p = 99.99`` by default); zeros count in both.
+- ``mse``: the range ``(c * min, c * max)``, c in (0, 1], that minimises the expected squared
+  error of ``bits``-bit affine quantization over the histogram:
+
+      E(c) = sum_{bins inside} n_b * s(c)^2 / 12  +  sum_{bins outside} n_b * (x_b - clip_c(x_b))^2
+
+  with ``s(c) = c * (max - min') / (2^bits - 1)`` (``min' = min(min, 0)``): rounding noise of a
+  uniform quantizer inside the range, squared clipping error outside it (x_b = bin centre).
+  All ``CANDIDATES`` values of c are evaluated at once (candidates x bins).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["BINS", "CANDIDATES", "ESTIMATORS", "TensorObserver", "RangeEstimator", "MinMaxEstimator",
+           "PercentileEstimator", "MSEEstimator", "get_estimator", "quantization_mse"]
+
+logger = logging.getLogger(__name__)
+
+BINS = 2048  # histogram bins over [min, max]; the MSE search resolves ranges to about 1/BINS
+CANDIDATES = 200  # clipping factors c tried by the MSE estimator, linear in (0, 1]
+
+
+class TensorObserver:
+    """Running min/max (pass 1) and a histogram over that range (pass 2) of one tensor."""
+
+    def __init__(self, bins: int = BINS) -> None:
+        self.bins = bins
+        self.lo = np.inf
+        self.hi = -np.inf
+        self.count = 0
+        self.zeros = 0
+        self.counts: np.ndarray | None = None
+
+    @property
+    def has_histogram(self) -> bool:
+        return self.counts is not None
+
+    def observe_range(self, values: np.ndarray) -> None:
+        """Pass 1: widen the running range to cover ``values`` (any shape)."""
+        if values.size:
+            self.lo = min(self.lo, float(values.min()))
+            self.hi = max(self.hi, float(values.max()))
+            self.count += values.size
+
+    def observe_histogram(self, values: np.ndarray) -> None:
+        """Pass 2: add ``values`` to the histogram over the range of pass 1 (nonzero values only)."""
+        if not np.isfinite(self.lo):
+            raise ValueError("observe_histogram needs observe_range on the same data first")
+        if self.counts is None:
+            self.counts = np.zeros(self.bins, np.int64)
+        flat = values.reshape(-1)
+        nonzero = flat[flat != 0]
+        self.zeros += flat.size - nonzero.size
+        if nonzero.size and self.hi > self.lo:
+            index = ((nonzero.astype(np.float64) - self.lo) * (self.bins / (self.hi - self.lo))).astype(np.int64)
+            self.counts += np.bincount(np.clip(index, 0, self.bins - 1), minlength=self.bins)
+
+    def centres(self) -> np.ndarray:
+        edges = np.linspace(self.lo, self.hi, self.bins + 1)
+        return 0.5 * (edges[:-1] + edges[1:])
+
+
+@dataclass(frozen=True)
+class RangeEstimator(ABC):
+    """Turns a :class:`TensorObserver` into a per-tensor range ``(lo, hi)`` (which contains 0)."""
+
+    name = "estimator"
+    needs_histogram = True
+
+    @abstractmethod
+    def estimate(self, observer: TensorObserver, bits: int) -> tuple[float, float]:
+        """The range for a ``bits``-bit activation grid."""
+
+
+@dataclass(frozen=True)
+class MinMaxEstimator(RangeEstimator):
+    name = "minmax"
+    needs_histogram = False
+
+    def estimate(self, observer: TensorObserver, bits: int) -> tuple[float, float]:
+        return min(observer.lo, 0.0), max(observer.hi, 0.0)
+
+
+@dataclass(frozen=True)
+class PercentileEstimator(RangeEstimator):
+    """Per side: ``hi`` = the ``percentile`` of the values >= 0, ``lo`` = that of -values <= 0."""
+
+    percentile: float = 99.99
+    name = "percentile"
+
+    def __post_init__(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+
+    def estimate(self, observer: TensorObserver, bits: int) -> tuple[float, float]:
+        centres, counts = observer.centres(), observer.counts
+        fraction = self.percentile / 100.0
+        hi = _side_quantile(centres[centres > 0], counts[centres > 0], observer.zeros, fraction, observer.hi)
+        lo = -_side_quantile(-centres[centres < 0][::-1], counts[centres < 0][::-1], observer.zeros, fraction,
+                             -observer.lo)
+        return min(lo, 0.0), max(hi, 0.0)
+
+
+def _side_quantile(magnitudes: np.ndarray, counts: np.ndarray, zeros: int, fraction: float, edge: float) -> float:
+    """The ``fraction`` quantile of {0 (x zeros), magnitudes (x counts)}; ``edge`` caps it (bin centres)."""
+    total = zeros + int(counts.sum())
+    if total == 0 or counts.sum() == 0:
+        return 0.0
+    cumulative = zeros + np.cumsum(counts)
+    index = int(np.searchsorted(cumulative, fraction * total, side="left"))
+    if index >= magnitudes.size or fraction >= 1.0:
+        return float(edge)
+    return float(min(magnitudes[index], edge))
+
+
+def quantization_mse(centres: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                     bits: int) -> np.ndarray:
+    """Expected squared error of a ``bits``-bit affine grid on [lo_k, hi_k] for each candidate k.
+
+    ``centres``/``counts``: histogram [B]; ``lo``/``hi``: candidate ranges [K] (lo <= 0 <= hi).
+    Rounding noise s^2/12 for the values inside, squared clipping error for those outside.
+    """
+    step = (hi - lo) / (2**bits - 1)  # [K]
+    x = centres[None, :]
+    clipped = np.clip(x, lo[:, None], hi[:, None])
+    inside = (x >= lo[:, None]) & (x <= hi[:, None])
+    error = np.where(inside, (step**2 / 12.0)[:, None], (x - clipped) ** 2)
+    return error @ counts.astype(np.float64)
+
+
+@dataclass(frozen=True)
+class MSEEstimator(RangeEstimator):
+    """The range (c * min, c * max) minimising :func:`quantization_mse` over c in (0, 1]."""
+
+    candidates: int = CANDIDATES
+    name = "mse"
+
+    def estimate(self, observer: TensorObserver, bits: int) -> tuple[float, float]:
+        lo, hi = min(observer.lo, 0.0), max(observer.hi, 0.0)
+        if hi - lo <= 0 or observer.counts is None or observer.counts.sum() == 0:
+            return lo, hi
+        factors = np.arange(1, self.candidates + 1) / self.candidates
+        errors = quantization_mse(observer.centres(), observer.counts, factors * lo, factors * hi, bits)
+        best = float(factors[int(np.argmin(errors))])
+        return best * lo, best * hi
+
+
+ESTIMATORS = {"minmax": MinMaxEstimator, "percentile": PercentileEstimator, "mse": MSEEstimator}
+
+
+def get_estimator(name: str, *, percentile: float | None = None) -> RangeEstimator:
+    """The estimator called ``name`` (``minmax``, ``percentile`` or ``mse``)."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown range estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
+    if name == "percentile" and percentile is not None:
+        return PercentileEstimator(percentile)
+    return ESTIMATORS[name]()

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""DF-MPC ablation and results on the shared models: each ingredient on/off on ResNet-56 2/6, then
+the other ResNets (2/6 with float and 8-bit activations, 3/6) and MobileNet-V1 (6/8, 4/8).
+
+Real data is used only to evaluate (full CIFAR-10 test set, ImageNet val1300); the method never sees it.
+Results are appended to the JSON as they come, and rows already there are skipped (--fresh redoes them).
+
+usage: python tools/ablation_dfmpc.py [--set ablation|results|all] [--only SUBSTRING ...] [--limit N] [--fresh]
+       [--out tools/results/dfmpc_ablation]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from onnxdfq.eval.data import open_dataset
+from onnxdfq.eval.runner import evaluate
+from onnxdfq.pipeline import quantize_model
+
+ASSETS = Path(os.environ.get("ONNXDFQ_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
+CIFAR = {"data": ASSETS / "cifar10/test.npz", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+IMAGENET = {"data": ASSETS / "imagenet/val1300", "mean": [0.5] * 3, "std": [0.5] * 3}
+FP32 = {"resnet20": 91.73, "resnet32": 92.63, "resnet44": 93.10, "resnet56": 93.39, "mobilenet_v1_0.75": 76.85}
+
+PLAIN = {"reestimate": "none", "high_gain": False}  # quantized at the plan's widths, nothing compensated
+RECIPE = {"sigma_model": "tap", "high_gain": False}  # the issue's recipe: tap-model BN re-estimation
+# (label, model, bits, act_bits, options): options are quantize_model keywords, "dfmpc" -> DFMPCPass options
+ABLATION = [
+    ("plain uniform ternary (max abs w)", "resnet56", "2/6", None,
+     {"dfmpc": {**PLAIN, "quantizer": "absmax"}, "bias_correction": False}),
+    ("plain TWN ternary", "resnet56", "2/6", None, {"dfmpc": {**PLAIN, "quantizer": "twn"}, "bias_correction": False}),
+    ("plain LSQ ternary", "resnet56", "2/6", None, {"dfmpc": PLAIN, "bias_correction": False}),
+    ("LSQ + paper c, original BN statistics", "resnet56", "2/6", None,
+     {"dfmpc": {**PLAIN, "compensate": True}, "bias_correction": False}),
+    ("LSQ + mean re-estimation", "resnet56", "2/6", None,
+     {"dfmpc": {**RECIPE, "reestimate": "mean"}, "bias_correction": False}),
+    ("LSQ + mean+std (tap model, rho 0.2)", "resnet56", "2/6", None, {"dfmpc": RECIPE, "bias_correction": False}),
+    ("  + bias correction (issue recipe)", "resnet56", "2/6", None, {"dfmpc": RECIPE}),
+    ("  + sigma blend (tap x regression)", "resnet56", "2/6", None, {"dfmpc": {"high_gain": False}}),
+    ("  + high-layer gain = default", "resnet56", "2/6", None, {}),
+    ("default - bias correction", "resnet56", "2/6", None, {"bias_correction": False}),
+    ("default, rho fit per layer", "resnet56", "2/6", None, {"dfmpc": {"rho": "fit"}}),
+    ("default + paper c (lambda1 0.5)", "resnet56", "2/6", None, {"dfmpc": {"compensate": True}}),
+    ("default + CLE before", "resnet56", "2/6", None, {"cle": True}),
+]
+RESULTS = [
+    *[(f"{name} {bits} A{act or 'fp32'}", name, bits, act, {})
+      for name in ("resnet20", "resnet32", "resnet44", "resnet56")
+      for bits, act in (("2/6", None), ("2/6", 8), ("3/6", None))],
+    ("resnet20 2/6 Afp32 plain LSQ ternary", "resnet20", "2/6", None, {"dfmpc": PLAIN, "bias_correction": False}),
+    ("resnet56 2/6 Afp32 plain LSQ ternary", "resnet56", "2/6", None, {"dfmpc": PLAIN, "bias_correction": False}),
+    ("mobilenet 6/8 Afp32", "mobilenet_v1_0.75", "6/8", None, {}),
+    ("mobilenet 4/8 Afp32", "mobilenet_v1_0.75", "4/8", None, {}),
+    ("mobilenet 4/8 Afp32 plain", "mobilenet_v1_0.75", "4/8", None, {"dfmpc": PLAIN, "bias_correction": False}),
+]
+
+
+def _input_range(dataset: dict) -> tuple[float, float]:
+    mean, std = np.asarray(dataset["mean"]), np.asarray(dataset["std"])
+    return float(np.min(-mean / std)), float(np.max((1 - mean) / std))
+
+
+def run_one(label: str, name: str, bits: str, act, options: dict, limit: int | None, datasets: dict) -> dict:
+    dataset = IMAGENET if name.startswith("mobilenet") else CIFAR
+    folder = "imagenet" if name.startswith("mobilenet") else "cifar10"
+    start = time.perf_counter()
+    result = quantize_model(ASSETS / folder / f"{name}.onnx", method="dfmpc", bits=bits, act_bits=act,
+                            input_range=_input_range(dataset), **options)
+    seconds = time.perf_counter() - start
+    key = str(dataset["data"])
+    if key not in datasets:
+        datasets[key] = open_dataset(key, mean=dataset["mean"], std=dataset["std"],
+                                     size=(224, 224) if folder == "imagenet" else None)
+    acc = evaluate(result.model, datasets[key], limit=limit, batch_size=100 if folder == "cifar10" else 50)
+    dfmpc = next(p for p in result.report["passes"] if p["name"] == "dfmpc")["params"]
+    return {"label": label, "model": name, "bits": bits, "act_bits": act or "fp32", "options": options,
+            "top1": round(acc.top1, 2), "count": acc.count, "fp32": FP32[name], "quantize_s": round(seconds, 2),
+            "pairs": len(dfmpc["pairs"]), "average_weight_bits": round(dfmpc["average_weight_bits"], 3),
+            "weight_storage_kb": round(dfmpc["weight_storage_bytes"] / 1024, 1)}
+
+
+def write_markdown(rows: list[dict], path: Path) -> None:
+    lines = ["# DF-MPC ablation and results", "",
+             "Data-free (real data only to evaluate). `python tools/ablation_dfmpc.py`: the ResNet-56 ablation "
+             "(`--set ablation --limit 2000`) on the first 2000 CIFAR-10 test images, the results (`--set results`) "
+             "on the full test set (10 000) and ImageNet val1300; the images column says which.", "",
+             "| run | model | bits | acts | top-1 | FP32 | pairs | avg bits | weights KiB | images |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['label']} | {row['model']} | {row['bits']} | {row['act_bits']} | {row['top1']:.2f} | "
+                     f"{row['fp32']:.2f} | {row['pairs']} | {row['average_weight_bits']:.2f} | "
+                     f"{row['weight_storage_kb']} | {row['count']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=None, help="keep runs whose label contains one of these")
+    parser.add_argument("--set", choices=["ablation", "results", "all"], default="all", help="which runs")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
+    parser.add_argument("--fresh", action="store_true", help="ignore rows already in the JSON")
+    parser.add_argument("--out", default="tools/results/dfmpc_ablation")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = out.with_suffix(".json")
+    done = {} if args.fresh or not json_path.exists() else {r["label"]: r for r in json.loads(json_path.read_text())}
+    rows, datasets = [], {}
+    runs = {"ablation": ABLATION, "results": RESULTS, "all": ABLATION + RESULTS}[args.set]
+    for label, name, bits, act, options in runs:
+        if args.only and not any(key in label for key in args.only):
+            continue
+        if label in done and done[label]["count"] == (args.limit or done[label]["count"]):
+            rows.append(done[label])
+            continue
+        row = run_one(label, name, bits, act, options, args.limit, datasets)
+        print(f"{row['top1']:6.2f}  {label}  ({row['quantize_s']} s)", flush=True)
+        rows.append(row)
+        merged = {**done, **{r["label"]: r for r in rows}}
+        json_path.write_text(json.dumps(list(merged.values()), indent=1))
+        write_markdown(list(merged.values()), out.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()
