@@ -227,21 +227,28 @@ def _dfmpc_rows(report: dict) -> list[list[str]]:
                                f"{params['average_weight_bits']:.2f} bits on average"]]
 
 
+def _key_values(items: tuple[str, ...], flag: str) -> list[tuple[str, str]]:
+    """Repeated FLAG KEY=VALUE options as stripped (key, value) pairs; a malformed one is an OptionError."""
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise OptionError(f"{flag} takes KEY=VALUE, got {item!r}")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
 def _dfmpc_options(pairs: tuple[str, ...]) -> dict:
     """--dfmpc-opt KEY=VALUE pairs -> keyword arguments of DFMPCPass (numbers, booleans, strings)."""
     options: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise OptionError(f"--dfmpc-opt takes KEY=VALUE, got {pair!r}")
-        text = value.strip()
+    for key, text in _key_values(pairs, "--dfmpc-opt"):
         if text.lower() in ("true", "on", "yes", "false", "off", "no"):
-            options[key.strip()] = text.lower() in ("true", "on", "yes")
+            options[key] = text.lower() in ("true", "on", "yes")
             continue
         try:
-            options[key.strip()] = float(text)
+            options[key] = float(text)
         except ValueError:
-            options[key.strip()] = text
+            options[key] = text
     return options
 
 
@@ -364,13 +371,11 @@ def compare(reference: Path, quantized: Path, data, random_n, mean, std, size, b
 
 
 def _generator_options(items: tuple[str, ...]) -> dict:
+    """--option KEY=VALUE pairs -> numeric keyword arguments of a generator (ints stay ints)."""
     options: dict = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise OptionError(f"--option takes KEY=VALUE, got {item!r}")
+    for key, value in _key_values(items, "--option"):
         try:
-            options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+            options[key] = int(value) if value.lstrip("-").isdigit() else float(value)
         except ValueError:
             raise OptionError(f"--option {key}: {value!r} is not a number") from None
     return options

@@ -188,13 +188,13 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
         ws.warnings.append("ops not handled by onnxdfq, left in float: "
                            + ", ".join(f"{op} (x{count})" for op, count in sorted(unhandled.items())))
     FoldBatchNormPass()(ws)
-    ranges_folded = _channel_ranges(ws)
+    ranges_folded = _channel_ranges(graph_layers.read_layers(ws.graph))
     if config.step("cle"):
         CrossLayerEqualizationPass(act_sigmas=config.bn_sigmas)(ws)
     if config.step("absorb_bias"):
         BiasAbsorptionPass()(ws)
     layers = graph_layers.read_layers(ws.graph)
-    ws.weight_ranges = {"folded": ranges_folded, "final": _channel_ranges(ws)}
+    ws.weight_ranges = {"folded": ranges_folded, "final": _channel_ranges(layers)}
     if not layers:
         raise UnsupportedModelError("no quantizable layer (Conv, ConvTranspose, Gemm, MatMul with a "
                                     "constant weight) in the model")
@@ -229,10 +229,10 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
     return QuantResult(emitted, _build_report(ws, config, source, timings))
 
 
-def _channel_ranges(ws: Workspace) -> dict[str, list[float]]:
+def _channel_ranges(layers: list) -> dict[str, list[float]]:
     """max |w| per output channel of every layer: the spread CLE is there to shrink (for the report)."""
     return {layer.name: np.abs(layer.weight.reshape(layer.weight.shape[0], -1)).max(axis=1).astype(float).tolist()
-            for layer in graph_layers.read_layers(ws.graph) if layer.weight.size}
+            for layer in layers if layer.weight.size}
 
 
 def _reduce_range(bitmap: BitWidthMap, layers: list, ws: Workspace, config: QuantConfig) -> BitWidthMap:

@@ -41,6 +41,7 @@ def pack_weights(model: onnx.ModelProto, weights: dict[str, int]) -> tuple[onnx.
     zero_points = {node.input[0]: node.input[2] for node in model.graph.node
                    if node.op_type == "DequantizeLinear" and len(node.input) > 2}
     done: dict[str, int] = {}
+    converted: set[str] = set()
     for name, width in weights.items():
         if name not in inits or name not in zero_points or zero_points[name] not in inits:
             continue
@@ -52,6 +53,7 @@ def pack_weights(model: onnx.ModelProto, weights: dict[str, int]) -> tuple[onnx.
             if values.min(initial=0) < info.min or values.max(initial=0) > info.max:
                 raise ValueError(f"{tensor_name}: values outside the {width}-bit range")
             init.CopyFrom(numpy_helper.from_array(values.astype(np.int8).astype(dtype), tensor_name))
+            converted.add(tensor_name)
         done[name] = width
     if done:
         opset = max(PACKED_TYPES[w][1] for w in done.values())
@@ -61,7 +63,7 @@ def pack_weights(model: onnx.ModelProto, weights: dict[str, int]) -> tuple[onnx.
                 imp.version = opset
         model.ir_version = max(model.ir_version, ir_version)
         # value_info recorded for the int8 containers would now contradict the initializers
-        kept = [vi for vi in model.graph.value_info if vi.name not in inits or vi.name not in done]
+        kept = [vi for vi in model.graph.value_info if vi.name not in converted]
         del model.graph.value_info[:]
         model.graph.value_info.extend(kept)
     return model, done
