@@ -15,20 +15,24 @@ from onnxdfq.passes.squant import SQUANT_STAGES, squant_quantize, squant_round
 from onnxdfq.quant.scheme import QuantScheme
 
 RESNET20 = Path(__file__).resolve().parents[2] / "shared" / "assets" / "cifar10" / "resnet20.onnx"
-EPS = 1e-9  # slack for float sums of errors
 
 
 def _reference_squant(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int,
                       stages: tuple[str, ...] = ("e", "k", "c")) -> np.ndarray:
-    """Plain loops over kernels and channels, written from the algorithm's description."""
-    w = np.asarray(w_fp, np.float64)
+    """Plain loops over kernels and channels, written from the algorithm's description.
+
+    Arithmetic as documented: in the weight's precision against the scale rounded to it (kernel
+    sums accumulate tap by tap, offer keys are 1 - p), channel sums in float64.
+    """
+    w = np.asarray(w_fp)
+    work = w.dtype.type
     out_ch, in_ch = w.shape[:2]
     taps = math.prod(w.shape[2:])
-    scale64 = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (out_ch,))
-    x = w.reshape(out_ch, in_ch, taps) / scale64[:, None, None]
+    scale_w = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (out_ch,)).astype(work)
+    x = w.reshape(out_ch, in_ch, taps) / scale_w[:, None, None]
     q = np.clip(np.rint(x), qmin, qmax)
     err = q - x
-    w_int = q.copy()
+    w_int = q.astype(np.int64)
 
     def candidates(errors, values, sign):
         """Indices whose error has the sign of the sum and that can step toward it, best first."""
@@ -37,27 +41,27 @@ def _reference_squant(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int,
         return sorted(cand, key=lambda j: (-prio[j], j)), prio
 
     run_k = "k" in stages and taps > 1
-    kernel_err = np.zeros((out_ch, in_ch))
+    kernel_err = np.zeros((out_ch, in_ch), work)
     kernel_log = {}
     if run_k:
         for o in range(out_ch):
             for i in range(in_ch):
-                total = 0.0
+                total = work(0)
                 for v in err[o, i]:
-                    total += float(v)
+                    total = work(total + v)
                 sign = float(np.sign(total))
-                want = int(np.rint(abs(total)))
+                want = int(np.rint(abs(float(total))))
                 order, prio = candidates(err[o, i], q[o, i], sign)
                 done = order[:want]
                 for j in done:
-                    w_int[o, i, j] -= sign
-                kernel_err[o, i] = total - sign * len(done)
+                    w_int[o, i, j] -= int(sign)
+                kernel_err[o, i] = total - work(sign * len(done))
                 kernel_log[o, i] = (sign, order, done, prio)
 
     if "c" in stages:
         for o in range(out_ch):
             if run_k:
-                channel = float(np.sum(kernel_err[o]))
+                channel = float(np.sum(kernel_err[o].astype(np.float64)))
                 direction = float(np.sign(channel))
                 want = int(np.rint(abs(channel)))
                 offers = []
@@ -67,24 +71,24 @@ def _reference_squant(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int,
                     if side == 0 or side != direction:
                         continue
                     if side == -sign:  # flipped past zero: the last flip goes back
-                        offers.append((-(1.0 - prio[done[-1]]), i, done[-1]))
+                        offers.append((-float(work(1) - work(prio[done[-1]])), i, done[-1]))
                     elif len(order) > len(done):  # not there yet: the next candidate
                         j = order[len(done)]
                         offers.append((-prio[j], i, j))
                 for _, i, j in sorted(offers)[:want]:
-                    w_int[o, i, j] -= direction
+                    w_int[o, i, j] -= int(direction)
             else:
                 flat_err = err[o].reshape(-1)
                 flat_q = q[o].reshape(-1)
-                channel = float(np.sum(flat_err))
+                channel = float(np.sum(flat_err.astype(np.float64)))
                 direction = float(np.sign(channel))
                 want = int(np.rint(abs(channel)))
                 order, _ = candidates(flat_err, flat_q, direction)
                 flat_int = w_int[o].reshape(-1)
                 for j in order[:want]:
-                    flat_int[j] -= direction
+                    flat_int[j] -= int(direction)
                 w_int[o] = flat_int.reshape(in_ch, taps)
-    return w_int.astype(np.int64).reshape(w.shape)
+    return w_int.reshape(w.shape)
 
 
 def _absmax_scale(w: np.ndarray, qmax: int) -> np.ndarray:
@@ -98,9 +102,17 @@ def _grid(bits: int) -> tuple[int, int]:
 
 
 def _errors(w: np.ndarray, scale: np.ndarray, w_int: np.ndarray) -> np.ndarray:
-    """Rounding errors q - x in grid units, shaped [O, I, taps]."""
-    x = np.asarray(w, np.float64) / scale.reshape((-1,) + (1,) * (w.ndim - 1))
-    return (w_int - x).reshape(w.shape[0], w.shape[1], -1)
+    """Rounding errors q - x in grid units, shaped [O, I, taps], in float64.
+
+    x is w / scale as SQuant sees it: in the weight's precision, against the scale rounded to it.
+    """
+    x = w / np.asarray(scale, np.float64).astype(w.dtype).reshape((-1,) + (1,) * (w.ndim - 1))
+    return (w_int - x.astype(np.float64)).reshape(w.shape[0], w.shape[1], -1)
+
+
+def _eps(w: np.ndarray) -> float:
+    """Slack for sums of errors: float32 kernel sums round at ~1e-7 per tap, channel sums add those up."""
+    return 1e-4 if w.dtype == np.float32 else 1e-9
 
 
 SHAPES = {
@@ -126,7 +138,7 @@ def test_matches_reference(shape, bits, dtype):
         for stages in SQUANT_STAGES:
             fast = squant_round(w, scale, qmin, qmax, stages=stages)
             ref = _reference_squant(w, scale, qmin, qmax, stages)
-            assert fast.dtype == np.int64 and fast.shape == w.shape
+            assert fast.dtype == (np.int8 if bits <= 8 else np.int16) and fast.shape == w.shape
             np.testing.assert_array_equal(fast, ref, err_msg=f"stages={stages} trial={trial}")
 
 
@@ -171,28 +183,29 @@ def _check_case_bounds(w, scale, qmin, qmax):
     after_k = squant_round(w, scale, qmin, qmax, stages=("e", "k"))
     after_c = squant_round(w, scale, qmin, qmax)
     for w_int in (after_k, after_c):
-        assert w_int.dtype == np.int64 and w_int.shape == w.shape
+        assert w_int.dtype == np.int8 and w_int.shape == w.shape
         assert w_int.min() >= qmin and w_int.max() <= qmax
         assert np.abs(w_int - nearest).max() <= 1
     x = np.asarray(w, np.float64) / scale.reshape((-1,) + (1,) * (w.ndim - 1))
     inside = ((x >= qmin) & (x <= qmax)).reshape(w.shape[0], w.shape[1], -1)
     taps = inside.shape[2]
 
+    eps = _eps(np.asarray(w))
     err_k = _errors(w, scale, after_k)
     if taps > 1:
         ok = inside.all(axis=2)
-        assert np.all(np.abs(err_k.sum(axis=2))[ok] <= 0.5 + EPS)
+        assert np.all(np.abs(err_k.sum(axis=2))[ok] <= 0.5 + eps)
 
     err_c = _errors(w, scale, after_c)
     kernel_ok = inside.all(axis=2)
     channel_ok = kernel_ok.all(axis=1)
     # mathematically < 1; a flip of an error of 1e-26 reads as exactly 1.0 in float64
-    assert np.all(np.abs(err_c)[inside] < 1.0 + EPS)
-    assert np.all(np.abs(err_c.sum(axis=2))[kernel_ok] < 1.0 + EPS)
+    assert np.all(np.abs(err_c)[inside] < 1.0 + eps)
+    assert np.all(np.abs(err_c.sum(axis=2))[kernel_ok] < 1.0 + eps)
     # an element already on the grid is never a candidate
     exact = inside & (_errors(w, scale, nearest) == 0)
     assert np.array_equal(after_c.reshape(exact.shape)[exact], nearest.reshape(exact.shape)[exact])
-    assert np.all(np.abs(err_c.sum(axis=(1, 2)))[channel_ok] <= 0.5 + EPS)
+    assert np.all(np.abs(err_c.sum(axis=(1, 2)))[channel_ok] <= 0.5 + eps)
     return err_c
 
 
@@ -253,8 +266,8 @@ def test_kernel_and_channel_sums_shrink():
     after_k = _errors(w, scale, squant_round(w, scale, qmin, qmax, stages=("e", "k")))
     after_c = _errors(w, scale, squant_round(w, scale, qmin, qmax))
     assert np.abs(nearest.sum(axis=2)).max() > 0.5  # K has work to do
-    assert np.abs(after_k.sum(axis=2)).max() <= 0.5 + EPS
-    assert np.abs(after_c.sum(axis=(1, 2))).max() <= 0.5 + EPS
+    assert np.abs(after_k.sum(axis=2)).max() <= 0.5 + _eps(w)
+    assert np.abs(after_c.sum(axis=(1, 2))).max() <= 0.5 + _eps(w)
     assert np.abs(after_c.sum(axis=(1, 2))).mean() < 0.5 * np.abs(nearest.sum(axis=(1, 2))).mean()
 
 
@@ -318,7 +331,7 @@ def test_resnet20_weights_at_3_bits():
         nearest = _errors(w, scale, squant_round(w, scale, qmin, qmax, stages=("e",)))
         squant_ch = np.abs(err_c.sum(axis=(1, 2)))
         nearest_ch = np.abs(nearest.sum(axis=(1, 2)))
-        assert squant_ch.max() <= 0.5 + EPS, name
+        assert squant_ch.max() <= 0.5 + _eps(w), name
         assert squant_ch.mean() < 0.25 * nearest_ch.mean(), name
 
 
@@ -333,3 +346,51 @@ def test_threads_do_not_change_the_result(shape):
         serial = squant_round(w, scale, scheme.qmin, scheme.qmax, threads=1)
         for threads in (2, 3, 8):
             np.testing.assert_array_equal(squant_round(w, scale, scheme.qmin, scheme.qmax, threads=threads), serial)
+
+
+def test_float32_weights_round_against_the_float32_scale():
+    """The QDQ file stores the scale as float32, so float32 weights round x = w / float32(scale) in
+    float32; near a half step that can differ from w / scale in float64."""
+    rng = np.random.default_rng(0)
+    scale = rng.uniform(0.01, 0.1, 200_000)
+    w = ((rng.integers(-6, 6, scale.size) + 0.5) * scale).astype(np.float32)
+    x32 = w / scale.astype(np.float32)
+    differ = np.flatnonzero(np.rint(x32) != np.rint(w.astype(np.float64) / scale))[:16]
+    assert differ.size >= 8  # half-step weights where the two precisions disagree
+    got = squant_round(w[differ].reshape(-1, 1), scale[differ], -7, 7, stages=("e",))
+    np.testing.assert_array_equal(got.ravel(), np.rint(x32[differ]))
+    np.testing.assert_array_equal(_reference_squant(w[differ].reshape(-1, 1), scale[differ], -7, 7, ("e",)).ravel(),
+                                  np.rint(x32[differ]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_many_flips_per_kernel_match_reference(dtype):
+    """Errors of one sign (|E| up to 4.5 per 3x3 kernel, up to 12 per 5x5) exercise the k-th-largest search."""
+    rng = np.random.default_rng(4)
+    for shape in ((6, 5, 3, 3), (4, 3, 5, 5)):
+        frac = rng.uniform(0.3, 0.5, shape) * rng.choice([-1.0, 1.0], size=(shape[0], shape[1], 1, 1))
+        w = (rng.integers(-2, 3, shape) + frac).astype(dtype)
+        scale = np.ones(shape[0])
+        for stages in SQUANT_STAGES:
+            np.testing.assert_array_equal(squant_round(w, scale, -7, 7, stages=stages),
+                                          _reference_squant(w, scale, -7, 7, stages))
+
+
+@pytest.mark.parametrize("block", [1, 40, 500])
+def test_blocks_do_not_change_the_result(monkeypatch, block):
+    """Layers are rounded in blocks of output channels (as small as one channel); blocks are independent."""
+    import onnxdfq.passes.squant as squant_module
+
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((12, 7, 3, 3)).astype(np.float32)
+    scale = _absmax_scale(w, 3)
+    whole = squant_round(w, scale, -3, 3, threads=1)
+    monkeypatch.setattr(squant_module, "_BLOCK_SIZE", block)
+    np.testing.assert_array_equal(squant_round(w, scale, -3, 3, threads=1), whole)
+    np.testing.assert_array_equal(whole, _reference_squant(w, scale, -3, 3))
+
+
+def test_rejects_scale_that_float32_cannot_hold():
+    with pytest.raises(ValueError, match="float32"):
+        squant_round(np.ones((2, 2), np.float32), np.array([1.0, 1e-50]), -7, 7)
+    squant_round(np.ones((2, 2)), np.array([1.0, 1e-50]), -7, 7)  # float64 weights keep a float64 scale

@@ -45,7 +45,7 @@ class WeightQuant:
 
     bits: int
     scale: np.ndarray  # [O] (per-channel) or [1] (per-tensor)
-    w_int: np.ndarray  # int64, canonical layout
+    w_int: np.ndarray  # signed integers (int8 up to 8 bits from squant, int64 from nearest), canonical layout
     per_channel: bool
     method: str
 

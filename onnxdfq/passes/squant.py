@@ -18,13 +18,17 @@ logger = logging.getLogger(__name__)
 
 # the stage combinations the paper ablates: nearest rounding (E) with kernel (K) and/or channel (C) flips
 SQUANT_STAGES: tuple[tuple[str, ...], ...] = (("e",), ("e", "k"), ("e", "c"), ("e", "k", "c"))
-# smallest positive float64: `priority >= _TINY` means `priority > 0`
-_TINY = float(np.nextafter(0.0, 1.0))
 # when a row's largest flip count is below this fraction of the row, partition instead of sorting it
 _PARTITION_FRACTION = 0.25
 # output channels round independently; layers at least this large are split across threads
 # (numpy releases the GIL in the sorts, partitions and element-wise work that dominate)
 _THREAD_MIN_SIZE = 1 << 15
+# elements per block of output channels that all stages run on in turn (see _channel_blocks)
+_BLOCK_SIZE = 1 << 18
+# rows up to this long are ranked by pairwise comparison; longer rows by a stable argsort
+_RANK_TAPS = 16
+# below this many rows, one argsort call is cheaper than the L comparisons
+_RANK_MIN_COLUMNS = 512
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -38,6 +42,7 @@ class _KernelFlips:
     flipped: np.ndarray  # number of elements flipped (round(|E|) unless the grid ends stopped it)
     last: np.ndarray  # priority of the last element flipped (meaningful where flipped > 0)
     top: np.ndarray  # largest priority in the kernel (the first candidate)
+    step: np.ndarray  # [taps, O, I] int8, the step each element took (nonzero where flipped)
 
 
 def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
@@ -59,11 +64,12 @@ def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
 
     Returns
     -------
-    ndarray, int64, same shape as `w_fp`, values in [qmin, qmax].
+    ndarray, the narrowest signed integer type holding [qmin, qmax] (int8 for any grid of 8 bits
+    or fewer), same shape as `w_fp`, values in [qmin, qmax].
 
     Notes
     -----
-    With x = w / scale (float64) and the rounding error e = q - x, SQuant splits its
+    With x = w / scale and the rounding error e = q - x, SQuant splits its
     approximation of the task loss Hessian into three diagonal sub-items acting on single
     elements, on kernels and on output channels. The data-free objective that results, CASE
     (Constrained Absolute Sum of Error), asks for small |sum e| over every kernel and every output
@@ -89,6 +95,12 @@ def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
     exactly 0 after the K stage (E == 0, or |E| exactly an integer) still offers an element there
     (for E == 0 through ``order[topk - 1]`` with topk = 0); here it offers nothing, which keeps
     |E_kernel| < 1 strict.
+
+    Precision: the arithmetic is that of the weight, against the scale rounded to it. For
+    float32 weights x = w / float32(scale), the grid ONNX DequantizeLinear will use (its scale is
+    float32); e = q - x is exact, a kernel's E is the running float32 sum over its taps, and the
+    offer keys are float32 too. Only channel sums, over up to thousands of kernels, are float64.
+    float64 weights are handled in float64 throughout.
 
     The work is vectorised over all kernels and channels: per-kernel sums and maxima on a
     [O, taps, I] copy, a sort or partition of the few rows that need more than their maximum,
@@ -121,32 +133,81 @@ def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
     taps = math.prod(weight.shape[2:])
     scale64 = _channel_scale(scale, out_ch)
     if weight.size == 0:
-        return np.zeros(weight.shape, np.int64)
+        return np.zeros(weight.shape, _store_dtype(qmin, qmax))
 
     rows = weight.reshape(out_ch, in_ch, taps)
-    w_int = np.empty((out_ch, in_ch, taps), np.int64)
-    workers = _worker_count(threads, weight.size, out_ch)
+    with np.errstate(over="ignore", under="ignore"):
+        scale_w = scale64.astype(weight.dtype)  # the scale in the weight's precision (see Notes)
+    if not (np.all(np.isfinite(scale_w)) and np.all(scale_w > 0)):
+        raise ValueError(f"scale must stay finite and positive in {weight.dtype}, got range "
+                         f"[{scale64.min():.3g}, {scale64.max():.3g}]")
+    w_int = np.empty((out_ch, in_ch, taps), _store_dtype(qmin, qmax))
+    blocks = _channel_blocks(out_ch, in_ch * taps)
+    workers = min(_worker_count(threads, weight.size, out_ch), len(blocks))
+
+    def round_blocks(part: Sequence[slice]) -> None:
+        for block in part:
+            _round_channels(rows[block], scale_w[block], qmin, qmax, stage_set, w_int[block])
+
     if workers == 1:
-        _round_channels(rows, scale64, qmin, qmax, stage_set, w_int)
+        round_blocks(blocks)
     else:
-        bounds = np.linspace(0, out_ch, workers + 1).astype(int)
-        parts = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-        futures = [_pool().submit(_round_channels, rows[part], scale64[part], qmin, qmax, stage_set, w_int[part])
-                   for part in parts]
+        bounds = np.linspace(0, len(blocks), workers + 1).astype(int)
+        futures = [_pool().submit(round_blocks, blocks[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
         for future in futures:
             future.result()
     return w_int.reshape(weight.shape)
 
 
-def _round_channels(rows: np.ndarray, scale64: np.ndarray, qmin: int, qmax: int, stage_set: frozenset[str],
+def _round_channels(rows: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, stage_set: frozenset[str],
                     out: np.ndarray) -> None:
-    """All stages for the output channels in `rows` [O', I, taps], written to `out` [O', I, taps]."""
-    x_range = _grid_range(rows, scale64)
-    q = _round_blocks(rows, scale64, qmin, qmax, stage_set, x_range, mask_outside=False)
+    """All stages for the output channels in `rows` [O', I, taps] (scale in their dtype), into `out`."""
+    x_range = _grid_range(rows, scale)
+    q = _round_blocks(rows, scale, qmin, qmax, stage_set, x_range, mask_outside=False)
     if q is None:
         logger.debug("squant: a flip left [%d, %d]; rerunning with clipped elements masked", qmin, qmax)
-        q = _round_blocks(rows, scale64, qmin, qmax, stage_set, x_range, mask_outside=True)
-    np.copyto(out, q.transpose(0, 2, 1))
+        q = _round_blocks(rows, scale, qmin, qmax, stage_set, x_range, mask_outside=True)
+    taps = q.shape[0]
+    if taps <= _RANK_TAPS:  # one strided copy per tap beats numpy's transposing copy of short rows
+        for tap in range(taps):
+            out[:, :, tap] = q[tap]
+    else:
+        np.copyto(out, q.transpose(1, 2, 0), casting="unsafe")
+
+
+class _Scratch(threading.local):
+    """Per-thread working arrays, reused from block to block.
+
+    Allocating the block-sized arrays afresh for every block let glibc map, fault in and trim
+    the pages again each time, which doubled the run time; reused, they also stay in cache.
+    """
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        size = math.prod(shape)
+        buf = self.arrays.get(name)
+        if buf is None or buf.dtype != dtype or buf.size < size:
+            buf = np.empty(size, dtype)
+            if size <= 4 * _BLOCK_SIZE:  # a huge single channel is not kept alive
+                self.arrays[name] = buf
+        return buf[:size].reshape(shape)
+
+
+_SCRATCH = _Scratch()
+
+
+def _channel_blocks(out_ch: int, channel_size: int) -> list[slice]:
+    """Runs of whole output channels of about `_BLOCK_SIZE` elements each.
+
+    Every stage is a handful of passes over the block; blocks this small keep those passes in
+    the CPU caches instead of streaming a whole layer through memory each time.
+    """
+    per_block = max(1, _BLOCK_SIZE // max(channel_size, 1))
+    count = -(-out_ch // per_block)
+    bounds = np.linspace(0, out_ch, count + 1).astype(int)
+    return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _worker_count(threads: int | None, size: int, out_ch: int) -> int:
@@ -182,9 +243,10 @@ def squant_quantize(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *
     return w_dq.astype(weight.dtype)
 
 
-def _round_blocks(rows: np.ndarray, scale64: np.ndarray, qmin: int, qmax: int, stage_set: frozenset[str],
+def _round_blocks(rows: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, stage_set: frozenset[str],
                   x_range: tuple[float, float], mask_outside: bool) -> np.ndarray | None:
-    """All stages on the block layout [O, taps, I] (sums and maxima over taps are vector ops).
+    """All stages on the block layout [taps, O, I]: sums and maxima over a kernel's taps are
+    vector operations over all O * I kernels at once, whatever the shape.
 
     Elements with x outside [qmin, qmax] cannot step outward. Masking them costs full passes, so
     the first try (`mask_outside` False) skips the mask and returns None if a flip left the grid;
@@ -192,10 +254,10 @@ def _round_blocks(rows: np.ndarray, scale64: np.ndarray, qmin: int, qmax: int, s
     """
     out_ch, in_ch, taps = rows.shape
     x_lo, x_hi = x_range
-    resid = np.empty((out_ch, taps, in_ch))
-    np.copyto(resid, rows.transpose(0, 2, 1))
-    resid /= scale64[:, None, None]  # x, exactly w / scale in float64
-    q = np.empty(resid.shape, _grid_dtype(qmin, qmax))
+    resid = _SCRATCH.take("resid", (taps, out_ch, in_ch), rows.dtype)
+    np.copyto(resid, rows.transpose(2, 0, 1))
+    resid /= scale[:, None]  # x = w / scale in the weight's precision
+    q = _SCRATCH.take("q", resid.shape, _grid_dtype(qmin, qmax))
     outside = (resid < qmin) | (resid > qmax) if mask_outside else None
     if x_lo <= qmin - 0.5 or x_hi >= qmax + 0.5:
         np.rint(np.clip(resid, qmin, qmax), out=q, casting="unsafe")
@@ -239,14 +301,23 @@ def _channel_scale(scale: np.ndarray, out_ch: int) -> np.ndarray:
     return scale64
 
 
-def _grid_range(rows: np.ndarray, scale64: np.ndarray) -> tuple[float, float]:
-    """min and max of w / scale over the tensor (division is monotone, so per-channel extrema do)."""
+def _grid_range(rows: np.ndarray, scale: np.ndarray) -> tuple[float, float]:
+    """min and max of x = w / scale over the tensor (division is monotone, so per-channel extrema do)."""
     flat = rows.reshape(rows.shape[0], -1)
-    x_lo = (flat.min(axis=1).astype(np.float64) / scale64).min()
-    x_hi = (flat.max(axis=1).astype(np.float64) / scale64).max()
+    x_lo = (flat.min(axis=1) / scale).min()
+    x_hi = (flat.max(axis=1) / scale).max()
     if not (np.isfinite(x_lo) and np.isfinite(x_hi)):
         raise ValueError("w_fp / scale must be finite")
     return float(x_lo), float(x_hi)
+
+
+def _store_dtype(qmin: int, qmax: int) -> np.dtype:
+    """The narrowest signed integer type holding [qmin, qmax]: int8 for every grid of 8 bits or fewer."""
+    for dtype in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= qmin and qmax <= info.max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
 
 
 def _grid_dtype(qmin: int, qmax: int) -> np.dtype:
@@ -259,119 +330,153 @@ def _grid_dtype(qmin: int, qmax: int) -> np.dtype:
 
 
 def _kernel_stage(resid: np.ndarray, q: np.ndarray, outside: np.ndarray | None) -> _KernelFlips:
-    """K stage on the block layout [O, taps, I]; updates `q` and turns `resid` into priorities.
+    """K stage on the block layout [taps, O, I]; updates `q` and turns `resid` into priorities.
 
     The priority of an element is e * sign(E): positive for candidates, equal to |e|, so the
     largest priorities flip first. Non-candidates (wrong sign or zero error, and clipped
-    elements when `outside` is given) are <= 0.
+    elements when `outside` is given) are <= 0. Most kernels want at most one flip, the largest
+    priority; the few that want more are ranked exactly on their own.
     """
-    err_sum = -resid.sum(axis=1)
+    taps = resid.shape[0]
+    err_sum = np.add.reduce(resid, axis=0)
+    np.negative(err_sum, out=err_sum)
     sign = np.sign(err_sum)
-    want = _flip_count(err_sum, resid.shape[1])
+    want = _flip_count(err_sum, taps)
     prio = resid
-    prio *= -sign[:, None, :]
+    prio *= np.negative(sign)
     if outside is not None:
         prio[outside] = -1.0
-    top = prio.max(axis=1)
+    top = prio.max(axis=0)
 
-    # flip every priority >= the want-th largest one: top for one flip, above top for none
+    # flip every priority >= the want-th largest one: the top one for one flip, above it for none
     thresh = top + (want == 0)
     many = np.flatnonzero(want >= 2)
     if many.size:
-        thresh.reshape(-1)[many] = _top_two(_gather_kernels(prio, many), want.reshape(-1)[many])[0]
-    np.maximum(thresh, _TINY, out=thresh)  # fewer candidates than wanted: flip them all
-    flip = prio >= thresh[:, None, :]
-    count_dtype = np.uint8 if prio.shape[1] < 256 else np.intp
-    flipped = np.add.reduce(flip.view(np.uint8), axis=1, dtype=count_dtype).astype(np.intp)
-    if (flipped > want).any():  # ties at the threshold: rank them exactly
-        tied = np.flatnonzero(flipped > want)
-        exact = _rank_mask(_gather_kernels(prio, tied), want.reshape(-1)[tied])
-        flip.reshape(-1)[_kernel_index(prio, tied)] = exact
-        flipped.reshape(-1)[tied] = want.reshape(-1)[tied]
+        thresh.reshape(-1)[many] = _kth_largest(prio.reshape(-1)[_kernel_index(prio, many)], top.reshape(-1)[many],
+                                                want.reshape(-1)[many])
+    np.maximum(thresh, _tiny(prio.dtype), out=thresh)  # fewer candidates than wanted: flip them all
+    flip = np.greater_equal(prio, thresh, out=_SCRATCH.take("flip", prio.shape, np.bool_))
+    flipped = np.add.reduce(flip.view(np.uint8), axis=0, dtype=np.uint8 if taps < 256 else np.intp)
+    tied = np.flatnonzero(flipped > want)  # ties at the threshold: rank them exactly
+    if tied.size:
+        index = _kernel_index(prio, tied)
+        cols = prio.reshape(-1)[index]
+        exact = (_ranks(cols) < want.reshape(-1)[tied]) & (cols > 0)
+        flip.reshape(-1)[index] = exact
+        flipped.reshape(-1)[tied] = exact.sum(axis=0)
+        # the last flipped priority; 1.0 (above any |e| of an element in range) where none flipped
+        thresh.reshape(-1)[tied] = np.where(exact, cols, 1.0).min(axis=0)
     step = flip.view(np.int8)
-    step *= sign.astype(np.int8)[:, None, :]
+    step *= sign.astype(np.int8)
     q -= step
-    return _KernelFlips(err_sum=err_sum, sign=sign, flipped=flipped, last=thresh, top=top)
+    return _KernelFlips(err_sum=err_sum, sign=sign, flipped=flipped, last=thresh, top=top, step=step)
+
+
+def _kth_largest(cols: np.ndarray, top: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """The k-th largest distinct value of each column of `cols` [L, m] (k >= 2), given the largest.
+
+    -inf where a column has fewer distinct values. Equal values make this a lower bound of the
+    k-th largest entry; the caller detects that as more entries at or above it than k. `cols` is
+    overwritten.
+    """
+    kth = top.copy()
+    cols[cols >= kth] = -np.inf
+    kth = cols.max(axis=0)
+    deeper = np.flatnonzero(k >= 3)  # rare: |E| >= 2.5
+    for rank in range(3, int(k.max()) + 1):
+        deeper = deeper[k[deeper] >= rank]
+        below = cols[:, deeper]
+        below[below >= kth[deeper]] = -np.inf
+        kth[deeper] = below.max(axis=0)
+    return kth
 
 
 def _channel_stage_after_kernels(prio: np.ndarray, q: np.ndarray, flips: _KernelFlips) -> None:
     """C stage after the K stage: one offer per kernel, round(|E_c|) offers taken per channel."""
-    taps = prio.shape[1]
-    kernel_err = flips.err_sum - flips.sign * flips.flipped
-    side = np.sign(kernel_err)
-    channel_err = kernel_err.sum(axis=1)
-    direction = np.sign(channel_err)
-    want = _flip_count(channel_err, kernel_err.shape[1])
+    in_ch = prio.shape[2]
+    kernel_err = flips.err_sum - flips.sign * flips.flipped  # exact: E minus a whole number
+    channel_err = kernel_err.astype(np.float64).sum(axis=1)
+    direction = np.sign(channel_err).astype(kernel_err.dtype)
+    want = _flip_count(channel_err, in_ch).astype(np.intp)
     # a kernel offers when its error has the channel's sign: its last flip back when the K stage
-    # took it past zero (side != its starting sign), else its next candidate. The key is the
-    # offer's |e|: 1 - p for a flip back (>= 1/2), p <= 1/2 for a next candidate; keys <= 0 are
-    # never taken. A next candidate after K flips needs a sort of its kernel, so its key starts
-    # as the kernel's top priority (an upper bound <= 1/2) and is only made exact where the
-    # channel's want-th key is not above 1/2.
-    back = side != flips.sign
-    keys = np.where(back, 1.0 - flips.last, flips.top)
-    keys *= side == direction[:, None]
+    # took it past zero (`back`), else its next candidate. The key is the offer's |e|: 1 - p for
+    # a flip back (>= 1/2), p <= 1/2 for a next candidate; keys <= 0 are never taken. A next
+    # candidate after K flips needs a ranking of its kernel, so its key starts as the kernel's
+    # top priority (an upper bound <= 1/2) and is only made exact where the channel's want-th
+    # key is not above 1/2.
+    back = flips.sign * kernel_err < 0
+    # np.where(back, 1 - last, top) without its slow branching: x * True + y * False is exactly x
+    keys = (1.0 - flips.last) * back
+    keys += flips.top * ~back
+    keys *= kernel_err * direction[:, None] > 0
     thresh, following = _top_two(keys, np.maximum(want, 1))
     undecided = np.flatnonzero((want > 0) & (thresh <= 0.5))
     if undecided.size:
         bounded = np.zeros(keys.shape, bool)
         bounded[undecided] = (keys[undecided] > 0) & ~back[undecided] & (flips.flipped[undecided] > 0)
         fill = np.flatnonzero(bounded)
-        if fill.size:
-            rank = flips.flipped.reshape(-1)[fill] + 1
-            nxt = _top_two(_gather_kernels(prio, fill), rank)[0]
-            keys.reshape(-1)[fill] = np.where(rank <= taps, nxt, -1.0)
+        if fill.size:  # the exact next candidate: the largest priority the K stage left alone
+            index = _kernel_index(prio, fill)
+            keys.reshape(-1)[fill] = np.where(flips.step.reshape(-1)[index] != 0, -1.0,
+                                              prio.reshape(-1)[index]).max(axis=0)
             redo = _top_two(keys[undecided], np.maximum(want[undecided], 1))
             thresh[undecided], following[undecided] = redo
 
     chosen = np.flatnonzero(_topk_from_threshold(keys, want, thresh, following))
     if not chosen.size:
         return
-    order = np.argsort(-_gather_kernels(prio, chosen), axis=1, kind="stable")
-    rank = flips.flipped.reshape(-1)[chosen] - back.reshape(-1)[chosen]
-    pos = order[np.arange(rank.size), rank]
-    out_of = chosen // keys.shape[1]
-    q.reshape(-1)[_kernel_index(prio, chosen)[np.arange(rank.size), pos]] -= direction[out_of].astype(q.dtype)
+    index = _kernel_index(prio, chosen).T
+    rows = prio.reshape(-1)[index]
+    done = flips.step.reshape(-1)[index] != 0
+    taps = rows.shape[1]
+    # a flip back undoes the last flip: the smallest flipped priority, ties to the higher tap;
+    # a next candidate is the largest priority not flipped, ties to the lower tap
+    undo = taps - 1 - np.argmin(np.where(done, rows, np.inf)[:, ::-1], axis=1)
+    nxt = np.argmax(np.where(done, -np.inf, rows), axis=1)
+    pos = np.where(back.reshape(-1)[chosen], undo, nxt)
+    q.reshape(-1)[index[np.arange(chosen.size), pos]] -= direction[chosen // in_ch].astype(q.dtype)
+
+
+def _tiny(dtype: np.dtype) -> float:
+    """The smallest positive value of `dtype`: `priority >= _tiny` means `priority > 0`."""
+    return float(np.finfo(dtype).smallest_subnormal)
 
 
 def _flip_count(err_sum: np.ndarray, limit: int) -> np.ndarray:
-    """round(|E|) as integers, capped at the row length (more flips than elements cannot happen)."""
-    return np.minimum(np.rint(np.abs(err_sum)), limit).astype(np.intp)
+    """round(|E|) as whole floats, capped at the row length (more flips than elements cannot happen)."""
+    want = np.abs(err_sum)
+    np.rint(want, out=want)
+    return np.minimum(want, limit, out=want)
 
 
 def _kernel_index(blocks: np.ndarray, kernels: np.ndarray) -> np.ndarray:
-    """Flat indices [m, taps] into the block layout [O, taps, I] of flat kernel numbers o * I + i."""
-    _, taps, in_ch = blocks.shape
-    base = kernels + (kernels // in_ch) * ((taps - 1) * in_ch)
-    return base[:, None] + np.arange(0, taps * in_ch, in_ch)
-
-
-def _gather_kernels(blocks: np.ndarray, kernels: np.ndarray) -> np.ndarray:
-    """The taps of the given kernels (flat numbers o * I + i), as rows [m, taps]."""
-    return blocks.reshape(-1)[_kernel_index(blocks, kernels)]
+    """Flat indices [taps, m] into the block layout [taps, O, I] of flat kernel numbers o * I + i."""
+    taps, out_ch, in_ch = blocks.shape
+    return np.arange(0, taps * out_ch * in_ch, out_ch * in_ch)[:, None] + kernels
 
 
 def _channel_stage_flat(resid: np.ndarray, q: np.ndarray, outside: np.ndarray | None) -> None:
     """C stage without the K stage: every element of a channel is a candidate, in [I, *spatial] order."""
-    out_ch, taps, in_ch = resid.shape
+    taps, out_ch, in_ch = resid.shape
     if taps == 1:
-        neg_err = resid[:, 0, :]
-        out_rows = None if outside is None else outside[:, 0, :]
+        neg_err = resid[0]
+        out_rows = None if outside is None else outside[0]
     else:
-        neg_err = resid.transpose(0, 2, 1).reshape(out_ch, in_ch * taps)
-        out_rows = None if outside is None else outside.transpose(0, 2, 1).reshape(out_ch, -1)
-    channel_err = -neg_err.sum(axis=1)
+        neg_err = resid.transpose(1, 2, 0).reshape(out_ch, in_ch * taps)
+        out_rows = None if outside is None else outside.transpose(1, 2, 0).reshape(out_ch, -1)
+    channel_err = -neg_err.astype(np.float64).sum(axis=1)
     direction = np.sign(channel_err)
-    want = _flip_count(channel_err, neg_err.shape[1])
-    prio = neg_err * -direction[:, None]
+    want = _flip_count(channel_err, neg_err.shape[1]).astype(np.intp)
+    prio = neg_err  # a view of the scratch residuals (or a copy), free to overwrite
+    prio *= np.negative(direction, dtype=prio.dtype)[:, None]
     if out_rows is not None:
         prio[out_rows] = -1.0
     step = _select_topk(prio, want).view(np.int8)
     step *= direction.astype(np.int8)[:, None]
     if taps > 1:
-        q -= step.reshape(out_ch, in_ch, taps).transpose(0, 2, 1)
+        q -= step.reshape(out_ch, in_ch, taps).transpose(2, 0, 1)
     else:
-        q -= step[:, None, :]
+        q -= step[None]
 
 
 def _top_two(rows: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -397,10 +502,34 @@ def _top_two(rows: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _rank_mask(rows: np.ndarray, k: np.ndarray) -> np.ndarray:
     """Exact top-k mask of each row: larger values first, ties to the lower index, values > 0 only."""
-    order = np.argsort(-rows, axis=1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(rows.shape[1]), order.shape), axis=1)
-    return (rank < k[:, None]) & (rows > 0)
+    return (_ranks(rows.T).T < k[:, None]) & (rows > 0)
+
+
+def _ranks(cols: np.ndarray) -> np.ndarray:
+    """Each entry's 0-based place in its column of `cols` [L, m] sorted largest first, ties to the lower index.
+
+    Many short columns are ranked by counting, for each entry, the entries larger than it: L
+    vector comparisons over all columns at once. Only columns with equal entries (their counts
+    do not add up to L(L-1)/2) are recounted with the ties. Long or few columns are sorted.
+    """
+    length, count = cols.shape
+    if length > _RANK_TAPS or count < _RANK_MIN_COLUMNS:
+        order = np.argsort(-cols.T, axis=1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(length), order.shape), axis=1)
+        return rank.T
+    rank = np.zeros(cols.shape, np.uint8)
+    larger = np.empty(cols.shape, np.bool_)
+    for i in range(length):
+        np.greater(cols[i], cols, out=larger)
+        rank += larger.view(np.uint8)
+    tied = np.flatnonzero(np.add.reduce(rank, axis=0, dtype=np.intp) != length * (length - 1) // 2)
+    if tied.size:
+        sub = cols[:, tied]
+        ahead = sub[:, None, :] > sub[None, :, :]  # [i, j]: entry i is ahead of entry j
+        ahead |= (sub[:, None, :] == sub[None, :, :]) & np.triu(np.ones((length, length), bool), 1)[:, :, None]
+        rank[:, tied] = np.add.reduce(ahead, axis=0, dtype=np.uint8)
+    return rank
 
 
 def _select_topk(keys: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -415,7 +544,7 @@ def _topk_from_threshold(keys: np.ndarray, k: np.ndarray, kth: np.ndarray,
     The mask is keys >= the k-th largest (or > 0 where fewer than k keys are positive); a row
     whose (k+1)-th key passes too has ties at the threshold and is ranked exactly.
     """
-    thresh = np.where(k > 0, np.maximum(kth, _TINY), np.inf)
+    thresh = np.where(k > 0, np.maximum(kth, _tiny(keys.dtype)), np.inf)
     mask = keys >= thresh[:, None]
     tied = np.flatnonzero(following >= thresh)
     if tied.size:

@@ -18,7 +18,7 @@ __all__ = ["Rounder", "nearest_round", "get_rounder", "WeightQuantPass"]
 
 logger = logging.getLogger(__name__)
 
-# rounder(w_fp [O, ...] float, scale [O] or [1], qmin, qmax) -> int64 array of w_fp's shape
+# rounder(w_fp [O, ...] float, scale [O] or [1], qmin, qmax) -> signed integer array of w_fp's shape
 Rounder = Callable[[np.ndarray, np.ndarray, int, int], np.ndarray]
 
 
