@@ -17,6 +17,18 @@ from onnxdfq.quant.scheme import QuantScheme
 RESNET20 = Path(__file__).resolve().parents[2] / "shared" / "assets" / "cifar10" / "resnet20.onnx"
 
 
+def _in_working_precision(w_fp: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The weight and its [O] scale in the precision SQuant computes in: the weight's own, unless
+    the scale does not fit it (then float64)."""
+    w = np.asarray(w_fp)
+    scale64 = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (w.shape[0],))
+    with np.errstate(over="ignore", under="ignore"):
+        scale_w = scale64.astype(w.dtype)
+    if np.all(np.isfinite(scale_w)) and np.all(scale_w > 0):
+        return w, scale_w
+    return w.astype(np.float64), scale64
+
+
 def _reference_squant(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int,
                       stages: tuple[str, ...] = ("e", "k", "c")) -> np.ndarray:
     """Plain loops over kernels and channels, written from the algorithm's description.
@@ -24,11 +36,10 @@ def _reference_squant(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int,
     Arithmetic as documented: in the weight's precision against the scale rounded to it (kernel
     sums accumulate tap by tap, offer keys are 1 - p), channel sums in float64.
     """
-    w = np.asarray(w_fp)
+    w, scale_w = _in_working_precision(w_fp, scale)
     work = w.dtype.type
     out_ch, in_ch = w.shape[:2]
     taps = math.prod(w.shape[2:])
-    scale_w = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (out_ch,)).astype(work)
     x = w.reshape(out_ch, in_ch, taps) / scale_w[:, None, None]
     q = np.clip(np.rint(x), qmin, qmax)
     err = q - x
@@ -106,7 +117,8 @@ def _errors(w: np.ndarray, scale: np.ndarray, w_int: np.ndarray) -> np.ndarray:
 
     x is w / scale as SQuant sees it: in the weight's precision, against the scale rounded to it.
     """
-    x = w / np.asarray(scale, np.float64).astype(w.dtype).reshape((-1,) + (1,) * (w.ndim - 1))
+    w_work, scale_w = _in_working_precision(w, scale)
+    x = w_work / scale_w.reshape((-1,) + (1,) * (w.ndim - 1))
     return (w_int - x.astype(np.float64)).reshape(w.shape[0], w.shape[1], -1)
 
 
@@ -390,7 +402,8 @@ def test_blocks_do_not_change_the_result(monkeypatch, block):
     np.testing.assert_array_equal(whole, _reference_squant(w, scale, -3, 3))
 
 
-def test_rejects_scale_that_float32_cannot_hold():
-    with pytest.raises(ValueError, match="float32"):
-        squant_round(np.ones((2, 2), np.float32), np.array([1.0, 1e-50]), -7, 7)
-    squant_round(np.ones((2, 2)), np.array([1.0, 1e-50]), -7, 7)  # float64 weights keep a float64 scale
+def test_scale_beyond_float32_rounds_in_float64():
+    """A scale float32 cannot hold (here it would underflow to 0) falls back to float64 arithmetic."""
+    w = np.array([[1e-45, 0.0, 7e-46], [1.0, -0.5, 0.2]], np.float32)
+    scale = np.array([float(w[0].max()) / 3, 1.0 / 3])
+    np.testing.assert_array_equal(squant_round(w, scale, -3, 3), squant_round(w.astype(np.float64), scale, -3, 3))

@@ -24,7 +24,7 @@ _PARTITION_FRACTION = 0.25
 # (numpy releases the GIL in the sorts, partitions and element-wise work that dominate)
 _THREAD_MIN_SIZE = 1 << 15
 # elements per block of output channels that all stages run on in turn (see _channel_blocks)
-_BLOCK_SIZE = 1 << 18
+_BLOCK_SIZE = 1 << 21
 # rows up to this long are ranked by pairwise comparison; longer rows by a stable argsort
 _RANK_TAPS = 16
 # below this many rows, one argsort call is cheaper than the L comparisons
@@ -138,9 +138,8 @@ def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
     rows = weight.reshape(out_ch, in_ch, taps)
     with np.errstate(over="ignore", under="ignore"):
         scale_w = scale64.astype(weight.dtype)  # the scale in the weight's precision (see Notes)
-    if not (np.all(np.isfinite(scale_w)) and np.all(scale_w > 0)):
-        raise ValueError(f"scale must stay finite and positive in {weight.dtype}, got range "
-                         f"[{scale64.min():.3g}, {scale64.max():.3g}]")
+    if not (np.all(np.isfinite(scale_w)) and np.all(scale_w > 0)):  # beyond float32: work in float64
+        rows, scale_w = rows.astype(np.float64), scale64
     w_int = np.empty((out_ch, in_ch, taps), _store_dtype(qmin, qmax))
     blocks = _channel_blocks(out_ch, in_ch * taps)
     workers = min(_worker_count(threads, weight.size, out_ch), len(blocks))
@@ -162,11 +161,10 @@ def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
 def _round_channels(rows: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, stage_set: frozenset[str],
                     out: np.ndarray) -> None:
     """All stages for the output channels in `rows` [O', I, taps] (scale in their dtype), into `out`."""
-    x_range = _grid_range(rows, scale)
-    q = _round_blocks(rows, scale, qmin, qmax, stage_set, x_range, mask_outside=False)
+    q = _round_blocks(rows, scale, qmin, qmax, stage_set, mask_outside=False)
     if q is None:
         logger.debug("squant: a flip left [%d, %d]; rerunning with clipped elements masked", qmin, qmax)
-        q = _round_blocks(rows, scale, qmin, qmax, stage_set, x_range, mask_outside=True)
+        q = _round_blocks(rows, scale, qmin, qmax, stage_set, mask_outside=True)
     taps = q.shape[0]
     if taps <= _RANK_TAPS:  # one strided copy per tap beats numpy's transposing copy of short rows
         for tap in range(taps):
@@ -244,7 +242,7 @@ def squant_quantize(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *
 
 
 def _round_blocks(rows: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, stage_set: frozenset[str],
-                  x_range: tuple[float, float], mask_outside: bool) -> np.ndarray | None:
+                  mask_outside: bool) -> np.ndarray | None:
     """All stages on the block layout [taps, O, I]: sums and maxima over a kernel's taps are
     vector operations over all O * I kernels at once, whatever the shape.
 
@@ -253,10 +251,12 @@ def _round_blocks(rows: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, sta
     a masked element that is not flipped changes nothing, so an on-grid result is exact.
     """
     out_ch, in_ch, taps = rows.shape
-    x_lo, x_hi = x_range
     resid = _SCRATCH.take("resid", (taps, out_ch, in_ch), rows.dtype)
     np.copyto(resid, rows.transpose(2, 0, 1))
     resid /= scale[:, None]  # x = w / scale in the weight's precision
+    x_lo, x_hi = float(resid.min()), float(resid.max())
+    if not (math.isfinite(x_lo) and math.isfinite(x_hi)):
+        raise ValueError("w_fp / scale must be finite")
     q = _SCRATCH.take("q", resid.shape, _grid_dtype(qmin, qmax))
     outside = (resid < qmin) | (resid > qmax) if mask_outside else None
     if x_lo <= qmin - 0.5 or x_hi >= qmax + 0.5:
@@ -299,16 +299,6 @@ def _channel_scale(scale: np.ndarray, out_ch: int) -> np.ndarray:
     if not (np.all(np.isfinite(scale64)) and np.all(scale64 > 0)):
         raise ValueError("scale must be finite and positive")
     return scale64
-
-
-def _grid_range(rows: np.ndarray, scale: np.ndarray) -> tuple[float, float]:
-    """min and max of x = w / scale over the tensor (division is monotone, so per-channel extrema do)."""
-    flat = rows.reshape(rows.shape[0], -1)
-    x_lo = (flat.min(axis=1) / scale).min()
-    x_hi = (flat.max(axis=1) / scale).max()
-    if not (np.isfinite(x_lo) and np.isfinite(x_hi)):
-        raise ValueError("w_fp / scale must be finite")
-    return float(x_lo), float(x_hi)
 
 
 def _store_dtype(qmin: int, qmax: int) -> np.dtype:
