@@ -342,8 +342,7 @@ def _kernel_stage(resid: np.ndarray, q: np.ndarray, outside: np.ndarray | None) 
     thresh = top + (want == 0)
     many = np.flatnonzero(want >= 2)
     if many.size:
-        thresh.reshape(-1)[many] = _kth_largest(prio.reshape(-1)[_kernel_index(prio, many)], top.reshape(-1)[many],
-                                                want.reshape(-1)[many])
+        thresh.reshape(-1)[many] = _kth_largest(prio.reshape(-1)[_kernel_index(prio, many)], want.reshape(-1)[many])
     np.maximum(thresh, _tiny(prio.dtype), out=thresh)  # fewer candidates than wanted: flip them all
     flip = np.greater_equal(prio, thresh, out=_SCRATCH.take("flip", prio.shape, np.bool_))
     flipped = np.add.reduce(flip.view(np.uint8), axis=0, dtype=np.uint8 if taps < 256 else np.intp)
@@ -362,23 +361,23 @@ def _kernel_stage(resid: np.ndarray, q: np.ndarray, outside: np.ndarray | None) 
     return _KernelFlips(err_sum=err_sum, sign=sign, flipped=flipped, last=thresh, top=top, step=step)
 
 
-def _kth_largest(cols: np.ndarray, top: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """The k-th largest distinct value of each column of `cols` [L, m] (k >= 2), given the largest.
-
-    -inf where a column has fewer distinct values. Equal values make this a lower bound of the
-    k-th largest entry; the caller detects that as more entries at or above it than k. `cols` is
-    overwritten.
-    """
-    kth = top.copy()
-    cols[cols >= kth] = -np.inf
-    kth = cols.max(axis=0)
-    deeper = np.flatnonzero(k >= 3)  # rare: |E| >= 2.5
-    for rank in range(3, int(k.max()) + 1):
-        deeper = deeper[k[deeper] >= rank]
-        below = cols[:, deeper]
-        below[below >= kth[deeper]] = -np.inf
-        kth[deeper] = below.max(axis=0)
-    return kth
+def _kth_largest(cols: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """The k-th largest entry (repeats counted) of each column of `cols` [L, m], k >= 2; -inf past L."""
+    length, count = cols.shape
+    # the running top two of each column: a few vector max/min per tap instead of a sort per kernel
+    first, second = cols[0].copy(), np.full(count, -np.inf, cols.dtype)
+    lower = np.empty(count, cols.dtype)
+    for row in cols[1:]:
+        np.minimum(first, row, out=lower)
+        np.maximum(second, lower, out=second)
+        np.maximum(first, row, out=first)
+    deeper = np.flatnonzero(k > 2)  # rare (|E| >= 2.5): sort those kernels
+    if deeper.size:
+        ranked = np.sort(cols[:, deeper].T, axis=1)  # ascending
+        rank = k[deeper].astype(np.intp)
+        second[deeper] = np.where(rank <= length, ranked[np.arange(deeper.size), np.maximum(length - rank, 0)],
+                                  -np.inf)
+    return second
 
 
 def _channel_stage_after_kernels(prio: np.ndarray, q: np.ndarray, flips: _KernelFlips) -> None:
