@@ -348,8 +348,11 @@ def test_resnet20_weights_at_3_bits():
 
 
 @pytest.mark.parametrize("shape", [(256, 128, 3, 3), (1000, 512), (64, 1, 3, 3)])
-def test_threads_do_not_change_the_result(shape):
-    """Large layers are split by output channel across threads; the rounding must not notice."""
+def test_threads_do_not_change_the_result(monkeypatch, shape):
+    """Layers of several blocks spread them across threads; the rounding must not notice."""
+    import onnxdfq.passes.squant as squant_module
+
+    monkeypatch.setattr(squant_module, "_BLOCK_SIZE", 1 << 12)  # many blocks even for small layers
     rng = np.random.default_rng(7)
     w = rng.standard_normal(shape).astype(np.float32)
     w[::5] *= 0.01  # channels of very different scale, and clipped outliers with a shared scale

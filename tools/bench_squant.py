@@ -4,6 +4,7 @@
 
 Writes squant_bench.md (a markdown table) and squant_bench.json to the output folder. The paper
 reports 84 ms for ResNet-18 on an A100 (CUDA kernel); this is the numpy core on the CPU at hand.
+"nearest" is round-to-nearest written the obvious way in numpy (divide, rint, clip, cast), for scale.
 """
 
 from __future__ import annotations
@@ -80,16 +81,24 @@ def time_model(weights: list[np.ndarray], scheme: QuantScheme, repeats: int) -> 
         for w in weights:
             np.copy(w)
 
-    squant, serial, copy = [], [], []
-    for _ in range(repeats):  # interleaved, so load changes hit all three alike
+    def run_nearest() -> None:  # round to nearest as one would write it in numpy, for scale
+        for w, scale in zip(weights, scales, strict=True):
+            x = w / scale.reshape((-1,) + (1,) * (w.ndim - 1))
+            np.clip(np.rint(x), scheme.qmin, scheme.qmax).astype(np.int8)
+
+    squant, serial, copy, nearest = [], [], [], []
+    for _ in range(repeats):  # interleaved, so load changes hit all alike
         squant.append(_timed(run_squant))
         serial.append(_timed(run_squant_serial))
         copy.append(_timed(run_copy))
-    squant, serial, copy = np.array(squant), np.array(serial), np.array(copy)
+        nearest.append(_timed(run_nearest))
+    squant, serial, copy, nearest = np.array(squant), np.array(serial), np.array(copy), np.array(nearest)
     return {"squant_ms": squant[:, 0].min(), "squant_ms_median": float(np.median(squant[:, 0])),
             "squant_cpu_ms": squant[:, 1].min(), "serial_ms": serial[:, 0].min(),
+            "serial_ms_median": float(np.median(serial[:, 0])),
             "serial_cpu_ms": serial[:, 1].min(), "copy_ms": copy[:, 0].min(),
-            "copy_ms_median": float(np.median(copy[:, 0])), "copy_cpu_ms": copy[:, 1].min()}
+            "copy_ms_median": float(np.median(copy[:, 0])), "copy_cpu_ms": copy[:, 1].min(),
+            "nearest_ms": nearest[:, 0].min()}
 
 
 def main() -> None:
@@ -112,13 +121,15 @@ def main() -> None:
 
     cpu = platform.processor() or platform.machine()
     load = os.getloadavg()[0]
-    lines = [f"SQuant ({args.bits}-bit per-channel, stages e+k+c), wall time, best of {args.repeats}; "
+    lines = [f"SQuant ({args.bits}-bit per-channel, stages e+k+c), wall time, best (and median) of {args.repeats}; "
              f"{cpu}, {os.cpu_count()} CPU(s), load average {load:.1f} (other jobs inflate times), "
              f"numpy {np.__version__}. "
              f"Paper: {PAPER_RESNET18_MS:.0f} ms for ResNet-18 on an A100.", "",
-             "| model | params | squant ms (threads) | squant ms (1 thread) | copy ms | ratio to copy |",
-             "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['squant_ms']:.1f} | {r['serial_ms']:.1f} "
+             "| model | params | squant ms (threads) | median | squant ms (1 thread) | median "
+             "| nearest ms (numpy one-liner) | copy ms | ratio to copy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['params'] / 1e6:.2f}M | {r['squant_ms']:.1f} | {r['squant_ms_median']:.1f} "
+              f"| {r['serial_ms']:.1f} | {r['serial_ms_median']:.1f} | {r['nearest_ms']:.1f} "
               f"| {r['copy_ms']:.2f} | {r['ratio']:.0f}x |" for r in rows]
     lines += ["", "Process CPU time, best of the same runs: "
               + "; ".join(f"{r['model']} squant {r['squant_cpu_ms']:.1f} ms, copy {r['copy_cpu_ms']:.2f} ms"

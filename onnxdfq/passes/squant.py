@@ -20,10 +20,8 @@ logger = logging.getLogger(__name__)
 SQUANT_STAGES: tuple[tuple[str, ...], ...] = (("e",), ("e", "k"), ("e", "c"), ("e", "k", "c"))
 # when a row's largest flip count is below this fraction of the row, partition instead of sorting it
 _PARTITION_FRACTION = 0.25
-# output channels round independently; layers at least this large are split across threads
-# (numpy releases the GIL in the sorts, partitions and element-wise work that dominate)
-_THREAD_MIN_SIZE = 1 << 15
-# elements per block of output channels that all stages run on in turn (see _channel_blocks)
+# elements per block of output channels that all stages run on in turn (see _channel_blocks);
+# output channels round independently, so a layer of several blocks spreads them over threads
 _BLOCK_SIZE = 1 << 21
 # rows up to this long are ranked by pairwise comparison; longer rows by a stable argsort
 _RANK_TAPS = 16
@@ -61,6 +59,9 @@ def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
     stages : sequence of str
         One of ``SQUANT_STAGES``: ``("e",)`` is nearest rounding, ``"k"`` adds kernel flips,
         ``"c"`` channel flips.
+    threads : int, optional
+        Threads for layers of more than one block (about two million weights); default: the
+        CPUs available, at most 8. The result does not depend on it.
 
     Returns
     -------
@@ -102,10 +103,12 @@ def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
     offer keys are float32 too. Only channel sums, over up to thousands of kernels, are float64.
     float64 weights are handled in float64 throughout.
 
-    The work is vectorised over all kernels and channels: per-kernel sums and maxima on a
-    [O, taps, I] copy, a sort or partition of the few rows that need more than their maximum,
-    threshold masks, and an exact stable-argsort re-ranking of rows with tied priorities. Inputs
-    are never modified.
+    The work is vectorised over all kernels and channels, in blocks of whole output channels of
+    about two million weights (so that the dozen passes over a block stay in the CPU caches),
+    each laid out [taps, O, I] so that per-kernel sums and maxima are vector operations over all
+    kernels: threshold masks, a running top two for the few kernels that want two flips, a
+    partition per channel for the C stage, and an exact ranking of rows with tied priorities.
+    Inputs are never modified.
 
     References
     ----------
@@ -142,7 +145,7 @@ def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
         rows, scale_w = rows.astype(np.float64), scale64
     w_int = np.empty((out_ch, in_ch, taps), _store_dtype(qmin, qmax))
     blocks = _channel_blocks(out_ch, in_ch * taps)
-    workers = min(_worker_count(threads, weight.size, out_ch), len(blocks))
+    workers = min(_thread_count(threads), len(blocks))
 
     def round_blocks(part: Sequence[slice]) -> None:
         for block in part:
@@ -208,15 +211,13 @@ def _channel_blocks(out_ch: int, channel_size: int) -> list[slice]:
     return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _worker_count(threads: int | None, size: int, out_ch: int) -> int:
+def _thread_count(threads: int | None) -> int:
     if threads is None:
         available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = min(available, 8)
+        return min(available, 8)
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    if size < _THREAD_MIN_SIZE:
-        return 1
-    return max(1, min(threads, out_ch, size // (_THREAD_MIN_SIZE // 2)))
+    return threads
 
 
 def _pool() -> ThreadPoolExecutor:
