@@ -140,3 +140,44 @@ def test_already_quantized_model_is_rejected(resnet20):
     q = onnxdfq.quantize(resnet20)
     with pytest.raises(onnxdfq.OnnxDfqError, match="already quantized"):
         onnxdfq.quantize(q)
+
+
+def test_all_zero_weight_channel_keeps_its_bias():
+    """CLE leaves dead channels with all-zero weights and a placeholder scale (1e-8); their int32
+    bias b / (s_x * s_w) would saturate. The channel gets a scale that holds its bias instead."""
+    model = gemm_matmul_model()
+    inits = {t.name: t for t in model.graph.initializer}
+    w, b = numpy_helper.to_array(inits["g.w"]).copy(), numpy_helper.to_array(inits["g.b"]).copy()
+    w[:, 3], b[3] = 0.0, 5.0
+    inits["g.w"].CopyFrom(numpy_helper.from_array(w, "g.w"))
+    inits["g.b"].CopyFrom(numpy_helper.from_array(b, "g.b"))
+    result = onnxdfq.quantize_model(model, method="nearest", bits=8, act_bits=8)
+    values = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    bias = values["gemm.bias_quantized"].astype(np.float64) * values["gemm.bias_scale"]
+    np.testing.assert_allclose(bias, b, rtol=1e-3, atol=1e-3)
+    assert np.all(values["gemm.weight_quantized"][:, 3] == 0)
+    assert not [w for w in result.report["warnings"] if "saturate" in w]
+    x = np.random.default_rng(0).uniform(-1, 1, (64, 3, 2, 2)).astype(np.float32)
+    fp32, quant = run(model, x), run(result.model, x)
+    assert np.abs(quant - fp32).max() < 0.05 * np.abs(fp32).max()
+
+
+def test_tiny_weight_channel_keeps_its_bias():
+    """Weights of 1e-7 next to a bias of 5 (gamma ~ 0 after folding): regridded, bias intact."""
+    model = gemm_matmul_model()
+    inits = {t.name: t for t in model.graph.initializer}
+    w, b = numpy_helper.to_array(inits["g.w"]).copy(), numpy_helper.to_array(inits["g.b"]).copy()
+    w[:, 3] *= 1e-7
+    b[3] = 5.0
+    inits["g.w"].CopyFrom(numpy_helper.from_array(w, "g.w"))
+    inits["g.b"].CopyFrom(numpy_helper.from_array(b, "g.b"))
+    result = onnxdfq.quantize_model(model, method="nearest", bits=8, act_bits=8)
+    values = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    bias = values["gemm.bias_quantized"].astype(np.float64) * values["gemm.bias_scale"]
+    np.testing.assert_allclose(bias, b, rtol=1e-3, atol=1e-3)
+    emit = [p for p in result.report["passes"] if p["name"] == "emit"][0]
+    assert emit["layers"]["gemm"]["bias_regridded_channels"] == 1
+    chosen = np.asarray(result.report["layers"]["gemm"]["scales"], np.float32)
+    other = np.arange(16) != 3  # the other channels keep the grid weight quantization chose
+    np.testing.assert_array_equal(values["gemm.weight_scale"][other], chosen[other])
+    assert values["gemm.weight_scale"][3] > 10 * chosen[3]  # coarser, so that 5 / (s_x * s_w) fits int32

@@ -2,7 +2,8 @@
 
 Weights: int8 container, per output channel (axis of the stored layout) or per tensor, zero point
 0, only the levels of their own grid. Biases: int32 with scale s_x * s_w when the layer input is
-quantized. Activations: per tensor, uint8 (zero point 0 when the range starts at 0, e.g. after
+quantized; a channel whose weights are tiny next to its bias gets a coarser weight grid so that
+its bias fits. Activations: per tensor, uint8 (zero point 0 when the range starts at 0, e.g. after
 ReLU, so onnxruntime drops the ReLU and fuses QLinearConv) or int8; a grid narrower than 8 bits
 gets a Clip in front of its QuantizeLinear so that only its own levels occur.
 """
@@ -25,6 +26,32 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("qdq", "qdq-packed", "fakequant")
 _INT32 = np.iinfo(np.int32)
+_BIAS_HEADROOM = 2.0**30  # a regridded channel keeps |b_int| at half the int32 range
+
+
+def _bias_safe_weights(w_int: np.ndarray, scale: np.ndarray, weight: np.ndarray, bias: np.ndarray,
+                       s_x: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Weight scale (and integers) with the channels whose int32 bias would saturate regridded.
+
+    The bias is stored as b / (s_x * s_w) in int32. A channel whose weights are tiny next to its
+    bias (gamma ~ 0 after BN folding, or cut to zero by CLE) has a tiny s_w, and that quotient
+    leaves int32: the bias would be clipped. Its weights matter far less than its bias there
+    (|w x| / |b| < 2^14 * fan_in / 2^31), so such a channel gets the smallest scale that holds
+    its bias, and its weights are rounded again on that coarser grid (all-zero ones stay zero).
+    Returns the scale, the integers and how many channels changed.
+    """
+    scale = np.asarray(scale, np.float64)
+    if scale.size == 1:  # per tensor: the scale is shared with every channel
+        return scale, w_int, 0
+    need = np.abs(np.asarray(bias, np.float64)) / (s_x * _BIAS_HEADROOM)
+    grow = need > scale
+    if not grow.any():
+        return scale, w_int, 0
+    scale = np.where(grow, need, scale)
+    w_int = w_int.copy()
+    shape = (-1,) + (1,) * (w_int.ndim - 1)
+    w_int[grow] = np.rint(weight[grow] / scale[grow].reshape(shape)).astype(w_int.dtype)
+    return scale, w_int, int(grow.sum())
 
 
 def activation_scheme(lo: float, bits: int) -> QuantScheme:
@@ -58,14 +85,24 @@ def emit_model(ws: Workspace, template, act_bits: int | None, fmt: str = "qdq") 
             graph_layers.write_weight(layer, quant.dequantized())
             report.rows.append(LayerRow(name, row))
             continue
-        surgery.dequantize_weight(graph, layer, quant.w_int, quant.scale)
+        weight_scale, w_int = quant.scale, quant.w_int
+        int_bias = layer.bias is not None and layer.input_name in act_qparams
+        if int_bias:
+            s_x = act_qparams[layer.input_name][0]
+            weight_scale, w_int, regridded = _bias_safe_weights(w_int, weight_scale, layer.weight, layer.bias, s_x)
+            if regridded:
+                row["bias_regridded_channels"] = regridded
+        surgery.dequantize_weight(graph, layer, w_int, weight_scale)
         width = packing.packed_type(quant.bits) if fmt == "qdq-packed" else None
         if width is not None:
             to_pack[f"{layer.name}.weight_quantized"] = width
-        if layer.bias is not None and layer.input_name in act_qparams:
-            s_x = act_qparams[layer.input_name][0]
-            bias_scale = s_x * np.broadcast_to(quant.scale, (layer.out_channels,)).astype(np.float64)
-            b_int = np.clip(np.rint(layer.bias / bias_scale), _INT32.min, _INT32.max).astype(np.int32)
+        if int_bias:
+            bias_scale = s_x * np.broadcast_to(weight_scale, (layer.out_channels,)).astype(np.float64)
+            wanted = np.rint(layer.bias / bias_scale)
+            saturated = int(np.count_nonzero((wanted < _INT32.min) | (wanted > _INT32.max)))
+            if saturated:
+                report.warnings.append(f"{name}: {saturated} bias value(s) saturate int32 (bias scale s_x * s_w)")
+            b_int = np.clip(wanted, _INT32.min, _INT32.max).astype(np.int32)
             surgery.dequantize_bias(graph, layer, b_int, bias_scale)
             row["bias"] = "int32"
         report.rows.append(LayerRow(name, row))
