@@ -63,7 +63,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(out)
 
 
-def _progress(total: int, desc: str, quiet: bool):
+def _progress(total: int | None, desc: str, quiet: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=True if quiet else None, file=sys.stderr, leave=False)
@@ -308,13 +308,6 @@ def _eval_options(func):
     return func
 
 
-def _dataset_len(data: Path, limit: int | None) -> int:
-    from onnxdfq.eval.data import open_dataset
-
-    count = open_dataset(data).count
-    return count if limit is None else min(count, limit)
-
-
 @main.command("eval")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @_eval_options
@@ -326,10 +319,15 @@ def eval_cmd(model: Path, data: Path, mean, std, size, batch_size, limit, provid
     from onnxdfq.graph.io import load_model
 
     load_model(model)
-    with _progress(_dataset_len(data, limit), "eval", as_json) as bar:
+    with _progress(None, "eval", as_json) as bar:
+
+        def set_total(count: int) -> None:  # known once evaluate has opened the data (it opens it once)
+            bar.total = count
+            bar.refresh()
+
         result = evaluate(model, str(data), mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
                           size=_size(size), batch_size=batch_size, limit=limit, provider=provider,
-                          progress=bar.update)
+                          progress=bar.update, on_count=set_total)
     if as_json:
         click.echo(json.dumps(result.to_json()))
         return

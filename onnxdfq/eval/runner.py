@@ -60,13 +60,20 @@ def _open(data: str | Dataset, session, mean, std, size) -> Dataset:
 
 def evaluate(model: Any, data: str | Dataset, *, mean: list[float] | None = None, std: list[float] | None = None,
              size: tuple[int, int] | None = None, batch_size: int = 100, limit: int | None = None,
-             provider: str = "cpu", progress: Progress | None = None) -> EvalResult:
-    """Top-1 / top-5 accuracy (percent) of a classifier (path or ModelProto) on labelled data."""
+             provider: str = "cpu", progress: Progress | None = None,
+             on_count: Progress | None = None) -> EvalResult:
+    """Top-1 / top-5 accuracy (percent) of a classifier (path or ModelProto) on labelled data.
+
+    `on_count` is told how many samples will be evaluated once the data is open (for a progress
+    bar's total); `progress` after each batch.
+    """
     session = make_session(model, provider)
     name, shape = input_spec(session)
     dataset = _open(data, session, mean, std, size)
     if not dataset.has_labels:
         raise DataError(f"{dataset.name}: has no labels ('y'); evaluation needs labelled data")
+    if on_count:
+        on_count(dataset.count if limit is None else min(dataset.count, limit))
     correct1 = correct5 = seen = 0
     start = time.perf_counter()
     for x, y in dataset.batches(batch_size, limit):
