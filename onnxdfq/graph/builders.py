@@ -96,7 +96,7 @@ def calibrate_bn(model: onnx.ModelProto, inputs: np.ndarray) -> onnx.ModelProto:
     BN layers are calibrated in graph order, so each sees inputs produced by calibrated layers:
     the result's BN statistics are true for that input distribution, as in a trained network.
     """
-    import onnxruntime as ort  # noqa: TID251 - model building for demos/tests only
+    from onnxdfq.eval.session import make_session  # the one place sessions are made
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     inits = {init.name: init for init in model.graph.initializer}
@@ -105,7 +105,7 @@ def calibrate_bn(model: onnx.ModelProto, inputs: np.ndarray) -> onnx.ModelProto:
             continue
         probe = onnx.ModelProto.FromString(model.SerializeToString())
         probe.graph.output.append(helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, None))
-        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = make_session(probe, "cpu")
         value = session.run([node.input[0]], {"input": inputs})[0]
         mean, var = value.mean(axis=(0, 2, 3)), value.var(axis=(0, 2, 3))
         inits[node.input[3]].CopyFrom(numpy_helper.from_array(mean.astype(np.float32), node.input[3]))
