@@ -24,12 +24,11 @@ from onnxdfq.graph import io as graph_io
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.graph import surgery
 from onnxdfq.passes.base import BNStats, Workspace
-from onnxdfq.passes.dfmpc import (
-    DFMPCPass,
+from onnxdfq.passes.dfmpc import DFMPCPass, plan_pairs
+from onnxdfq.passes.dfmpc_math import (
     channel_correlation,
     dfmpc_coefficients,
     high_layer_gain,
-    plan_pairs,
     quantize_low,
     reestimate_bn,
     tap_variance,

@@ -23,6 +23,7 @@ import numpy as np
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.passes.act_ranges import TensorStats, propagate_statistics
 from onnxdfq.passes.base import LayerRow, Pass, PassReport, PreconditionError, Workspace
+from onnxdfq.quant.shift import correct_bias, output_shift
 
 __all__ = ["DEFAULT_SOURCES", "output_shift", "correct_bias", "AnalyticBiasCorrectionPass"]
 
@@ -31,33 +32,6 @@ logger = logging.getLogger(__name__)
 # statistics trusted for E[x]: BN-described tensors (also after Relu/Min/pooling) and moments propagated
 # from them (residual sums, layers without BN); not "input", the assumed distribution of the network input
 DEFAULT_SOURCES = ("bn", "propagated")
-
-
-def output_shift(w_fp: np.ndarray, w_q: np.ndarray, in_mean: np.ndarray, group: int = 1) -> np.ndarray:
-    """E[(W_q - W) x] per output channel for canonical weights [O, I/g, *k] and E[x] per input channel [I]."""
-    eps = np.asarray(w_q, np.float64) - np.asarray(w_fp, np.float64)
-    out_ch, in_per_group = eps.shape[0], eps.shape[1]
-    in_mean = np.asarray(in_mean, np.float64).reshape(-1)
-    if in_mean.size != in_per_group * group:
-        raise ValueError(f"{in_mean.size} input means for a layer reading {in_per_group * group} channels")
-    tap_sum = eps.reshape(group, out_ch // group, in_per_group, -1).sum(axis=3)
-    return np.einsum("goi,gi->go", tap_sum, in_mean.reshape(group, in_per_group)).reshape(-1)
-
-
-def correct_bias(w_fp: np.ndarray, w_q: np.ndarray, bias: np.ndarray | None, in_mean: np.ndarray,
-                 group: int = 1) -> np.ndarray:
-    """b - E[(W_q - W) x] in float64 (bias None counts as zeros); inputs are never modified.
-
-    Parameters
-    ----------
-    w_fp, w_q : float and quantized (dequantized) canonical weights, [O, I/g, *k] or [O, I].
-    bias : [O] or None.
-    in_mean : E[x] per input channel, [I].
-    group : the layer's group count (depthwise: I).
-    """
-    shift = output_shift(w_fp, w_q, in_mean, group)
-    base = np.zeros(shift.shape) if bias is None else np.asarray(bias, np.float64).reshape(-1)
-    return base - shift
 
 
 class AnalyticBiasCorrectionPass(Pass):

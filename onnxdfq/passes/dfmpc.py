@@ -4,27 +4,10 @@ Layers are paired (l, l+1) along plain chains conv -> BN -> ReLU -> conv (`plan_
 quantized at the low width (2 bits = exact least-squares ternary {-1, 0, 1} * alpha_j per output
 channel), l+1 and every unpaired layer at the high width. No data is used anywhere.
 
-Everything works on BN-folded weights: channel j of l has pre-activation N(beta_j, gamma_j^2) with
-its float weights W (the statistics kept by FoldBatchNormPass). With quantized weights Wq they
-move; they are re-estimated from the per-channel mean m_c and variance v_c of the layer's input,
-propagated from the BN statistics (`act_ranges.propagate_statistics`: ReLU moments, residual sums):
-    mu_hat_j    = beta_j + sum_c (sum_k (Wq - W)[j, c, k]) m_c
-    sigma_hat_j = see `reestimate_bn` ("tap", "regression" or their geometric mean "blend", default)
-and l is re-normalised, Wq' = g Wq, b' = g (b - mu_hat) + beta, g = gamma / sigma_hat, so that its
-quantized channels have mean beta_j and std gamma_j again; g folds into alpha_j (free, per channel).
-The next layer l+1 then gets a per-output-channel gain (`high_layer_gain`) for the correlation
-between channels that the quantization noise of l removes, folded into l+1's float weights before
-they are quantized at the high width.
-
-The paper's closed form is `dfmpc_coefficients`: with X = W_j, y = b_j (the float layer) and
-Xh = Wq'_j, yh = b'_j,
-    c_j = argmin_{c >= 0} ||c Xh - X||^2 + l1 (c yh - y)^2 + l2 c^2,   l1 = 0.5, l2 = 0,
-folded as Wq'' = c Wq', b'' = c b' (an exact rewrite of an explicit Mul by c after the layer).
-Measured on ResNet-56 2/6 it lowers accuracy (it pulls the scale back towards the least-squares
-one, c = 1 exactly when nothing was re-estimated), so `compensate` defaults to False; the
-re-estimation is what recovers accuracy (tools/results/dfmpc_ablation.md).
+The per-layer math (BN re-estimation of the quantized layer, the next layer's gain, the paper's
+closed form) is the numpy core `onnxdfq.passes.dfmpc_math`; this module plans the pairs and reads
+and writes the graph.
 """
-
 
 from __future__ import annotations
 
@@ -35,280 +18,23 @@ import numpy as np
 
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.passes.act_ranges import propagate_statistics
-from onnxdfq.passes.base import BNStats, LayerRow, Pass, PassReport, PostconditionError, WeightQuant, Workspace
-from onnxdfq.passes.bias_correction import output_shift
-from onnxdfq.quant.gaussian import clipped_normal_moments
-from onnxdfq.quant.qparams import TINY_SCALE, channel_absmax
-from onnxdfq.quant.scheme import BitWidthMap, QuantScheme
+from onnxdfq.passes.base import LayerRow, Pass, PassReport, PostconditionError, WeightQuant, Workspace
+from onnxdfq.passes.dfmpc_math import (
+    DEFAULT_LAMBDA1,
+    DEFAULT_LAMBDA2,
+    DEFAULT_RHO,
+    LOW_QUANTIZERS,
+    REESTIMATE,
+    SIGMA_MODELS,
+    channel_correlation,
+    compensate_mixed_precision,
+    high_layer_gain,
+)
+from onnxdfq.quant.scheme import BitWidthMap
 
-__all__ = ["DEFAULT_LAMBDA1", "DEFAULT_LAMBDA2", "DEFAULT_RHO", "LowBitWeights", "PairPlan", "MixedPrecisionPlan",
-           "Compensation", "ternarize_lsq", "quantize_low", "tap_variance", "fit_rho", "reestimate_bn",
-           "dfmpc_coefficients", "compensate_mixed_precision", "plan_pairs", "DFMPCPass"]
+__all__ = ["PairPlan", "MixedPrecisionPlan", "plan_pairs", "DFMPCPass"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_LAMBDA1 = 0.5  # weight of the bias term in the closed form (the paper's lambda1)
-DEFAULT_LAMBDA2 = 0.0  # ridge term on c (the paper's lambda2)
-DEFAULT_RHO = 0.2  # correlation between the kernel taps of one input channel in V(u)
-RHO_GRID = np.linspace(0.0, 0.9, 46)  # candidates for rho="fit"
-SCALE_GRID = np.linspace(0.2, 1.0, 81)  # clip ratios (of max|w|) searched for 3..8-bit low layers
-LOW_QUANTIZERS = ("lsq", "absmax", "twn")  # least-squares grid, max|w| grid, TWN ternary (0.7 mean|w|)
-TWN_THRESHOLD = 0.7  # Li et al. 2016: threshold 0.7 mean|w|
-REESTIMATE = ("none", "mean", "mean+std")  # which BN statistics of the low layer are re-estimated
-
-
-@dataclass(frozen=True)
-class LowBitWeights:
-    """Integer weights [O, ...] on a symmetric grid and their per-channel scale [O]."""
-
-    w_int: np.ndarray
-    scale: np.ndarray
-
-    def dequantized(self) -> np.ndarray:
-        return self.w_int * self.scale.reshape((-1,) + (1,) * (self.w_int.ndim - 1))
-
-
-def ternarize_lsq(w_fp: np.ndarray) -> LowBitWeights:
-    """Exact least-squares ternary {-1, 0, 1} * alpha_j per output channel (canonical [O, ...]).
-
-    For a support of the k largest |w|, the best alpha is their mean and the squared error is
-    |w|^2 - (sum of the top-k |w|)^2 / k, so k maximises (sum of top-k |w|)^2 / k.
-    """
-    w = np.asarray(w_fp, np.float64)
-    flat = np.abs(w.reshape(w.shape[0], -1))
-    order = np.argsort(-flat, axis=1, kind="stable")
-    csum = np.cumsum(np.take_along_axis(flat, order, axis=1), axis=1)
-    count = np.arange(1, flat.shape[1] + 1)
-    best = np.argmax(csum**2 / count, axis=1)  # k - 1
-    alpha = csum[np.arange(flat.shape[0]), best] / (best + 1)
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(flat.shape[1]), flat.shape), axis=1)
-    keep = (rank <= best[:, None]) & (flat > 0)
-    w_int = (np.sign(w.reshape(flat.shape)) * keep).astype(np.int64).reshape(w.shape)
-    dead = alpha <= 0
-    return LowBitWeights(w_int, np.where(dead, TINY_SCALE, alpha))
-
-
-def _ternarize_twn(w_fp: np.ndarray) -> LowBitWeights:
-    flat = np.asarray(w_fp, np.float64).reshape(w_fp.shape[0], -1)
-    keep = np.abs(flat) > TWN_THRESHOLD * np.abs(flat).mean(axis=1, keepdims=True)
-    count = keep.sum(axis=1)
-    alpha = np.where(count > 0, (np.abs(flat) * keep).sum(axis=1) / np.maximum(count, 1), TINY_SCALE)
-    return LowBitWeights((np.sign(flat) * keep).astype(np.int64).reshape(w_fp.shape), alpha)
-
-
-def quantize_low(w_fp: np.ndarray, bits: int, method: str = "lsq") -> LowBitWeights:
-    """Per-channel symmetric grid of `bits` (2 = ternary) for the low layer of a pair.
-
-    "lsq": the least-squares grid (exact for ternary; for 3..8 bits the scale minimising the
-    rounding MSE over clip ratios SCALE_GRID of max|w|); "absmax": scale max|w| / qmax;
-    "twn": ternary with TWN's threshold (2 bits only).
-    """
-    scheme = QuantScheme(bits)
-    if method not in LOW_QUANTIZERS:
-        raise ValueError(f"unknown low-bit quantizer {method!r}; choose one of {', '.join(LOW_QUANTIZERS)}")
-    if method == "twn":
-        if bits != 2:
-            raise ValueError("the TWN quantizer is ternary (2 bits) only")
-        return _ternarize_twn(w_fp)
-    if method == "lsq" and bits == 2:
-        return ternarize_lsq(w_fp)
-    w = np.asarray(w_fp, np.float64).reshape(w_fp.shape[0], -1)
-    absmax = channel_absmax(w)
-    ratios = SCALE_GRID if method == "lsq" else np.ones(1)
-    scales = np.maximum(absmax[:, None] * ratios[None, :] / scheme.qmax, TINY_SCALE)  # [O, R]
-    q = np.clip(np.rint(w[:, None, :] / scales[:, :, None]), scheme.qmin, scheme.qmax)
-    err = np.sum((q * scales[:, :, None] - w[:, None, :]) ** 2, axis=2)
-    pick = np.argmin(err, axis=1)
-    rows = np.arange(w.shape[0])
-    return LowBitWeights(q[rows, pick].astype(np.int64).reshape(w_fp.shape), scales[rows, pick])
-
-
-def _grouped_inputs(weight: np.ndarray, group: int, per_input: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(weight as [O, I/g, taps] float64, per-input-channel values gathered to [O, I/g])."""
-    out_ch, in_per_group = weight.shape[0], weight.shape[1]
-    w = np.asarray(weight, np.float64).reshape(out_ch, in_per_group, -1)
-    group_of_out = np.arange(out_ch) // (out_ch // group)
-    index = group_of_out[:, None] * in_per_group + np.arange(in_per_group)[None, :]
-    return w, np.asarray(per_input, np.float64).reshape(-1)[index]
-
-
-def tap_variance(u: np.ndarray, in_var: np.ndarray, rho: float | np.ndarray, group: int = 1) -> np.ndarray:
-    """V(u_j) = sum_c v_c (rho (sum_k u[j,c,k])^2 + (1 - rho) sum_k u[j,c,k]^2), per output channel j.
-
-    The output variance of u for inputs independent across channels whose kernel taps have
-    variance v_c and pairwise correlation rho.
-    """
-    w, var = _grouped_inputs(u, group, in_var)
-    summed = w.sum(axis=2) ** 2
-    squared = (w * w).sum(axis=2)
-    return np.einsum("oc,oc->o", var, rho * summed + (1.0 - rho) * squared)
-
-
-def fit_rho(w_fp: np.ndarray, in_var: np.ndarray, target_std: np.ndarray, group: int = 1,
-            grid: np.ndarray = RHO_GRID) -> float:
-    """The rho whose V(W_j) best matches gamma_j^2 in log space, up to a common factor.
-
-    A data-free self-calibration: the float layer's output std gamma_j is known for every
-    channel, so the tap correlation of the layer's input can be read off its own weights.
-    """
-    target = np.log(np.maximum(np.asarray(target_std, np.float64) ** 2, 1e-30))
-    live = np.asarray(target_std) > 0
-    best, best_err = float(grid[0]), np.inf
-    for rho in grid:
-        model = np.log(np.maximum(tap_variance(w_fp, in_var, rho, group), 1e-30))
-        resid = (model - target)[live]
-        err = float(np.var(resid)) if resid.size else 0.0
-        if err < best_err:
-            best, best_err = float(rho), err
-    return best
-
-
-def channel_correlation(w_fp: np.ndarray, w_q: np.ndarray, in_var: np.ndarray, rho: float,
-                        group: int = 1) -> np.ndarray:
-    """r_j = corr(W_j . x, Wq_j . x) per output channel under the tap model of `tap_variance`."""
-    w, var = _grouped_inputs(w_fp, group, in_var)
-    wq, _ = _grouped_inputs(w_q, group, in_var)
-    cross = np.einsum("oc,oc->o", var, rho * w.sum(axis=2) * wq.sum(axis=2) + (1.0 - rho) * (w * wq).sum(axis=2))
-    norm = np.sqrt(tap_variance(w_fp, in_var, rho, group) * tap_variance(w_q, in_var, rho, group))
-    return np.where(norm > 0, cross / np.where(norm > 0, norm, 1.0), 1.0)
-
-
-def high_layer_gain(corr: np.ndarray, stats: BNStats, act: tuple[float, float], w_next: np.ndarray,
-                    next_std: np.ndarray) -> np.ndarray:
-    """Per-output-channel gain sigma'/sigma_hat' that restores the next (high) layer's output std.
-
-    The re-normalised low layer keeps each channel's mean and std, but only a fraction r_j
-    (`channel_correlation`) of channel j is the float signal; the rest, its quantization noise,
-    is taken as uncorrelated across channels and taps. The next layer's float output variance
-    sigma'^2 (its BN statistics) is D + O: D = sum_{c,k} W2[o,c,k]^2 Var(h_c), the part from each
-    input value with itself, exact for h = act(N(beta, gamma^2)), and O the rest, made of
-    covariances between different channels and taps. The noise keeps D and scales O by the
-    product of the two channels' r, here the square of the W2-weighted mean r:
-        sigma_hat'^2 = D + r_bar^2 (sigma'^2 - D),  r_bar = sum_c a_c r_c / sum_c a_c,
-        a_c = |sum_k W2[o, c, k]| std(h_c).
-    Group-1 next layers only (the caller leaves depthwise/grouped ones alone).
-    """
-    _, var_h = clipped_normal_moments(stats.mean, stats.std, act[0], act[1])
-    w2 = np.asarray(w_next, np.float64).reshape(w_next.shape[0], w_next.shape[1], -1)
-    diag = np.einsum("ock,c->o", w2 * w2, var_h)
-    total = np.asarray(next_std, np.float64) ** 2
-    weight = np.abs(w2.sum(axis=2)) * np.sqrt(var_h)[None, :]
-    norm = weight.sum(axis=1)
-    r_bar = np.where(norm > 0, weight @ np.clip(corr, 0.0, 1.0) / np.where(norm > 0, norm, 1.0), 1.0)
-    off = np.maximum(total - diag, 0.0)
-    var_q = np.minimum(diag, total) + r_bar**2 * off
-    live = (var_q > 0) & (total > 0)
-    return np.where(live, np.sqrt(np.where(live, total, 1.0) / np.where(live, var_q, 1.0)), 1.0)
-
-
-SIGMA_MODELS = ("tap", "regression", "blend")
-
-
-def _regression_variance(w_fp: np.ndarray, w_q: np.ndarray, std: np.ndarray, in_var: np.ndarray,
-                         group: int) -> np.ndarray:
-    """D_q + kappa^2 max(gamma^2 - D, 0): see `reestimate_bn`."""
-    w, var = _grouped_inputs(w_fp, group, in_var)
-    wq, _ = _grouped_inputs(w_q, group, in_var)
-    diag_fp = np.einsum("ock,oc->o", w * w, var)
-    diag_q = np.einsum("ock,oc->o", wq * wq, var)
-    kappa = np.where(diag_fp > 0, np.einsum("ock,oc->o", w * wq, var) / np.where(diag_fp > 0, diag_fp, 1.0), 1.0)
-    return diag_q + kappa**2 * np.maximum(np.asarray(std, np.float64) ** 2 - diag_fp, 0.0)
-
-
-def reestimate_bn(w_fp: np.ndarray, w_q: np.ndarray, stats: BNStats, in_mean: np.ndarray, in_var: np.ndarray,
-                  rho: float, group: int = 1, sigma_model: str = "blend") -> BNStats:
-    """Pre-activation mean and std of the quantized layer's channels, without data.
-
-    mu_hat = beta + E[(Wq - W) x]. sigma_hat by `sigma_model`:
-    - "tap": gamma sqrt(V(Wq) / V(W)) (module doc), inputs independent across channels;
-    - "regression": the float variance gamma^2 = D + O splits into D = sum_{c,k} W^2 v_c, each input
-      value with itself (exact), and O, the covariances between different channels and taps,
-      unknown but fixed by gamma. Writing Wq = kappa W + noise (kappa the v-weighted regression
-      coefficient), the noise adds to D only: sigma_hat^2 = D_q + kappa^2 (gamma^2 - D);
-    - "blend": the geometric mean of the two (measured on ResNet-56 with real inputs, "tap" is
-      ~3 % high and "regression" ~5 % low).
-    """
-    if sigma_model not in SIGMA_MODELS:
-        raise ValueError(f"sigma_model must be one of {', '.join(SIGMA_MODELS)}, got {sigma_model!r}")
-    mu_hat = np.asarray(stats.mean, np.float64) + output_shift(w_fp, w_q, in_mean, group)
-    std = np.asarray(stats.std, np.float64)
-    v_fp = tap_variance(w_fp, in_var, rho, group)
-    v_q = tap_variance(w_q, in_var, rho, group)
-    ratio = np.where(v_fp > 0, v_q / np.where(v_fp > 0, v_fp, 1.0), 1.0)
-    tap_std = std * np.sqrt(ratio)
-    if sigma_model == "tap":
-        return BNStats(mu_hat, tap_std)
-    reg_std = np.sqrt(_regression_variance(w_fp, w_q, std, in_var, group))
-    return BNStats(mu_hat, reg_std if sigma_model == "regression" else np.sqrt(tap_std * reg_std))
-
-
-def dfmpc_coefficients(x_fp: np.ndarray, y_fp: np.ndarray, x_hat: np.ndarray, y_hat: np.ndarray,
-                       lambda1: float = DEFAULT_LAMBDA1, lambda2: float = DEFAULT_LAMBDA2) -> np.ndarray:
-    """c_j = argmin_{c >= 0} ||c Xh_j - X_j||^2 + l1 (c yh_j - y_j)^2 + l2 c^2, float64, per row j.
-
-    x_fp, x_hat : [O, n] weights (any trailing shape is flattened); y_fp, y_hat : [O] biases.
-    The unconstrained minimiser (Xh.X + l1 yh y) / (Xh.Xh + l1 yh^2 + l2) is clamped at 0, which
-    is the constrained minimiser since the objective is a convex quadratic in c. A row whose
-    denominator is 0 (nothing to scale) gets c = 1.
-    """
-    x = np.asarray(x_fp, np.float64).reshape(len(y_fp), -1)
-    xh = np.asarray(x_hat, np.float64).reshape(len(y_fp), -1)
-    y, yh = np.asarray(y_fp, np.float64), np.asarray(y_hat, np.float64)
-    num = np.einsum("on,on->o", xh, x) + lambda1 * yh * y
-    den = np.einsum("on,on->o", xh, xh) + lambda1 * yh * yh + lambda2
-    c = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
-    return np.maximum(c, 0.0)
-
-
-@dataclass(frozen=True)
-class Compensation:
-    """A compensated low-bit layer: integer weights, per-channel scale and bias, and the diagnostics."""
-
-    quant: LowBitWeights
-    bias: np.ndarray  # [O] float64
-    gain: np.ndarray  # gamma / sigma_hat, per channel (1 without std re-estimation)
-    c: np.ndarray  # the closed-form coefficient (1 without compensation)
-    estimated: BNStats  # (mu_hat, sigma_hat) of the plain quantized layer
-
-
-def compensate_mixed_precision(w_fp: np.ndarray, bias: np.ndarray | None, stats: BNStats, in_mean: np.ndarray,
-                               in_var: np.ndarray, bits: int, *, group: int = 1, quantizer: str = "lsq",
-                               reestimate: str = "mean+std", rho: float | str = DEFAULT_RHO,
-                               compensate: bool = False, lambda1: float = DEFAULT_LAMBDA1,
-                               lambda2: float = DEFAULT_LAMBDA2, sigma_model: str = "blend") -> Compensation:
-    """Quantize a BN-folded layer [O, ...] to `bits` and compensate it per channel (module doc).
-
-    reestimate : "none", "mean" or "mean+std" (which BN statistics are re-estimated).
-    rho : tap correlation for V, or "fit" (`fit_rho`).
-    """
-    if reestimate not in REESTIMATE:
-        raise ValueError(f"reestimate must be one of {', '.join(REESTIMATE)}, got {reestimate!r}")
-    w = np.asarray(w_fp, np.float64)
-    b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, np.float64)
-    quant = quantize_low(w, bits, quantizer)
-    w_q = quant.dequantized()
-    rho_value = fit_rho(w, in_var, stats.std, group) if rho == "fit" else float(rho)
-    estimated = reestimate_bn(w, w_q, stats, in_mean, in_var, rho_value, group, sigma_model)
-    gain = np.ones(w.shape[0])
-    if reestimate == "mean+std":
-        live = (estimated.std > 0) & (stats.std > 0)
-        gain = np.where(live, stats.std / np.where(live, estimated.std, 1.0), 1.0)
-    new_bias = b.copy()
-    if reestimate != "none":
-        new_bias = gain * (b - estimated.mean) + stats.mean
-    scale = quant.scale * gain
-    c = np.ones(w.shape[0])
-    if compensate:
-        x_hat = quant.w_int.reshape(w.shape[0], -1) * scale[:, None]
-        c = dfmpc_coefficients(w.reshape(w.shape[0], -1), b, x_hat, new_bias, lambda1, lambda2)
-        scale, new_bias = scale * c, new_bias * c
-    w_int = quant.w_int
-    off = scale <= 0
-    if off.any():  # c = 0: the channel is switched off
-        w_int = np.where(off.reshape((-1,) + (1,) * (w.ndim - 1)), 0, w_int)
-        scale = np.where(off, TINY_SCALE, scale)
-    return Compensation(LowBitWeights(w_int, scale), new_bias, gain, c, estimated)
 
 
 @dataclass(frozen=True)
