@@ -154,7 +154,7 @@ def squant_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, *,
     if workers == 1:
         round_blocks(blocks)
     else:
-        bounds = np.linspace(0, len(blocks), workers + 1).astype(int)
+        bounds = [len(blocks) * k // workers for k in range(workers + 1)]
         futures = [_pool().submit(round_blocks, blocks[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
         for future in futures:
             future.result()
@@ -207,7 +207,7 @@ def _channel_blocks(out_ch: int, channel_size: int) -> list[slice]:
     """
     per_block = max(1, _BLOCK_SIZE // max(channel_size, 1))
     count = -(-out_ch // per_block)
-    bounds = np.linspace(0, out_ch, count + 1).astype(int)
+    bounds = [out_ch * k // count for k in range(count + 1)]  # equal shares
     return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
