@@ -142,15 +142,22 @@ def test_already_quantized_model_is_rejected(resnet20):
         onnxdfq.quantize(q)
 
 
-def test_all_zero_weight_channel_keeps_its_bias():
-    """CLE leaves dead channels with all-zero weights and a placeholder scale (1e-8); their int32
-    bias b / (s_x * s_w) would saturate. The channel gets a scale that holds its bias instead."""
+def _gemm_with_channel_3(weight_factor: float, bias: float) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """gemm_matmul_model with the Gemm's output channel 3 scaled by `weight_factor` and given `bias`."""
     model = gemm_matmul_model()
     inits = {t.name: t for t in model.graph.initializer}
     w, b = numpy_helper.to_array(inits["g.w"]).copy(), numpy_helper.to_array(inits["g.b"]).copy()
-    w[:, 3], b[3] = 0.0, 5.0
+    w[:, 3] *= weight_factor
+    b[3] = bias
     inits["g.w"].CopyFrom(numpy_helper.from_array(w, "g.w"))
     inits["g.b"].CopyFrom(numpy_helper.from_array(b, "g.b"))
+    return model, w, b
+
+
+def test_all_zero_weight_channel_keeps_its_bias():
+    """CLE leaves dead channels with all-zero weights and a placeholder scale (1e-8); their int32
+    bias b / (s_x * s_w) would saturate. The channel gets a scale that holds its bias instead."""
+    model, w, b = _gemm_with_channel_3(weight_factor=0.0, bias=5.0)
     result = onnxdfq.quantize_model(model, method="nearest", bits=8, act_bits=8)
     values = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
     bias = values["gemm.bias_quantized"].astype(np.float64) * values["gemm.bias_scale"]
@@ -164,13 +171,7 @@ def test_all_zero_weight_channel_keeps_its_bias():
 
 def test_tiny_weight_channel_keeps_its_bias():
     """Weights of 1e-7 next to a bias of 5 (gamma ~ 0 after folding): regridded, bias intact."""
-    model = gemm_matmul_model()
-    inits = {t.name: t for t in model.graph.initializer}
-    w, b = numpy_helper.to_array(inits["g.w"]).copy(), numpy_helper.to_array(inits["g.b"]).copy()
-    w[:, 3] *= 1e-7
-    b[3] = 5.0
-    inits["g.w"].CopyFrom(numpy_helper.from_array(w, "g.w"))
-    inits["g.b"].CopyFrom(numpy_helper.from_array(b, "g.b"))
+    model, w, b = _gemm_with_channel_3(weight_factor=1e-7, bias=5.0)
     result = onnxdfq.quantize_model(model, method="nearest", bits=8, act_bits=8)
     values = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
     bias = values["gemm.bias_quantized"].astype(np.float64) * values["gemm.bias_scale"]

@@ -30,9 +30,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Generator, StepFn, input_prior, register_generator, run_adam
+from .base import StepFn, input_prior, register_generator
 from .executor import TorchGraph
 from .stats import BNTarget, batch_moments, layer_alignment, sample_moments
+from .zeroq import ZeroQGenerator
 
 __all__ = ["DSGGenerator", "slack_margins"]
 
@@ -62,36 +63,24 @@ def slack_margins(
 
 
 @register_generator("dsg")
-class DSGGenerator(Generator):
-    """DSG: slack alignment plus layerwise sample enhancement, optimised with Adam.
+class DSGGenerator(ZeroQGenerator):
+    """DSG: slack alignment plus layerwise sample enhancement, optimised with Adam like ZeroQ.
 
     Parameters
     ----------
-    lr, plateau_patience, input_prior_weight :
-        As for ZeroQ.
     quantile : float
         Which quantile of the finite-sample deviations sets the margins (paper: 0.9).
     enhance_weight : float
         Weight of the layerwise sample-enhancement term; 0 gives SDA alone.
+    **adam_options
+        ZeroQ's: ``lr``, ``input_prior_weight``, ``plateau_patience``.
     """
 
     default_steps = 500
 
-    def __init__(
-        self,
-        graph: TorchGraph,
-        targets: Sequence[BNTarget],
-        *,
-        lr: float = 0.5,
-        plateau_patience: int = 20,
-        input_prior_weight: float = 1.0,
-        quantile: float = 0.9,
-        enhance_weight: float = 1.0,
-    ) -> None:
-        super().__init__(graph, targets)
-        self.lr = lr
-        self.plateau_patience = plateau_patience
-        self.input_prior_weight = input_prior_weight
+    def __init__(self, graph: TorchGraph, targets: Sequence[BNTarget], *, quantile: float = 0.9,
+                 enhance_weight: float = 1.0, **adam_options: float) -> None:
+        super().__init__(graph, targets, **adam_options)
         self.quantile = quantile
         self.enhance_weight = enhance_weight
         self.margins: list[tuple[float, float, float, float]] = []
@@ -128,6 +117,6 @@ class DSGGenerator(Generator):
     def run(self, x0: torch.Tensor, steps: int, on_step: StepFn) -> list[torch.Tensor]:
         if not self.margins:
             self.prepare(tuple(x0.shape), torch.Generator().manual_seed(0))
-        x = run_adam(x0, steps, self.loss, on_step, lr=self.lr, plateau_patience=self.plateau_patience)
+        samples = super().run(x0, steps, on_step)  # Adam on self.loss
         self._offset += x0.shape[0]
-        return [x]
+        return samples
