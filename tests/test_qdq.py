@@ -53,6 +53,26 @@ def test_mobilenet_qdq_fuses_depthwise_and_relu6(mobilenet, tmp_path):
     assert fused.get("Clip", 0) == 0  # ReLU6 absorbed into the uint8 range
 
 
+def test_dfq_channel_min_runs_on_integers(mobilenet, tmp_path, monkeypatch):
+    """CLE's per-channel Min (exact ReLU6) moves between Q and DQ: same outputs, every conv still fuses."""
+    from onnxdfq.graph import surgery
+
+    model = onnxdfq.quantize(mobilenet, method="dfq", bits=8, act_bits=8)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    mins = [node for node in model.graph.node if node.op_type == "Min"]
+    assert len(mins) >= 20
+    assert all(producers[node.input[0]].op_type == "QuantizeLinear" for node in mins)  # integer inputs
+    fused = optimized_ops(model, tmp_path)
+    assert fused.get("QLinearConv", 0) == 28 and fused.get("Conv", 0) == 0, fused
+
+    monkeypatch.setattr(surgery, "integer_channel_min", lambda graph: 0)  # the float Min, as before
+    float_min = onnxdfq.quantize(mobilenet, method="dfq", bits=8, act_bits=8)
+    float_producers = {out: node.op_type for node in float_min.graph.node for out in node.output}
+    assert {float_producers[n.input[0]] for n in float_min.graph.node if n.op_type == "Min"} == {"DequantizeLinear"}
+    x = np.random.default_rng(0).standard_normal((4, 3, 224, 224)).astype(np.float32)
+    np.testing.assert_array_equal(run(model, x), run(float_min, x))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 6])
 def test_narrow_weight_grid_uses_only_its_levels(bits):
     model = onnxdfq.quantize(varied_chain(1), bits=bits, act_bits=8)

@@ -119,6 +119,9 @@ def emit_model(ws: Workspace, template, act_bits: int | None, fmt: str = "qdq") 
         report.rows.append(LayerRow(name, {"act_scale": scale, "act_zero_point": zero_point,
                                            "act_dtype": "int8" if scheme.signed else "uint8",
                                            "act_bits": scheme.bits, "source": ws.act_ranges[name].source}))
+    moved = surgery.integer_channel_min(graph)
+    if moved:
+        report.params["integer_min_nodes"] = moved
     model = surgery.export_model(graph, template)
     if to_pack:
         model, packed = packing.pack_weights(model, to_pack)
