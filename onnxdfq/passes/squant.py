@@ -27,6 +27,9 @@ _BLOCK_SIZE = 1 << 21
 _RANK_TAPS = 16
 # below this many rows, one argsort call is cheaper than the L comparisons
 _RANK_MIN_COLUMNS = 512
+# kernels up to this many taps are written out one tap at a time (numpy's transposing copy of
+# short rows is slower)
+_PER_TAP_COPY_MAX = 16
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -169,7 +172,7 @@ def _round_channels(rows: np.ndarray, scale: np.ndarray, qmin: int, qmax: int, s
         logger.debug("squant: a flip left [%d, %d]; rerunning with clipped elements masked", qmin, qmax)
         q = _round_blocks(rows, scale, qmin, qmax, stage_set, mask_outside=True)
     taps = q.shape[0]
-    if taps <= _RANK_TAPS:  # one strided copy per tap beats numpy's transposing copy of short rows
+    if taps <= _PER_TAP_COPY_MAX:
         for tap in range(taps):
             out[:, :, tap] = q[tap]
     else:
@@ -326,7 +329,8 @@ def _kernel_stage(resid: np.ndarray, q: np.ndarray, outside: np.ndarray | None) 
     The priority of an element is e * sign(E): positive for candidates, equal to |e|, so the
     largest priorities flip first. Non-candidates (wrong sign or zero error, and clipped
     elements when `outside` is given) are <= 0. Most kernels want at most one flip, the largest
-    priority; the few that want more are ranked exactly on their own.
+    priority; for the few that want two, a running top two gives the threshold (a sort for more).
+    Ties at a threshold are ranked exactly.
     """
     taps = resid.shape[0]
     err_sum = np.add.reduce(resid, axis=0)
