@@ -35,6 +35,15 @@ def test_topk_correct():
     assert topk_correct(logits, np.array([2, 0]), 2) == 2
 
 
+def test_topk_correct_breaks_ties_like_argmax():
+    """Tied logits (common on quantized outputs) count for the lower index only, as argmax does."""
+    logits = np.array([[0.5, 0.5, 0.1], [0.2, 0.7, 0.7], [0.3, 0.3, 0.3]])
+    labels = np.array([1, 1, 2])
+    assert topk_correct(logits, labels, 1) == int((logits.argmax(1) == labels).sum()) == 1
+    assert topk_correct(logits, labels, 2) == 2  # the third row's label ranks third
+    assert topk_correct(logits, labels, 3) == 3
+
+
 def test_npz_uint8_nhwc(model_and_images):
     tmp, path, images, labels = model_and_images
     np.savez(tmp / "d.npz", x=images, y=labels)

@@ -305,22 +305,23 @@ def _channel_scale(scale: np.ndarray, out_ch: int) -> np.ndarray:
     return scale64
 
 
-def _store_dtype(qmin: int, qmax: int) -> np.dtype:
-    """The narrowest signed integer type holding [qmin, qmax]: int8 for every grid of 8 bits or fewer."""
+def _int_dtype(lo: int, hi: int) -> np.dtype:
+    """The narrowest signed integer type holding [lo, hi]."""
     for dtype in (np.int8, np.int16, np.int32):
         info = np.iinfo(dtype)
-        if info.min <= qmin and qmax <= info.max:
+        if info.min <= lo and hi <= info.max:
             return np.dtype(dtype)
     return np.dtype(np.int64)
+
+
+def _store_dtype(qmin: int, qmax: int) -> np.dtype:
+    """The result type: int8 for every grid of 8 bits or fewer."""
+    return _int_dtype(qmin, qmax)
 
 
 def _grid_dtype(qmin: int, qmax: int) -> np.dtype:
-    """The narrowest signed integer type holding [qmin - 1, qmax + 1]."""
-    for dtype in (np.int8, np.int16, np.int32):
-        info = np.iinfo(dtype)
-        if info.min < qmin and qmax < info.max:
-            return np.dtype(dtype)
-    return np.dtype(np.int64)
+    """The working type: room for one step past either end before the on-grid check."""
+    return _int_dtype(qmin - 1, qmax + 1)
 
 
 def _kernel_stage(resid: np.ndarray, q: np.ndarray, outside: np.ndarray | None) -> _KernelFlips:
