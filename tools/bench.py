@@ -172,7 +172,8 @@ def render(rows: list[dict], fp32: dict, meta: dict) -> str:
             "- `dfq` on ReLU6 nets (MobileNet): CLE turns each ReLU6 into Relu + a per-channel Min to stay exact. "
             "The QDQ file runs that Min on the quantized integers (Q -> Min -> DQ; quantization is monotone, so the "
             "result is the same as clipping before quantizing), and every conv fuses into QLinearConv; the 26 uint8 "
-            "Mins still cost about what int8 saves, so MobileNet dfq W8A8 runs at about FP32 speed (nearest: 1.36x). "
+            "Mins still cost about what int8 saves, so MobileNet dfq W8A8 runs at about FP32 speed (0.94-1.15x over "
+            "three runs; nearest 1.24-1.36x). "
             "Before the Mins moved onto the integers they ran in float between DQ and Q: 0.69x.",
             "- Float activations (fp32-act rows) run DequantizeLinear + float Conv: no speedup; their point is the "
             "weight storage (see the packed size).",
