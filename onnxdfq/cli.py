@@ -491,7 +491,7 @@ def inspect(model: Path) -> None:
         spread = f"{nonzero.max() / nonzero.min():.1f}x" if nonzero.size else "-"
         kind = "depthwise" if layer.is_depthwise else (f"group {layer.group}" if layer.group > 1 else "")
         rows.append([layer.name, f"{layer.op_type} {kind}".strip(), "x".join(map(str, before[layer.name].weight.shape)),
-                     "yes" if layer.name in ws.bn_stats else "no", layer.act.kind, spread])
+                     "yes" if layer.name in ws.channel_stats else "no", layer.act.kind, spread])
     click.echo(_table(rows, ["layer", "op", "weight (canonical)", "BN", "activation", "channel range spread"]))
     unhandled = patterns.unhandled_ops(graph)
     if unhandled:

@@ -62,6 +62,7 @@ class QuantConfig:
     reduce_range: bool | str = "auto"  # see _reduce_range
     input_range: tuple[float, float] | None = None
     fmt: str = "qdq"
+    quantize_outputs: bool = False  # Q/DQ on tensors that leave the graph (through Flatten, Reshape...) too
     calib: CalibSpec = field(default_factory=CalibSpec)  # activation ranges: BN statistics or samples
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -200,7 +201,8 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
                                     "constant weight) in the model")
 
     if config.act_bits is not None:
-        tensors = patterns.activation_tensors(ws.graph, layers, {layer.name for layer in layers})
+        tensors = patterns.activation_tensors(ws.graph, layers, {layer.name for layer in layers},
+                                              quantize_outputs=config.quantize_outputs)
         BNRangePass(tensors, sigmas=config.bn_sigmas)(ws)
         if config.calib.source != "bn":  # samples run through the float graph as it stands now (folded, after CLE)
             from onnxdfq.eval.calibrate import calibration_samples, collect_statistics
@@ -283,7 +285,7 @@ def _build_report(ws: Workspace, config: QuantConfig, source: str, timings: dict
     for name, quant in ws.weight_quant.items():
         layers[name] = {"bits": quant.bits, "per_channel": quant.per_channel, "method": quant.method,
                         "scales": quant.scale.astype(float).tolist(),
-                        "bn_stats": name in ws.bn_stats}
+                        "bn_stats": name in ws.channel_stats}
     for pass_report in ws.reports:
         for row in pass_report.rows:
             if row.layer in layers:

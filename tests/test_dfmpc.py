@@ -187,7 +187,7 @@ def _pair_model():
 def test_plan_pairs_plain_chains_only():
     ws = _folded(_pair_model())
     layers = graph_layers.read_layers(ws.graph)
-    plan = plan_pairs(layers, ws.graph, ws.bn_stats, 2, 6)
+    plan = plan_pairs(layers, ws.graph, ws.channel_stats, 2, 6)
     by_name = {layer.name: layer for layer in layers}
     assert plan.pairs and all(not by_name[p.low].is_depthwise for p in plan.pairs)
     assert "stem" in plan.unpaired["conv0"]
@@ -200,7 +200,7 @@ def test_plan_pairs_plain_chains_only():
 def test_plan_pairs_resnet20(resnet20):
     ws = _folded(graph_io.load_model(resnet20))
     layers = graph_layers.read_layers(ws.graph)
-    plan = plan_pairs(layers, ws.graph, ws.bn_stats, 2, 6)
+    plan = plan_pairs(layers, ws.graph, ws.channel_stats, 2, 6)
     assert [(p.low, p.high) for p in plan.pairs] == [
         (f"layer{s}.{b}.conv1", f"layer{s}.{b}.conv2") for s in (1, 2, 3) for b in range(3)]
     assert set(plan.unpaired) == {"conv1", "linear"}  # the conv2s are high layers of their pairs
@@ -209,7 +209,7 @@ def test_plan_pairs_resnet20(resnet20):
 def test_demo_model_never_pairs_a_depthwise_low_layer():
     ws = _folded(demo_model())
     layers = graph_layers.read_layers(ws.graph)
-    plan = plan_pairs(layers, ws.graph, ws.bn_stats, 4, 8)
+    plan = plan_pairs(layers, ws.graph, ws.channel_stats, 4, 8)
     depthwise = {layer.name for layer in layers if layer.is_depthwise}
     assert not plan.low_layers & depthwise
 

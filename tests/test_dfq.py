@@ -337,13 +337,13 @@ def test_absorption_exact_without_padding():
     ws = _workspace(model)
     folded = surgery.export_model(ws.graph, model)
     layers = graph_layers.read_layers(ws.graph)
-    names = [layer.output_name for layer in layers if layer.name in ws.bn_stats]
+    names = [layer.output_name for layer in layers if layer.name in ws.channel_stats]
     for name in names:
         folded.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     lowest = dict(zip(names, (v.min(axis=(0, 2, 3)) for v in _run(folded, x, names)), strict=True))
     for layer in layers:
-        if layer.name in ws.bn_stats:
-            ws.bn_stats[layer.name] = BNStats(lowest[layer.output_name] + 3.0, np.ones(layer.out_channels))
+        if layer.name in ws.channel_stats:
+            ws.channel_stats[layer.name] = BNStats(lowest[layer.output_name] + 3.0, np.ones(layer.out_channels))
     report = BiasAbsorptionPass()(ws)
     assert report.params["absorbed_pairs"] == 2
     assert any(node.op == "Min" for node in ws.graph.nodes)  # the ReLU6 pair now clips per channel

@@ -53,7 +53,7 @@ def test_folding_is_exact_on_shared_models(relative):
     folded, ws = folded_float_model(model)
     assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
     n_bn = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
-    assert len(ws.bn_stats) == n_bn
+    assert len(ws.channel_stats) == n_bn
     shape = [d.dim_value or 2 for d in model.graph.input[0].type.tensor_type.shape.dim]
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     ref, got = run(model, x), run(folded, x)
@@ -68,7 +68,7 @@ def test_folding_is_exact_on_generated_graphs(seed):
     ref, got = run(model, x), run(folded, x)
     assert np.max(np.abs(got - ref)) <= 1e-4 * np.max(np.abs(ref))
     # negative gammas: the kept std is |gamma|
-    assert all(np.all(stats.std >= 0) for stats in ws.bn_stats.values())
+    assert all(np.all(stats.std >= 0) for stats in ws.channel_stats.values())
 
 
 def test_folding_twice_reports_nothing_modified():
@@ -91,5 +91,5 @@ def test_bn_stats_describe_the_preactivation():
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((16, 3, 17, 17)).astype(np.float32)
     value = session.run([layer.output_name], {"input": x})[0]
-    np.testing.assert_allclose(value.mean(axis=(0, 2, 3)), ws.bn_stats["conv2"].mean, atol=1e-3)
-    np.testing.assert_allclose(value.std(axis=(0, 2, 3)), ws.bn_stats["conv2"].std, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(value.mean(axis=(0, 2, 3)), ws.channel_stats["conv2"].mean, atol=1e-3)
+    np.testing.assert_allclose(value.std(axis=(0, 2, 3)), ws.channel_stats["conv2"].std, rtol=1e-3, atol=1e-4)

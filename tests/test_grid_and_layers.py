@@ -92,7 +92,7 @@ def test_layer_view_of_varied_chain():
     assert layers["conv3"].group == 3 and layers["conv3"].act.kind == "none"
     assert layers["conv4"].act.kind == "none"  # followed by the residual Add, not an activation
     assert layers["fc"].op_type == "Gemm" and layers["fc"].weight.shape == (10, 16)
-    assert set(ws.bn_stats) == {f"conv{i}" for i in range(6)}
+    assert set(ws.channel_stats) == {f"conv{i}" for i in range(6)}
 
 
 def test_layer_view_canonicalises_stored_in_out_weights():

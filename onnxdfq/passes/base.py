@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BNStats", "WeightQuant", "ActRange", "LayerRow", "PassReport", "Workspace", "Pass",
+__all__ = ["ChannelStats", "BNStats", "STAT_SOURCES", "WeightQuant", "ActRange", "LayerRow", "PassReport",
+           "Workspace", "Pass",
            "PreconditionError", "PostconditionError"]
 
 logger = logging.getLogger(__name__)
@@ -27,16 +28,36 @@ class PostconditionError(RuntimeError):
     pass
 
 
+# where a layer's per-channel output statistics come from: a folded BatchNormalization (beta, |gamma|),
+# procedural prior images (onnxdfq.synth.prior), or calibration samples (synthetic or user data)
+STAT_SOURCES = ("bn", "prior", "samples")
+
+
 @dataclass(frozen=True)
-class BNStats:
-    """Per-output-channel pre-activation statistics kept from a folded BatchNormalization."""
+class ChannelStats:
+    """Per-output-channel pre-activation mean and std of a layer's output, and where they came from.
 
-    mean: np.ndarray  # beta (float64)
-    std: np.ndarray  # |gamma| (float64)
+    From a folded BatchNormalization they are (beta, |gamma|); a model exported with BN folded has
+    none, and the pipeline measures them on prior images (or calibration samples) instead.
+    """
 
-    def scaled(self, factor: np.ndarray) -> BNStats:
+    mean: np.ndarray  # float64
+    std: np.ndarray  # float64
+    source: str = "bn"
+
+    def scaled(self, factor: np.ndarray) -> ChannelStats:
         """Statistics of the channel after its pre-activation is divided by `factor` (> 0)."""
-        return BNStats(self.mean / factor, self.std / factor)
+        return ChannelStats(self.mean / factor, self.std / factor, self.source)
+
+    def shifted(self, amount: np.ndarray) -> ChannelStats:
+        """Statistics after `amount` is subtracted from the channel's pre-activation."""
+        return ChannelStats(self.mean - amount, self.std, self.source)
+
+    def replaced(self, mean: np.ndarray, std: np.ndarray) -> ChannelStats:
+        return ChannelStats(mean, std, self.source)
+
+
+BNStats = ChannelStats  # the name before statistics had other sources than BN
 
 
 @dataclass
@@ -92,7 +113,7 @@ class Workspace:
     """What the pipeline carries from pass to pass: the graph and everything learnt about it."""
 
     graph: Any  # onnx_graphsurgeon.Graph (kept untyped so that passes/ never imports graph libraries)
-    bn_stats: dict[str, BNStats] = field(default_factory=dict)  # layer name -> stats of its output
+    channel_stats: dict[str, ChannelStats] = field(default_factory=dict)  # layer name -> stats of its output
     act_upper: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> per-channel clip (CLE+ReLU6)
     weight_quant: dict[str, WeightQuant] = field(default_factory=dict)
     act_ranges: dict[str, ActRange] = field(default_factory=dict)  # tensor name -> range
@@ -101,12 +122,22 @@ class Workspace:
     weight_ranges: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # stage -> layer -> per-channel
     reports: list[PassReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # bumped by every pass that changed the graph or the statistics: cached tensor statistics
+    # (onnxdfq.passes.statistics.tensor_statistics) are valid for one version only
+    version: int = 0
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def touch(self) -> None:
+        """Record that the graph or the channel statistics changed (drops cached statistics)."""
+        self.version += 1
+        self.cache.clear()
 
 
 class Pass:
     """A step over the Workspace. Subclasses implement `call`; options go in `__init__`."""
 
     name = "pass"
+    changes_graph = True  # False for passes that only read the graph (e.g. set activation ranges)
 
     def requires(self, ws: Workspace) -> None:  # noqa: B027 - optional hook
         """Raise PreconditionError if the workspace is not ready for this pass."""
@@ -122,6 +153,8 @@ class Pass:
         start = time.perf_counter()
         report = self.call(ws)
         report.seconds = time.perf_counter() - start
+        if report.modified and self.changes_graph:
+            ws.touch()
         self.ensures(ws)
         ws.reports.append(report)
         for message in report.warnings:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxdfq.graph import layers as graph_layers
-from onnxdfq.passes.base import BNStats, LayerRow, Pass, PassReport, Workspace
+from onnxdfq.passes.base import LayerRow, Pass, PassReport, Workspace
 from onnxdfq.passes.cle import EqualizePair, find_pairs, set_channel_upper
 
 __all__ = ["ABSORB_SIGMAS", "AbsorbResult", "absorption_amount", "absorb_bias", "BiasAbsorptionPass"]
@@ -79,7 +79,7 @@ def absorb_bias(b1: np.ndarray, w2: np.ndarray, b2: np.ndarray | None, amount: n
 class BiasAbsorptionPass(Pass):
     """Absorb high biases across every pair with a ReLU (or ReLU6 / Relu -> Min) between its layers.
 
-    Needs layer 1's BN statistics (ws.bn_stats); updates them, the per-channel bound and
+    Needs layer 1's BN statistics (ws.channel_stats); updates them, the per-channel bound and
     ws.act_upper. Pairs without statistics, without a ReLU, or whose layer 2 cannot take a bias
     (MatMul) are reported as skipped.
 
@@ -94,7 +94,7 @@ class BiasAbsorptionPass(Pass):
     def _skip_reason(self, ws: Workspace, pair: EqualizePair) -> str | None:
         if pair.act_kind not in ("relu", "relu6", "clip"):
             return f"activation {pair.act_kind} is not a ReLU"
-        if pair.layer1.name not in ws.bn_stats:
+        if pair.layer1.name not in ws.channel_stats:
             return "no BN statistics"
         if pair.layer1.bias is None:
             return "layer 1 has no bias"
@@ -110,7 +110,7 @@ class BiasAbsorptionPass(Pass):
             if reason is not None:
                 report.rows.append(LayerRow(pair.layer1.name, {"absorbed": False, "absorb_skip": reason}))
                 continue
-            stats = ws.bn_stats[pair.layer1.name]
+            stats = ws.channel_stats[pair.layer1.name]
             amount = absorption_amount(stats.mean, stats.std, sigmas=self.sigmas, upper=pair.upper)
             if not np.any(amount > 0):
                 report.rows.append(LayerRow(pair.layer1.name, {"absorbed": False,
@@ -120,7 +120,7 @@ class BiasAbsorptionPass(Pass):
                                  group2=pair.layer2.group)
             graph_layers.write_bias(pair.layer1, result.b1)
             graph_layers.write_bias(pair.layer2, result.b2)
-            ws.bn_stats[pair.layer1.name] = BNStats(stats.mean - amount, stats.std)
+            ws.channel_stats[pair.layer1.name] = stats.shifted(amount)
             if pair.upper is not None:
                 set_channel_upper(ws, pair, pair.upper - amount, sort=False)
             report.rows.append(LayerRow(pair.layer1.name, {

@@ -21,17 +21,18 @@ import logging
 import numpy as np
 
 from onnxdfq.graph import layers as graph_layers
-from onnxdfq.passes.act_ranges import TensorStats, propagate_statistics
 from onnxdfq.passes.base import LayerRow, Pass, PassReport, PreconditionError, Workspace
+from onnxdfq.passes.statistics import TensorStats, tensor_statistics
 from onnxdfq.quant.shift import correct_bias, output_shift
 
 __all__ = ["DEFAULT_SOURCES", "output_shift", "correct_bias", "AnalyticBiasCorrectionPass"]
 
 logger = logging.getLogger(__name__)
 
-# statistics trusted for E[x]: BN-described tensors (also after Relu/Min/pooling) and moments propagated
-# from them (residual sums, layers without BN); not "input", the assumed distribution of the network input
-DEFAULT_SOURCES = ("bn", "propagated")
+# statistics trusted for E[x]: layer outputs with known statistics (BN, or measured on prior images or
+# samples where BN was folded away; also after Relu/Min/pooling) and moments propagated from them
+# (residual sums, layers without statistics); not "input", the assumed distribution of the network input
+DEFAULT_SOURCES = ("bn", "prior", "samples", "propagated")
 
 
 class AnalyticBiasCorrectionPass(Pass):
@@ -67,7 +68,7 @@ class AnalyticBiasCorrectionPass(Pass):
     def call(self, ws: Workspace) -> PassReport:
         report = PassReport(self.name, params={"sources": list(self.sources)})
         all_layers = graph_layers.read_layers(ws.graph)
-        stats = propagate_statistics(ws, all_layers)
+        stats = tensor_statistics(ws)
         layers = [layer for layer in all_layers if layer.name in ws.weight_quant]
         updates: list[tuple[graph_layers.Layer, np.ndarray, float]] = []
         for layer in layers:

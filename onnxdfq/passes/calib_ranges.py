@@ -162,6 +162,7 @@ class CalibrationRangePass(Pass):
     """
 
     name = "act_ranges_calib"
+    changes_graph = False
 
     def __init__(self, tensors: list[str], samples: np.ndarray, collect: Collector, spec: CalibSpec, bits: int,
                  template: Any, info: dict[str, Any] | None = None) -> None:
@@ -184,8 +185,8 @@ class CalibrationRangePass(Pass):
         observers = self.collect(model, self.tensors, self.samples, histogram=estimator.needs_histogram)
         inputs = {t.name for t in ws.graph.inputs}
         layers = graph_layers.read_layers(ws.graph)
-        bn_layers = {layer.node.name for layer in layers if layer.name in ws.bn_stats}
-        plain_layers = {layer.node.name for layer in layers if layer.name not in ws.bn_stats}
+        bn_layers = {layer.node.name for layer in layers if layer.name in ws.channel_stats}
+        plain_layers = {layer.node.name for layer in layers if layer.name not in ws.channel_stats}
         head = (tensors_without_bn_downstream(ws.graph, bn_layers) & tensors_after_layers(ws.graph, plain_layers)
                 if bn_layers else set())
         source = f"calib:{self.spec.label}"

@@ -31,7 +31,7 @@ import numpy as np
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.graph import surgery
 from onnxdfq.passes.act_ranges import DEFAULT_SIGMAS
-from onnxdfq.passes.base import ActRange, BNStats, LayerRow, Pass, PassReport, PostconditionError, Workspace
+from onnxdfq.passes.base import ActRange, LayerRow, Pass, PassReport, PostconditionError, Workspace
 
 __all__ = ["RANGE_EPS", "EqualizeResult", "EqualizePair", "output_channel_ranges", "input_channel_ranges",
            "channel_scales", "equalize_pair", "input_channel_shift", "activation_value", "SilenceResult",
@@ -323,7 +323,7 @@ def share_min_ranges(ws: Workspace) -> list[str]:
 class CrossLayerEqualizationPass(Pass):
     """Equalize every pair found by `find_pairs`, sweeping until max|s - 1| < tol (or max_sweeps).
 
-    Weights are equalized in float64 and written once at the end; ws.bn_stats of every layer 1 is
+    Weights are equalized in float64 and written once at the end; ws.channel_stats of every layer 1 is
     divided by its cumulative scale, and per-channel activation bounds follow it (see module doc).
 
     .. versionadded:: 0.1
@@ -364,9 +364,10 @@ class CrossLayerEqualizationPass(Pass):
             weights[first], biases[first], weights[second] = result.w1, result.b1, result.w2
             if biases[second] is not None or np.any(result.b2 != 0):
                 biases[second] = result.b2
-            if first in ws.bn_stats:
-                stats = ws.bn_stats[first]
-                ws.bn_stats[first] = BNStats(np.where(dead, 0.0, stats.mean), np.where(dead, 0.0, stats.std))
+            if first in ws.channel_stats:
+                stats = ws.channel_stats[first]
+                ws.channel_stats[first] = stats.replaced(np.where(dead, 0.0, stats.mean),
+                                                         np.where(dead, 0.0, stats.std))
             silenced[first] = int(dead.sum())
         return silenced
 
@@ -377,7 +378,7 @@ class CrossLayerEqualizationPass(Pass):
         BN statistics (n = act_sigmas); after CLE it is hi_i / s_i. Per-tensor activation grids cover
         max_i hi_i, so s_i >= hi_i / max_j hi_j keeps that range (and the grid) where it was.
         """
-        stats = ws.bn_stats.get(pair.layer1.name)
+        stats = ws.channel_stats.get(pair.layer1.name)
         if self.act_sigmas is None or stats is None:
             return None
         high = stats.mean + self.act_sigmas * stats.std
@@ -457,8 +458,8 @@ class CrossLayerEqualizationPass(Pass):
                 if biases[layer.name] is not None:
                     graph_layers.write_bias(layer, biases[layer.name].astype(np.float32))
             name = pair.layer1.name
-            if name in ws.bn_stats:
-                ws.bn_stats[name] = ws.bn_stats[name].scaled(pair.cumulative)
+            if name in ws.channel_stats:
+                ws.channel_stats[name] = ws.channel_stats[name].scaled(pair.cumulative)
             if pair.upper is not None and np.any(pair.cumulative != 1.0):
                 set_channel_upper(ws, pair, pair.upper / pair.cumulative, sort=False)
         ws.graph.toposort()

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxdfq.graph import layers as graph_layers
-from onnxdfq.passes.act_ranges import propagate_statistics
 from onnxdfq.passes.base import LayerRow, Pass, PassReport, PostconditionError, WeightQuant, Workspace
 from onnxdfq.passes.dfmpc_math import (
     DEFAULT_LAMBDA1,
@@ -30,6 +29,7 @@ from onnxdfq.passes.dfmpc_math import (
     compensate_mixed_precision,
     high_layer_gain,
 )
+from onnxdfq.passes.statistics import tensor_statistics
 from onnxdfq.quant.scheme import BitWidthMap
 
 __all__ = ["PairPlan", "MixedPrecisionPlan", "plan_pairs", "DFMPCPass"]
@@ -74,7 +74,7 @@ def _unpaired_reason(layer: graph_layers.Layer, next_layer: graph_layers.Layer |
     if layer.is_depthwise:
         return "depthwise (partner unclear)"
     if layer.name not in bn_stats:
-        return "no BN statistics"
+        return "no output statistics (BN or prior)"
     if layer.act.kind not in LOW_ACTS:
         return f"{layer.act.kind} activation"
     if next_layer is None:
@@ -150,8 +150,8 @@ class DFMPCPass(Pass):
 
     def call(self, ws: Workspace) -> PassReport:
         layers = graph_layers.read_layers(ws.graph)
-        plan = plan_pairs(layers, ws.graph, ws.bn_stats, self.low_bits, self.high_bits)
-        stats = propagate_statistics(ws, layers)
+        plan = plan_pairs(layers, ws.graph, ws.channel_stats, self.low_bits, self.high_bits)
+        stats = tensor_statistics(ws)
         report = PassReport(self.name, params={"low_bits": self.low_bits, "high_bits": self.high_bits,
                                                "high_gain": self.high_gain, **self.options})
         updates = []
@@ -167,7 +167,7 @@ class DFMPCPass(Pass):
             else:
                 in_mean, in_var = in_stats.moments()
                 options = self.options
-            result = compensate_mixed_precision(layer.weight, layer.bias, ws.bn_stats[layer.name], in_mean, in_var,
+            result = compensate_mixed_precision(layer.weight, layer.bias, ws.channel_stats[layer.name], in_mean, in_var,
                                                 self.low_bits, group=layer.group, **options)
             updates.append((layer, result, in_var))
         by_name = {layer.name: layer for layer in layers}
@@ -179,7 +179,8 @@ class DFMPCPass(Pass):
             rho = self.options["rho"] if isinstance(self.options["rho"], float) else DEFAULT_RHO
             corr = channel_correlation(layer.weight, result.quant.dequantized(), in_var, rho, layer.group)
             next_std = stats[high.output_name].moments()[1] ** 0.5
-            gain = high_layer_gain(corr, ws.bn_stats[layer.name], (layer.act.lo, layer.act.hi), high.weight, next_std)
+            gain = high_layer_gain(corr, ws.channel_stats[layer.name], (layer.act.lo, layer.act.hi), high.weight,
+                                   next_std)
             out_mean = stats[high.output_name].moments()[0]
             bias = np.zeros(high.out_channels) if high.bias is None else high.bias.astype(np.float64)
             high_updates.append((high, gain, gain * (bias - out_mean) + out_mean))
@@ -188,7 +189,7 @@ class DFMPCPass(Pass):
             ws.weight_quant[layer.name] = quant
             graph_layers.write_weight(layer, quant.dequantized())
             graph_layers.write_bias(layer, result.bias)
-            stats_fp = ws.bn_stats[layer.name]
+            stats_fp = ws.channel_stats[layer.name]
             report.rows.append(LayerRow(layer.name, {
                 "bits": self.low_bits, "pair_high": next(p.high for p in plan.pairs if p.low == layer.name),
                 "sigma_ratio_mean": float(np.mean(result.estimated.std / np.maximum(stats_fp.std, 1e-30))),

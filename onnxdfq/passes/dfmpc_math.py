@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxdfq.passes.base import BNStats
+from onnxdfq.passes.base import ChannelStats
 from onnxdfq.quant.gaussian import clipped_normal_moments
 from onnxdfq.quant.qparams import TINY_SCALE, channel_absmax
 from onnxdfq.quant.scheme import QuantScheme
@@ -171,7 +171,7 @@ def channel_correlation(w_fp: np.ndarray, w_q: np.ndarray, in_var: np.ndarray, r
     return np.where(norm > 0, cross / np.where(norm > 0, norm, 1.0), 1.0)
 
 
-def high_layer_gain(corr: np.ndarray, stats: BNStats, act: tuple[float, float], w_next: np.ndarray,
+def high_layer_gain(corr: np.ndarray, stats: ChannelStats, act: tuple[float, float], w_next: np.ndarray,
                     next_std: np.ndarray) -> np.ndarray:
     """Per-output-channel gain sigma'/sigma_hat' that restores the next (high) layer's output std.
 
@@ -213,8 +213,8 @@ def _regression_variance(w_fp: np.ndarray, w_q: np.ndarray, std: np.ndarray, in_
     return diag_q + kappa**2 * np.maximum(np.asarray(std, np.float64) ** 2 - diag_fp, 0.0)
 
 
-def reestimate_bn(w_fp: np.ndarray, w_q: np.ndarray, stats: BNStats, in_mean: np.ndarray, in_var: np.ndarray,
-                  rho: float, group: int = 1, sigma_model: str = "blend") -> BNStats:
+def reestimate_bn(w_fp: np.ndarray, w_q: np.ndarray, stats: ChannelStats, in_mean: np.ndarray, in_var: np.ndarray,
+                  rho: float, group: int = 1, sigma_model: str = "blend") -> ChannelStats:
     """Pre-activation mean and std of the quantized layer's channels, without data.
 
     mu_hat = beta + E[(Wq - W) x]. sigma_hat by `sigma_model`:
@@ -235,9 +235,9 @@ def reestimate_bn(w_fp: np.ndarray, w_q: np.ndarray, stats: BNStats, in_mean: np
     ratio = np.where(v_fp > 0, v_q / np.where(v_fp > 0, v_fp, 1.0), 1.0)
     tap_std = std * np.sqrt(ratio)
     if sigma_model == "tap":
-        return BNStats(mu_hat, tap_std)
+        return ChannelStats(mu_hat, tap_std)
     reg_std = np.sqrt(_regression_variance(w_fp, w_q, std, in_var, group))
-    return BNStats(mu_hat, reg_std if sigma_model == "regression" else np.sqrt(tap_std * reg_std))
+    return ChannelStats(mu_hat, reg_std if sigma_model == "regression" else np.sqrt(tap_std * reg_std))
 
 
 def dfmpc_coefficients(x_fp: np.ndarray, y_fp: np.ndarray, x_hat: np.ndarray, y_hat: np.ndarray,
@@ -266,10 +266,10 @@ class Compensation:
     bias: np.ndarray  # [O] float64
     gain: np.ndarray  # gamma / sigma_hat, per channel (1 without std re-estimation)
     c: np.ndarray  # the closed-form coefficient (1 without compensation)
-    estimated: BNStats  # (mu_hat, sigma_hat) of the plain quantized layer
+    estimated: ChannelStats  # (mu_hat, sigma_hat) of the plain quantized layer
 
 
-def compensate_mixed_precision(w_fp: np.ndarray, bias: np.ndarray | None, stats: BNStats, in_mean: np.ndarray,
+def compensate_mixed_precision(w_fp: np.ndarray, bias: np.ndarray | None, stats: ChannelStats, in_mean: np.ndarray,
                                in_var: np.ndarray, bits: int, *, group: int = 1, quantizer: str = "lsq",
                                reestimate: str = "mean+std", rho: float | str = DEFAULT_RHO,
                                compensate: bool = False, lambda1: float = DEFAULT_LAMBDA1,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxdfq.graph import layers as graph_layers
-from onnxdfq.passes.base import BNStats, LayerRow, Pass, PassReport, Workspace
+from onnxdfq.passes.base import ChannelStats, LayerRow, Pass, PassReport, Workspace
 
 __all__ = ["FoldedLayer", "fold_batchnorm", "FoldBatchNormPass"]
 
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 class FoldedLayer:
     weight: np.ndarray
     bias: np.ndarray
-    stats: BNStats
+    stats: ChannelStats
 
 
 def fold_batchnorm(weight: np.ndarray, bias: np.ndarray | None, gamma: np.ndarray, beta: np.ndarray,
@@ -41,7 +41,7 @@ def fold_batchnorm(weight: np.ndarray, bias: np.ndarray | None, gamma: np.ndarra
     folded_w = w64 * k.reshape((-1,) + (1,) * (w64.ndim - 1))
     folded_b = k * (b64 - np.asarray(mean, np.float64)) + beta64
     return FoldedLayer(folded_w.astype(np.float32), folded_b.astype(np.float32),
-                       BNStats(mean=beta64.copy(), std=np.abs(gamma64)))
+                       ChannelStats(mean=beta64.copy(), std=np.abs(gamma64)))
 
 
 class FoldBatchNormPass(Pass):
@@ -76,7 +76,7 @@ class FoldBatchNormPass(Pass):
             bn.outputs.clear()
             bn.inputs.clear()
             layer.node.outputs[0] = bn_out
-            ws.bn_stats[layer.name] = folded.stats
+            ws.channel_stats[layer.name] = folded.stats
             report.rows.append(LayerRow(layer.name, {"bn": bn.name}))
         if report.rows:
             graph.cleanup().toposort()

@@ -45,6 +45,7 @@ class WeightQuantPass(Pass):
     """Quantize every layer's weight onto a symmetric signed grid (zero point 0)."""
 
     name = "weight_quant"
+    changes_graph = False  # integers go to ws.weight_quant; the float graph is untouched
 
     def __init__(self, bitmap: BitWidthMap, *, per_channel: bool = True, method: str = "nearest",
                  rounder: Rounder | None = None, skip: set[str] | None = None) -> None:
