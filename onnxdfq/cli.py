@@ -109,10 +109,12 @@ def _methods() -> list[str]:
 @click.option("--std", default=None, help="Input preprocessing std (0-1 scale), with --mean.")
 @click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="7-bit weights where an 8-bit input is signed (avoids int16 saturation in x86 kernels).")
-@click.option("--calib", default="bn", show_default=True,
-              help="Activation ranges from: bn (BN statistics, no data), synth:zeroq|dsg|dffg (samples generated "
-                   "from the BN statistics; needs the synth extra), or data:PATH.npz (x float32 NCHW preprocessed, "
-                   "or uint8 NHWC images with --mean/--std).")
+@click.option("--calib", default="auto", show_default=True,
+              help="Statistics and activation ranges from: auto (bn when the model kept its BatchNormalization, "
+                   "prior otherwise), bn (BN statistics, no data), prior[:mixed|dead_leaves|pink] (procedural "
+                   "images in the model's input space, no data; give --mean/--std), synth:zeroq|dsg|dffg (samples "
+                   "generated from the BN statistics; needs the synth extra), or data:PATH.npz (x float32 NCHW "
+                   "preprocessed, or uint8 NHWC images with --mean/--std).")
 @click.option("--calib-range", type=click.Choice(["mse", "percentile", "minmax"]), default="mse",
               show_default=True, help="Range estimator for --calib synth:/data: (MSE-optimal clipping at --act-bits).")
 @click.option("--calib-samples", type=click.IntRange(1), default=None,
@@ -126,6 +128,9 @@ def _methods() -> list[str]:
               show_default=True,
               help="QDQ graph; QDQ with 4-/2-bit weights packed as INT4 (opset 21) / INT2 (opset 25) "
                    "initializers; or float weights already rounded (for runtimes without QDQ).")
+@click.option("--quantize-outputs", is_flag=True,
+              help="Also quantize tensors that leave the graph (logits, through Flatten/Reshape/Softmax); "
+                   "by default they stay float, which costs no speed and keeps argmax exact.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a JSON report (per-layer bits, scales, SQNR, activation range sources, timings).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
@@ -136,7 +141,7 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str | 
              sigmas: float,
              input_range: str | None, mean: str | None, std: str | None, reduce_range: str, calib: str,
              calib_range: str, calib_samples: int | None, calib_percentile: float, seed: int, device: str, fmt: str,
-             report_path: Path | None, quiet: bool) -> None:
+             quantize_outputs: bool, report_path: Path | None, quiet: bool) -> None:
     """Quantize MODEL without data (or calibrated on --calib samples) and write a QDQ ONNX model to --output."""
     from onnxdfq.eval.runner import compare as run_compare
     from onnxdfq.eval.session import check_loads
@@ -170,7 +175,7 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str | 
                             calib=calib, calib_range=calib_range, calib_samples=calib_samples,
                             calib_percentile=calib_percentile, seed=seed, device=device,
                             mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-                            calib_progress=_loss_bar("synth", quiet))
+                            quantize_outputs=quantize_outputs, calib_progress=_loss_bar("synth", quiet))
     probe: dict = {}
 
     def validate(tmp_path: str) -> None:
@@ -191,6 +196,8 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str | 
         for warning in report["warnings"]:
             click.echo(f"warning: {warning}", err=True)
         click.echo(_summary(report, model))
+        if report["statistics"].get("hint"):
+            click.echo(f"note: {report['statistics']['hint']}", err=True)
 
 
 def _loss_bar(desc: str, quiet: bool):
@@ -269,6 +276,7 @@ def _summary(report: dict, model: Path) -> str:
                    f"  A{cfg['act_bits'] or 'fp32'}  {'per-channel' if cfg['per_channel'] else 'per-tensor'}"],
         ["layers quantized", f"{len(layers)}  (avg {report['average_weight_bits']:.2f} weight bits)"],
         *_dfmpc_rows(report),
+        ["layer statistics", _statistics_line(report["statistics"])],
         ["7-bit (reduce-range)", ", ".join(report["reduced_range_layers"]) or "-"],
         ["weight SQNR dB", f"min {min(sqnrs):.1f}  median {float(np.median(sqnrs)):.1f}" if sqnrs else "-"],
         ["calibration", _calib_line(report.get("calibration", {}))],
@@ -282,7 +290,28 @@ def _summary(report: dict, model: Path) -> str:
     return _table(rows, ["", ""]).split("\n", 2)[2]
 
 
+def _statistics_line(stats: dict) -> str:
+    """Where the layers' per-channel statistics came from, with counts, e.g. 'BN 0 of 56; prior 56 (256 images)'."""
+    parts = [f"BN {stats['bn_layers']} of {stats['layers']} layers"]
+    others = {k: v for k, v in stats["layer_sources"].items() if k != "bn"}
+    for name, count in sorted(others.items()):
+        if name == "none":
+            parts.append(f"propagated {count}")
+        else:
+            parts.append(f"{name} {count}")
+    if "samples" in stats:
+        detail = f"{stats['samples']} {stats['source']} samples"
+        if "seconds" in stats:
+            detail += f", made in {stats['seconds']:.1f} s"
+        if stats.get("input_space"):
+            detail += f", input space from {stats['input_space']}"
+        parts.append(f"({detail})")
+    return "; ".join(parts)
+
+
 def _calib_line(calib: dict) -> str:
+    if not calib:
+        return "none (float activations)"
     if calib.get("source", "bn") == "bn":
         return f"BN statistics (mean +- {calib.get('sigmas', 6):g} std)"
     line = f"{calib['source']}, {calib['samples']} samples, {calib['estimator']} estimator (A{calib['act_bits']})"
@@ -493,6 +522,12 @@ def inspect(model: Path) -> None:
         rows.append([layer.name, f"{layer.op_type} {kind}".strip(), "x".join(map(str, before[layer.name].weight.shape)),
                      "yes" if layer.name in ws.channel_stats else "no", layer.act.kind, spread])
     click.echo(_table(rows, ["layer", "op", "weight (canonical)", "BN", "activation", "channel range spread"]))
+    with_bn = sum(1 for layer in before if layer in ws.channel_stats)
+    click.echo(f"BatchNormalization statistics: {with_bn} of {len(before)} layers")
+    if not with_bn:
+        from onnxdfq.pipeline import EXPORT_WITH_BN_HINT
+
+        click.echo(f"note: {EXPORT_WITH_BN_HINT}")
     unhandled = patterns.unhandled_ops(graph)
     if unhandled:
         click.echo("not handled (left in float): " + ", ".join(f"{k} x{v}" for k, v in sorted(unhandled.items())))

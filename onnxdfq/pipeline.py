@@ -19,10 +19,12 @@ from onnxdfq.passes.act_ranges import DEFAULT_SIGMAS, BNRangePass
 from onnxdfq.passes.base import Workspace
 from onnxdfq.passes.bias_absorption import BiasAbsorptionPass
 from onnxdfq.passes.bias_correction import AnalyticBiasCorrectionPass
-from onnxdfq.passes.calib_ranges import CalibrationRangePass, CalibSpec
+from onnxdfq.passes.calib_ranges import SAMPLE_SOURCES, CalibrationRangePass, CalibSpec, SampleObserver
+from onnxdfq.passes.channel_stats import MeasureChannelStatsPass
 from onnxdfq.passes.cle import CrossLayerEqualizationPass, share_min_ranges
 from onnxdfq.passes.dfmpc import DFMPCPass
 from onnxdfq.passes.fold_bn import FoldBatchNormPass
+from onnxdfq.passes.statistics import layer_stat_counts
 from onnxdfq.passes.weight_quant import WeightQuantPass, get_rounder
 from onnxdfq.quant import qdq
 from onnxdfq.quant.scheme import BitWidthMap, parse_act_bits, parse_bits
@@ -189,7 +191,24 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
         ws.warnings.append("ops not handled by onnxdfq, left in float: "
                            + ", ".join(f"{op} (x{count})" for op, count in sorted(unhandled.items())))
     FoldBatchNormPass()(ws)
-    ranges_folded = _channel_ranges(graph_layers.read_layers(ws.graph))
+    folded_layers = graph_layers.read_layers(ws.graph)
+    ranges_folded = _channel_ranges(folded_layers)
+    bn_layers = layer_stat_counts(ws, folded_layers).get("bn", 0)
+    calib = config.calib.resolved(_statistics_source(config, ws, folded_layers))
+    observer = None
+    if calib.source in SAMPLE_SOURCES and _needs_statistics(config):
+        from onnxdfq.eval.calibrate import calibration_samples, collect_statistics
+
+        samples, info = calibration_samples(model, calib, calib_progress, input_range=config.input_range)
+        observer = SampleObserver(samples, collect_statistics, model, info)
+        if calib.source == "prior" or bn_layers * 2 < len(folded_layers):
+            # layers without BN get statistics measured on the samples; with no graph change ahead, the
+            # activation tensors are observed in the same run
+            graph_stays = not (config.step("cle") or config.step("absorb_bias")) and config.act_bits is not None
+            prefetch = patterns.activation_tensors(ws.graph, folded_layers, {layer.name for layer in folded_layers},
+                                                   quantize_outputs=config.quantize_outputs) if graph_stays else []
+            MeasureChannelStatsPass(observer, "prior" if calib.source == "prior" else "samples", prefetch=prefetch,
+                                    histogram=bool(prefetch) and calib.range_estimator().needs_histogram)(ws)
     if config.step("cle"):
         CrossLayerEqualizationPass(act_sigmas=config.bn_sigmas)(ws)
     if config.step("absorb_bias"):
@@ -204,12 +223,8 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
         tensors = patterns.activation_tensors(ws.graph, layers, {layer.name for layer in layers},
                                               quantize_outputs=config.quantize_outputs)
         BNRangePass(tensors, sigmas=config.bn_sigmas)(ws)
-        if config.calib.source != "bn":  # samples run through the float graph as it stands now (folded, after CLE)
-            from onnxdfq.eval.calibrate import calibration_samples, collect_statistics
-
-            samples, info = calibration_samples(model, config.calib, calib_progress)
-            CalibrationRangePass(tensors, samples, collect_statistics, config.calib, config.act_bits, model,
-                                 info)(ws)
+        if observer is not None:  # samples run through the float graph as it stands now (folded, after CLE)
+            CalibrationRangePass(tensors, observer, calib, config.act_bits)(ws)
         share_min_ranges(ws)  # Relu -> Min(per-channel bound) from CLE / absorption: one range
     bitmap, low_layers = BitWidthMap(config.bits), set()
     if config.method == "dfmpc":  # low layers quantized and compensated here, the rest at the high width
@@ -228,7 +243,50 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
     timings["total"] = time.perf_counter() - start
     for pass_report in ws.reports:
         timings[pass_report.name] = pass_report.seconds
-    return QuantResult(emitted, _build_report(ws, config, source, timings))
+    report = _build_report(ws, config, source, timings)
+    report["statistics"] = _statistics_summary(ws, folded_layers, bn_layers, calib, observer)
+    return QuantResult(emitted, report)
+
+
+# how to keep BatchNormalization in an export, for the message printed when a model has none
+EXPORT_WITH_BN_HINT = ("this model has no BatchNormalization left (folded at export); its statistics come from "
+                       "prior images. To give onnxdfq the real ones, export with BN kept: torch.onnx.export(..., "
+                       "do_constant_folding=False) (TorchScript) or torch.onnx.export(..., dynamo=True, "
+                       "optimize=False), and skip onnxruntime/onnxsim pre-optimization")
+
+
+def _needs_statistics(config: QuantConfig) -> bool:
+    """Whether any step reads per-channel statistics (ranges, CLE's floor, absorption, bias correction, DF-MPC)."""
+    return (config.act_bits is not None or config.method == "dfmpc"
+            or any(config.step(name) for name in ("cle", "absorb_bias", "bias_correction")))
+
+
+def _statistics_source(config: QuantConfig, ws: Workspace, layers: list) -> str:
+    """Resolve --calib auto (bn when at least half the layers kept BN, else prior); refuse what cannot work."""
+    with_bn = sum(1 for layer in layers if layer.name in ws.channel_stats)
+    source = config.calib.source
+    if source == "auto":
+        return "bn" if with_bn and with_bn * 2 >= len(layers) else "prior"
+    if source == "bn" and not with_bn and _needs_statistics(config):
+        raise OptionError("--calib bn: the model has no BatchNormalization (folded at export), so there are no BN "
+                          "statistics to read; use --calib prior (the default for such models) or data:PATH.npz")
+    if source == "synth" and not with_bn:
+        raise OptionError(f"--calib synth:{config.calib.method} matches BN statistics and the model has none "
+                          "(BN folded at export); use --calib prior or data:PATH.npz")
+    return source
+
+
+def _statistics_summary(ws: Workspace, layers: list, bn_layers: int, calib: CalibSpec,
+                        observer: SampleObserver | None) -> dict:
+    """Where each layer's statistics came from, how many layers kept BN, and the samples used."""
+    summary: dict[str, Any] = {"source": calib.label, "layers": len(layers),
+                               "bn_layers": bn_layers,
+                               "layer_sources": layer_stat_counts(ws, layers)}
+    if observer is not None:
+        summary.update({"samples": int(len(observer.samples)), "model_runs": observer.runs, **observer.info})
+    if not summary["bn_layers"]:
+        summary["hint"] = EXPORT_WITH_BN_HINT
+    return summary
 
 
 def _channel_ranges(layers: list) -> dict[str, list[float]]:
@@ -303,7 +361,7 @@ def _build_report(ws: Workspace, config: QuantConfig, source: str, timings: dict
         "activations": activations,
         "activation_sources": sources,
         "calibration": next((r.params for r in ws.reports if r.name == CalibrationRangePass.name),
-                            {"source": "bn", "sigmas": config.bn_sigmas}),
+                            {"source": "bn", "sigmas": config.bn_sigmas} if config.act_bits is not None else {}),
         "reduced_range_layers": ws.reduced_range,
         "weight_ranges": ws.weight_ranges,
         "average_weight_bits": (sum(weight_bits) / weight_count) if weight_count else None,

@@ -28,8 +28,10 @@ from onnxdfq.eval.data import open_dataset
 from onnxdfq.eval.session import make_session
 from onnxdfq.passes.calib_ranges import CalibSpec
 from onnxdfq.quant.range_estimators import TensorObserver
+from onnxdfq.synth.prior import InputSpace, prior_images
 
-__all__ = ["calibration_samples", "load_samples", "synthesize", "collect_statistics", "input_shape"]
+__all__ = ["calibration_samples", "load_samples", "synthesize", "collect_statistics", "input_shape",
+           "prior_input_space", "prior_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,50 @@ def load_samples(path: str | Path, shape: tuple[int, ...], *, limit: int | None 
     return x
 
 
+# ImageNet's preprocessing: what most image classifiers expect, assumed (with a warning) when nothing is known
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_METADATA_KEYS = {"mean": ("mean", "norm_mean", "image_mean", "onnxdfq.mean"),
+                  "std": ("std", "norm_std", "image_std", "onnxdfq.std")}
+
+
+def _metadata_floats(model: Any, keys: tuple[str, ...]) -> tuple[float, ...] | None:
+    props = {p.key.lower(): p.value for p in getattr(model, "metadata_props", [])}
+    for key in keys:
+        if key in props:
+            try:
+                values = tuple(float(v) for v in props[key].replace(",", " ").replace("[", " ").replace("]", " ")
+                               .split())
+            except ValueError:
+                return None
+            if values:
+                return tuple(v / 255.0 for v in values) if max(abs(v) for v in values) > 1.0 else values
+    return None
+
+
+def prior_input_space(model: Any, spec: CalibSpec, input_range: tuple[float, float] | None) -> InputSpace:
+    """How [0, 1] images map into the model's input: --mean/--std, --input-range, metadata, else ImageNet's."""
+    if spec.mean is not None:
+        return InputSpace(tuple(spec.mean), tuple(spec.std or (1.0,)), "--mean/--std")
+    if input_range is not None:
+        return InputSpace.from_range(*input_range, source="--input-range")
+    mean = _metadata_floats(model, _METADATA_KEYS["mean"])
+    std = _metadata_floats(model, _METADATA_KEYS["std"])
+    if mean is not None and std is not None:
+        return InputSpace(mean, std, "model metadata")
+    return InputSpace(IMAGENET_MEAN, IMAGENET_STD, "assumed: ImageNet mean/std (give --mean/--std)")
+
+
+def prior_samples(model: Any, spec: CalibSpec, input_range: tuple[float, float] | None) -> tuple[np.ndarray, dict]:
+    """``spec.samples`` procedural images (default 256) in the model's input space, and a summary."""
+    shape = input_shape(model)
+    space = prior_input_space(model, spec, input_range)
+    start = time.perf_counter()
+    x = prior_images(spec.sample_count(), shape, space, generator=spec.method, seed=spec.seed)
+    return x, {"method": spec.method, "seconds": round(time.perf_counter() - start, 3), "seed": spec.seed,
+               "input_space": space.source}
+
+
 def synthesize(model: Any, spec: CalibSpec, progress: SynthProgress | None = None) -> tuple[np.ndarray, dict]:
     """``spec.samples`` generated inputs (``spec.method``) and a summary of the run."""
     try:
@@ -92,10 +138,12 @@ def synthesize(model: Any, spec: CalibSpec, progress: SynthProgress | None = Non
                "bn_loss": synth.bn_statistics_loss(model, x, device=spec.device)}
 
 
-def calibration_samples(model: Any, spec: CalibSpec, progress: SynthProgress | None = None) -> tuple[np.ndarray,
-                                                                                                       dict]:
+def calibration_samples(model: Any, spec: CalibSpec, progress: SynthProgress | None = None, *,
+                        input_range: tuple[float, float] | None = None) -> tuple[np.ndarray, dict]:
     """The calibration inputs for ``spec`` (``model`` is the float model, BN not folded)."""
     shape = input_shape(model)
+    if spec.source == "prior":
+        return prior_samples(model, spec, input_range)
     if spec.source == "synth":
         return synthesize(model, spec, progress)
     if spec.source == "data":
@@ -117,6 +165,9 @@ def collect_statistics(model: Any, tensors: list[str], samples: np.ndarray, *, h
     """
     session = make_session(model, provider)
     input_name = session.get_inputs()[0].name
+    fixed_batch = session.get_inputs()[0].shape[0]
+    if isinstance(fixed_batch, int) and fixed_batch > 0:  # exported with a static batch (often 1)
+        batch_size = fixed_batch
     available = {out.name for out in session.get_outputs()}
     missing = [name for name in tensors if name not in available and name != input_name]
     if missing:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -30,12 +30,15 @@ from onnxdfq.graph import surgery
 from onnxdfq.passes.base import ActRange, LayerRow, Pass, PassReport, Workspace
 from onnxdfq.quant.range_estimators import ESTIMATORS, RangeEstimator, TensorObserver, get_estimator
 
-__all__ = ["CALIB_SOURCES", "DEFAULT_SYNTH_SAMPLES", "CalibSpec", "CalibrationRangePass", "Collector"]
+__all__ = ["CALIB_SOURCES", "SAMPLE_SOURCES", "DEFAULT_SYNTH_SAMPLES", "CalibSpec", "CalibrationRangePass", "Collector",
+           "SampleObserver"]
 
 logger = logging.getLogger(__name__)
 
-CALIB_SOURCES = ("bn", "synth", "data")
+CALIB_SOURCES = ("auto", "bn", "prior", "synth", "data")
+SAMPLE_SOURCES = ("prior", "synth", "data")  # the sources that run samples through the model
 DEFAULT_SYNTH_SAMPLES = 256  # generated samples when --calib-samples is not given
+PRIOR_GENERATORS = ("mixed", "dead_leaves", "pink")  # onnxdfq.synth.prior (kept here: no import of synth)
 DEFAULT_ESTIMATOR = "mse"
 
 # collect(model with the tensors as outputs, tensor names, samples, histogram=...) -> observers
@@ -44,15 +47,18 @@ Collector = Callable[..., dict[str, TensorObserver]]
 
 @dataclass(frozen=True)
 class CalibSpec:
-    """Where activation ranges come from (``--calib``) and how they are estimated.
+    """Where activation ranges (and missing per-channel statistics) come from (``--calib``).
 
-    ``source`` is ``bn`` (BN statistics, no data), ``synth`` (``method`` samples generated on
-    the fly from the BN statistics) or ``data`` (the ``.npz`` at ``path``). ``samples``: how
-    many to generate (default 256) or use (default all). ``mean``/``std`` preprocess raw uint8
-    data files; ``synth_options`` go to the generator (e.g. ``steps``, ``alpha``).
+    ``source`` is ``auto`` (the default: ``bn`` when most layers kept a BatchNormalization,
+    ``prior`` otherwise), ``bn`` (BN statistics, no data), ``prior`` (procedural images,
+    ``method`` = mixed | dead_leaves | pink; no data), ``synth`` (``method`` samples generated
+    on the fly from the BN statistics) or ``data`` (the ``.npz`` at ``path``). ``samples``: how
+    many to generate (default 256) or use (default all). ``mean``/``std`` are the model's
+    preprocessing (raw uint8 data files, the prior's input space); ``synth_options`` go to the
+    generator (e.g. ``steps``, ``alpha``).
     """
 
-    source: str = "bn"
+    source: str = "auto"
     method: str | None = None
     path: str | None = None
     estimator: str = DEFAULT_ESTIMATOR
@@ -67,13 +73,18 @@ class CalibSpec:
 
     @classmethod
     def parse(cls, text: str | None, **options: Any) -> CalibSpec:
-        """``bn``, ``synth:METHOD`` or ``data:PATH.npz`` plus keyword options; OptionError if invalid."""
-        text = (text or "bn").strip()
+        """``auto``, ``bn``, ``prior[:GENERATOR]``, ``synth:METHOD`` or ``data:PATH.npz`` plus keyword
+        options; OptionError if invalid."""
+        text = (text or "auto").strip()
         kind, _, arg = text.partition(":")
         kind = kind.lower()
-        if kind not in CALIB_SOURCES or (kind == "bn" and arg) or (kind != "bn" and not arg):
-            raise OptionError(f"--calib takes bn, synth:METHOD (zeroq, dsg, dffg) or data:PATH.npz; got {text!r}")
-        fields = {"source": kind, "method": arg.lower() if kind == "synth" else None,
+        if kind == "prior":
+            arg = arg.lower() or PRIOR_GENERATORS[0]
+        valid = kind in CALIB_SOURCES and (bool(arg) == (kind in SAMPLE_SOURCES))
+        if not valid or (kind == "prior" and arg not in PRIOR_GENERATORS):
+            raise OptionError(f"--calib takes auto, bn, prior[:{'|'.join(PRIOR_GENERATORS)}], synth:METHOD "
+                              f"(zeroq, dsg, dffg) or data:PATH.npz; got {text!r}")
+        fields = {"source": kind, "method": arg.lower() if kind in ("synth", "prior") else None,
                   "path": arg if kind == "data" else None}
         for key in ("mean", "std"):
             if options.get(key) is not None:
@@ -94,7 +105,14 @@ class CalibSpec:
 
     @property
     def label(self) -> str:
-        return {"bn": "bn", "synth": f"synth:{self.method}", "data": "data"}[self.source]
+        return {"auto": "auto", "bn": "bn", "prior": f"prior:{self.method}", "synth": f"synth:{self.method}",
+                "data": "data"}[self.source]
+
+    def resolved(self, source: str) -> CalibSpec:
+        """This spec with ``auto`` decided (``prior`` gets its default generator)."""
+        if source == self.source:
+            return self
+        return replace(self, source=source, method=PRIOR_GENERATORS[0] if source == "prior" else self.method)
 
     def sample_count(self) -> int:
         return self.samples or DEFAULT_SYNTH_SAMPLES
@@ -147,46 +165,69 @@ def tensors_after_layers(graph: Any, layer_nodes: set[str]) -> set[str]:
     return found
 
 
+class SampleObserver:
+    """Calibration samples and what was observed on them, for one state of the float graph.
+
+    ``observe`` exports the workspace's graph with the tensors as outputs, runs ``collect`` over
+    the samples (onnxruntime; injected so this module stays numpy-only) and caches the observers
+    against ``ws.version``: passes that ask again before the graph changes (the channel
+    statistics, then the activation ranges, on a model without CLE) get them without a rerun.
+    """
+
+    def __init__(self, samples: np.ndarray, collect: Collector, template: Any,
+                 info: dict[str, Any] | None = None) -> None:
+        self.samples = samples
+        self.collect = collect
+        self.template = template
+        self.info = info or {}
+        self.runs = 0  # how often the samples went through the model (for the report)
+        self._version: int | None = None
+        self._observers: dict[str, TensorObserver] = {}
+        self._histogram = False
+
+    def observe(self, ws: Workspace, tensors: list[str], *, histogram: bool = False) -> dict[str, TensorObserver]:
+        fresh = self._version == ws.version and (self._histogram or not histogram)
+        if not (fresh and all(name in self._observers for name in tensors)):
+            model = model_with_outputs(ws.graph, tensors, self.template)
+            self._observers = self.collect(model, tensors, self.samples, histogram=histogram)
+            self._version, self._histogram = ws.version, histogram
+            self.runs += 1
+        return {name: self._observers[name] for name in tensors}
+
+
 class CalibrationRangePass(Pass):
     """Set the range of every tensor in ``tensors`` from observed values on calibration samples.
 
     Parameters
     ----------
     tensors : names of the tensors that get a Q/DQ pair (``patterns.activation_tensors``).
-    samples : model inputs, float32 [N, ...], already preprocessed.
-    collect : runs the float model (see ``onnxdfq.eval.calibrate.collect_statistics``).
+    observer : the samples and the model runner (``SampleObserver``).
     spec : the calibration settings (estimator, percentile, source label).
     bits : the activation bit width the ranges are for (the MSE estimator depends on it).
-    template : the ModelProto whose IR version / opsets the exported float graph takes.
-    info : extra facts for the report (e.g. the generator's time and BN loss).
     """
 
     name = "act_ranges_calib"
     changes_graph = False
 
-    def __init__(self, tensors: list[str], samples: np.ndarray, collect: Collector, spec: CalibSpec, bits: int,
-                 template: Any, info: dict[str, Any] | None = None) -> None:
+    def __init__(self, tensors: list[str], observer: SampleObserver, spec: CalibSpec, bits: int) -> None:
         self.tensors = tensors
-        self.samples = samples
-        self.collect = collect
+        self.observer = observer
         self.spec = spec
         self.bits = bits
-        self.template = template
-        self.info = info or {}
 
     def call(self, ws: Workspace) -> PassReport:
         estimator = self.spec.range_estimator()
-        params = {"source": self.spec.label, "samples": int(len(self.samples)), "estimator": estimator.name,
-                  "act_bits": self.bits, **self.info}
+        params = {"source": self.spec.label, "samples": int(len(self.observer.samples)),
+                  "estimator": estimator.name, "act_bits": self.bits, **self.observer.info}
         if estimator.name == "percentile":
             params["percentile"] = self.spec.percentile
         report = PassReport(self.name, params=params)
-        model = model_with_outputs(ws.graph, self.tensors, self.template)
-        observers = self.collect(model, self.tensors, self.samples, histogram=estimator.needs_histogram)
+        observers = self.observer.observe(ws, self.tensors, histogram=estimator.needs_histogram)
         inputs = {t.name for t in ws.graph.inputs}
         layers = graph_layers.read_layers(ws.graph)
-        bn_layers = {layer.node.name for layer in layers if layer.name in ws.channel_stats}
-        plain_layers = {layer.node.name for layer in layers if layer.name not in ws.channel_stats}
+        bn_layers = {layer.node.name for layer in layers if layer.name in ws.channel_stats
+                     and ws.channel_stats[layer.name].source == "bn"}
+        plain_layers = {layer.node.name for layer in layers if layer.node.name not in bn_layers}
         head = (tensors_without_bn_downstream(ws.graph, bn_layers) & tensors_after_layers(ws.graph, plain_layers)
                 if bn_layers else set())
         source = f"calib:{self.spec.label}"
@@ -208,6 +249,6 @@ class CalibrationRangePass(Pass):
             report.warnings.append(f"{len(widened)} head tensor(s) without BN kept their wider data-free "
                                    f"range (BN matching does not constrain them): {', '.join(widened[:8])}")
         report.modified = bool(report.rows)
-        logger.info("calibrated %d activation ranges on %d samples (%s, %s)", len(report.rows), len(self.samples),
-                    self.spec.label, estimator.name)
+        logger.info("calibrated %d activation ranges on %d samples (%s, %s)", len(report.rows),
+                    len(self.observer.samples), self.spec.label, estimator.name)
         return report

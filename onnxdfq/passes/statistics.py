@@ -33,7 +33,7 @@ from onnxdfq.passes.base import Workspace
 from onnxdfq.quant.gaussian import clipped_normal_moments
 
 __all__ = ["DEFAULT_INPUT_RANGE", "TensorStats", "linear_moments", "propagate_statistics", "tensor_statistics",
-           "layer_stat_counts"]
+           "invalidate", "layer_stat_counts"]
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +247,11 @@ def tensor_statistics(ws: Workspace) -> dict[str, TensorStats]:
     stats = propagate_statistics(ws, graph_layers.read_layers(ws.graph))
     ws.cache[_CACHE_KEY] = (ws.version, stats)
     return stats
+
+
+def invalidate(ws: Workspace) -> None:
+    """Drop the cached tensor statistics after ``ws.channel_stats`` changed without a graph change."""
+    ws.cache.pop(_CACHE_KEY, None)
 
 
 def layer_stat_counts(ws: Workspace, layers: list[graph_layers.Layer]) -> dict[str, int]:

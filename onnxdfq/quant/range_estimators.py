@@ -37,7 +37,11 @@ CANDIDATES = 200  # clipping factors c tried by the MSE estimator, linear in (0,
 
 
 class TensorObserver:
-    """Running min/max (pass 1) and a histogram over that range (pass 2) of one tensor."""
+    """Running min/max (pass 1) and a histogram over that range (pass 2) of one tensor.
+
+    Pass 1 also accumulates per-channel moments (axis 1 of [N, C, ...]) in float64: the mean and
+    std a BatchNormalization would have recorded on the same values.
+    """
 
     def __init__(self, bins: int = BINS) -> None:
         self.bins = bins
@@ -46,6 +50,22 @@ class TensorObserver:
         self.count = 0
         self.zeros = 0
         self.counts: np.ndarray | None = None
+        self.channel_sum: np.ndarray | None = None
+        self.channel_sumsq: np.ndarray | None = None
+        self.channel_count = 0
+
+    @property
+    def channel_mean(self) -> np.ndarray | None:
+        if self.channel_sum is None or not self.channel_count:
+            return None
+        return self.channel_sum / self.channel_count
+
+    @property
+    def channel_std(self) -> np.ndarray | None:
+        mean = self.channel_mean
+        if mean is None:
+            return None
+        return np.sqrt(np.maximum(self.channel_sumsq / self.channel_count - mean * mean, 0.0))
 
     @property
     def has_histogram(self) -> bool:
@@ -57,6 +77,17 @@ class TensorObserver:
             self.lo = min(self.lo, float(values.min()))
             self.hi = max(self.hi, float(values.max()))
             self.count += values.size
+            if values.ndim >= 2:
+                self._observe_channels(values)
+
+    def _observe_channels(self, values: np.ndarray) -> None:
+        channels = values.shape[1]
+        per_channel = np.moveaxis(values, 1, 0).reshape(channels, -1).astype(np.float64)
+        if self.channel_sum is None or self.channel_sum.size != channels:
+            self.channel_sum, self.channel_sumsq, self.channel_count = np.zeros(channels), np.zeros(channels), 0
+        self.channel_sum += per_channel.sum(axis=1)
+        self.channel_sumsq += np.einsum("ij,ij->i", per_channel, per_channel)
+        self.channel_count += per_channel.shape[1]
 
     def observe_histogram(self, values: np.ndarray) -> None:
         """Pass 2: add ``values`` to the histogram over the range of pass 1 (nonzero values only)."""

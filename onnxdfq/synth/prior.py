@@ -117,8 +117,8 @@ def dead_leaves(count: int, channels: int, height: int, width: int, *, seed: int
                 leaves: int = LEAVES_PER_IMAGE) -> np.ndarray:
     """[count, C, H, W] dead-leaves images in [0, 1]: occluding discs of power-law radii, random colours."""
     rng = np.random.default_rng(seed)
-    r_max = 0.5 * max(height, width)
     r_min = max(MIN_RADIUS, MIN_RADIUS_FRACTION * max(height, width))
+    r_max = max(0.5 * max(height, width), 2.0 * r_min)
     images = np.empty((count, channels, height, width), np.float32)
     background = rng.uniform(0.0, 1.0, (count, channels))
     images[:] = background[:, :, None, None]

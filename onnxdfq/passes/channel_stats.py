@@ -1,0 +1,73 @@
+"""Per-channel output statistics measured on samples, for layers that no BatchNormalization describes.
+
+PyTorch's exporters, onnxruntime's optimizer and other tools fold BN into the Conv before it, so
+most models arrive with no (beta, gamma) to read. Every method that needs a layer's
+pre-activation statistics (CLE's activation floor, high-bias absorption, bias correction through
+the statistics engine, DF-MPC's re-estimation) then reads the mean and std this pass measures on
+samples run through the float graph: procedural prior images when no data may be used
+(``--calib prior``), or the calibration samples (``synth:`` / ``data:``). The statistics are the
+ones a BN layer would have recorded there: per channel, over batch and space.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from onnxdfq.graph import layers as graph_layers
+from onnxdfq.passes import statistics
+from onnxdfq.passes.base import STAT_SOURCES, ChannelStats, LayerRow, Pass, PassReport, Workspace
+from onnxdfq.passes.calib_ranges import SampleObserver
+
+__all__ = ["MeasureChannelStatsPass"]
+
+logger = logging.getLogger(__name__)
+
+
+class MeasureChannelStatsPass(Pass):
+    """Give every layer without channel statistics the per-channel mean/std of its output on the samples.
+
+    Parameters
+    ----------
+    observer : the samples and the model runner.
+    source : the label the statistics carry (``prior`` or ``samples``).
+    prefetch : more tensors to observe in the same run (the activation tensors to calibrate, when the
+        graph will not change before they are needed), and whether they need histograms.
+
+    .. versionadded:: 0.2
+    """
+
+    name = "channel_stats"
+    changes_graph = False  # the graph is untouched; the tensor statistics cache is dropped by hand
+
+    def __init__(self, observer: SampleObserver, source: str = "prior", *, prefetch: list[str] | None = None,
+                 histogram: bool = False) -> None:
+        if source not in STAT_SOURCES or source == "bn":
+            raise ValueError(f"source must be one of {', '.join(s for s in STAT_SOURCES if s != 'bn')}, got {source!r}")
+        self.observer = observer
+        self.source = source
+        self.prefetch = list(prefetch or [])
+        self.histogram = histogram
+
+    def call(self, ws: Workspace) -> PassReport:
+        report = PassReport(self.name, params={"source": self.source, "samples": int(len(self.observer.samples))})
+        layers = [layer for layer in graph_layers.read_layers(ws.graph) if layer.name not in ws.channel_stats]
+        report.params["measured"] = len(layers)
+        if not layers:
+            return report
+        wanted = list(dict.fromkeys([layer.output_name for layer in layers] + self.prefetch))
+        observers = self.observer.observe(ws, wanted, histogram=self.histogram)
+        for layer in layers:
+            observed = observers[layer.output_name]
+            mean, std = observed.channel_mean, observed.channel_std
+            if mean is None or mean.size != layer.out_channels:
+                report.rows.append(LayerRow(layer.name, {"channel_stats": "not measured (output is not [N, C, ...])"}))
+                continue
+            ws.channel_stats[layer.name] = ChannelStats(mean, std, self.source)
+            report.rows.append(LayerRow(layer.name, {"channel_stats": self.source,
+                                                     "stat_std_median": float(np.median(std))}))
+        report.modified = any(row.values["channel_stats"] == self.source for row in report.rows)
+        if report.modified:
+            statistics.invalidate(ws)  # the statistics engine must see the new channels
+        return report
