@@ -59,14 +59,15 @@ def test_input_space_from_range_maps_unit_interval_onto_it():
         InputSpace.from_range(1.0, 1.0)
 
 
-def test_pink_noise_has_a_one_over_f_spectrum():
-    x = pink_noise(16, 1, 64, 64, seed=0)[:, 0].astype(np.float64)
+@pytest.mark.parametrize("alpha", [1.0, 1.5])
+def test_pink_noise_has_a_one_over_f_spectrum(alpha):
+    x = pink_noise(16, 1, 64, 64, seed=0, alpha=alpha)[:, 0].astype(np.float64)
     power = np.abs(np.fft.rfft2(x - x.mean(axis=(1, 2), keepdims=True))) ** 2
     fy, fx = np.fft.fftfreq(64)[:, None], np.fft.rfftfreq(64)[None, :]
     radius = np.sqrt(fx**2 + fy**2)
     band = (radius > 0.03) & (radius < 0.4)
     slope = np.polyfit(np.log(radius[band]), np.log(power.mean(axis=0)[band]), 1)[0]
-    assert -2.4 < slope < -1.6  # amplitude 1/f: power 1/f^2, as natural images
+    assert abs(slope + 2 * alpha) < 0.4  # amplitude 1/f^alpha: power 1/f^(2 alpha)
 
 
 def test_dead_leaves_are_piecewise_constant_occlusions():
@@ -113,12 +114,13 @@ def test_folded_model_defaults_to_the_prior_and_says_so(tmp_path):
     path = folded_copy(demo_model(), tmp_path)
     result = onnxdfq.quantize_model(str(path), method="dfq", bits=8, act_bits=8)
     stats = result.report["statistics"]
-    assert stats["source"] == "prior:mixed" and stats["layer_sources"] == {"prior": stats["layers"]}
+    assert stats["source"] == "prior:pink" and stats["layer_sources"] == {"prior": stats["layers"]}
     assert "do_constant_folding=False" in stats["hint"]
-    assert result.report["calibration"]["source"] == "prior:mixed"
+    assert result.report["calibration"]["source"] == "prior:pink"
     passes = {p["name"]: p for p in result.report["passes"]}
-    skips = {row.get("absorb_skip") for row in passes["absorb_bias"]["layers"].values()}
-    assert "no BN statistics" not in skips and passes["absorb_bias"]["layers"]  # decided on statistics
+    skips = [row.get("absorb_skip", "") for row in passes["absorb_bias"]["layers"].values()]
+    assert skips and all(skip.startswith("statistics from prior") for skip in skips)  # said, not silent
+    assert any("absorption skipped" in warning for warning in result.report["warnings"])
     assert passes["bias_correction"]["params"]["corrected"] >= 6
     with pytest.raises(OptionError, match="no BatchNormalization"):
         onnxdfq.quantize_model(str(path), method="dfq", calib="bn")

@@ -29,6 +29,7 @@ from onnxdfq.graph import layers as graph_layers
 from onnxdfq.graph import surgery
 from onnxdfq.passes.base import ActRange, LayerRow, Pass, PassReport, Workspace
 from onnxdfq.quant.range_estimators import ESTIMATORS, RangeEstimator, TensorObserver, get_estimator
+from onnxdfq.synth.prior import PRIOR_GENERATORS
 
 __all__ = ["CALIB_SOURCES", "SAMPLE_SOURCES", "DEFAULT_SYNTH_SAMPLES", "CalibSpec", "CalibrationRangePass", "Collector",
            "SampleObserver"]
@@ -38,7 +39,6 @@ logger = logging.getLogger(__name__)
 CALIB_SOURCES = ("auto", "bn", "prior", "synth", "data")
 SAMPLE_SOURCES = ("prior", "synth", "data")  # the sources that run samples through the model
 DEFAULT_SYNTH_SAMPLES = 256  # generated samples when --calib-samples is not given
-PRIOR_GENERATORS = ("mixed", "dead_leaves", "pink")  # onnxdfq.synth.prior (kept here: no import of synth)
 DEFAULT_ESTIMATOR = "mse"
 
 # collect(model with the tensors as outputs, tensor names, samples, histogram=...) -> observers

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Models as users have them: BN-folded copies of the shared models, data-free, next to the BN-kept files.
+
+Each shared model is folded the way exporters and pre-processing tools fold it (onnxruntime's
+basic graph optimization: BatchNormalization merged into the Conv), then quantized with the
+default settings (``--calib auto``: BN statistics when the file kept them, the image prior
+otherwise) and evaluated on the full labelled set. The prior's cost (image generation, the
+statistics run and the range calibration) is the quantization time of the folded rows, measured
+in the same run as the BN-kept one.
+
+    python tools/bench_folded.py                 # writes tools/results/folded.md and folded.json
+    python tools/bench_folded.py --limit 1000    # a quick look
+
+A second table, ``--study``, compares prior generators by the per-layer statistics they give
+(distance to the true BN statistics of the BN-kept file) and by DF-MPC 2/6 top-1 on 2000 images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import onnxdfq
+from onnxdfq.eval.runner import evaluate
+from onnxdfq.eval.session import fold_batchnorm_copy
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("ONNXDFQ_ASSETS", ROOT.parent / "shared" / "assets"))
+CIFAR = {"data": "cifar10/test.npz", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+IMAGENET = {"data": "imagenet/val1300", "mean": [0.5] * 3, "std": [0.5] * 3}
+MODELS = {"resnet56": ("cifar10/resnet56.onnx", CIFAR), "resnet20": ("cifar10/resnet20.onnx", CIFAR),
+          "mobilenet_v1_0.75": ("imagenet/mobilenet_v1_0.75.onnx", IMAGENET)}
+# (model, method, bits, act_bits, granularity): the issue's bars and a few neighbours
+ROWS = [("resnet56", "nearest", "8", "8", "channel"), ("resnet56", "squant", "4", "8", "channel"),
+        ("resnet56", "dfq", "8", "8", "tensor"), ("resnet56", "dfmpc", "2/6", "none", "channel"),
+        ("resnet20", "nearest", "8", "8", "channel"), ("resnet20", "squant", "4", "8", "channel"),
+        ("resnet20", "dfmpc", "2/6", "none", "channel"),
+        ("mobilenet_v1_0.75", "nearest", "8", "8", "channel"), ("mobilenet_v1_0.75", "dfq", "8", "8", "tensor"),
+        ("mobilenet_v1_0.75", "squant", "4", "8", "channel")]
+
+
+def quantize_and_eval(path: Path, spec: dict, method: str, bits: str, act: str, gran: str,
+                      limit: int | None, **options) -> dict:
+    start = time.perf_counter()
+    result = onnxdfq.quantize_model(str(path), method=method, bits=bits, act_bits=None if act == "none" else act,
+                                    granularity=gran, mean=spec["mean"], std=spec["std"], **options)
+    seconds = time.perf_counter() - start
+    top1 = evaluate(result.model, str(ASSETS / spec["data"]), mean=spec["mean"], std=spec["std"],
+                    batch_size=250, limit=limit).top1
+    stats = result.report["statistics"]
+    return {"top1": round(top1, 2), "quantize_s": round(seconds, 2), "source": stats["source"],
+            "bn_layers": stats["bn_layers"], "layers": stats["layers"],
+            "prior_s": stats.get("seconds") if stats["source"].startswith("prior") else None}
+
+
+def bench(args) -> None:
+    work = Path(tempfile.mkdtemp(prefix="onnxdfq-folded-"))
+    rows = []
+    for model, method, bits, act, gran in ROWS:
+        rel, spec = MODELS[model]
+        folded = work / f"{model}_folded.onnx"
+        if not folded.exists():
+            fold_batchnorm_copy(str(ASSETS / rel), folded)
+            left = sum(n.op_type == "BatchNormalization" for n in onnx.load(folded).graph.node)
+            assert left == 0, f"{model}: {left} BN left after folding"
+        kept = quantize_and_eval(ASSETS / rel, spec, method, bits, act, gran, args.limit)
+        fold = quantize_and_eval(folded, spec, method, bits, act, gran, args.limit)
+        row = {"model": model, "method": method, "bits": bits, "act": act, "granularity": gran,
+               "kept": kept, "folded": fold}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = ROOT / "tools" / "results"
+    (out / "folded.json").write_text(json.dumps({"limit": args.limit, "rows": rows}, indent=1))
+    lines = ["# BN-folded models, data-free (tools/bench_folded.py)", "",
+             f"Full test sets{'' if args.limit is None else f' (first {args.limit})'}; onnxruntime CPU; "
+             "folded with onnxruntime's basic graph optimization; default `--calib auto` "
+             "(BN statistics when kept, the image prior otherwise). Quantize seconds include the prior's "
+             "image generation, statistics run and range calibration (2-core machine).", "",
+             "| model | method | W/A | weights | BN kept top-1 | folded top-1 | folded statistics | "
+             "quantize s kept / folded |", "|---|---|---|---|---:|---:|---|---:|"]
+    for r in rows:
+        a = "fp32" if r["act"] == "none" else r["act"]
+        lines.append(f"| {r['model']} | {r['method']} | W{r['bits']}A{a} | per-{r['granularity']} | "
+                     f"{r['kept']['top1']:.2f} | {r['folded']['top1']:.2f} | {r['folded']['source']} "
+                     f"({r['folded']['bn_layers']}/{r['folded']['layers']} BN) | "
+                     f"{r['kept']['quantize_s']:.1f} / {r['folded']['quantize_s']:.1f} |")
+    (out / "folded.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def study(args) -> None:
+    """Prior generators on folded ResNet-56: statistics error against the true BN, and DF-MPC top-1."""
+    from onnxdfq.eval.calibrate import collect_statistics
+    from onnxdfq.graph import layers as graph_layers
+    from onnxdfq.graph import surgery
+    from onnxdfq.passes.base import Workspace
+    from onnxdfq.passes.calib_ranges import SampleObserver
+    from onnxdfq.passes.channel_stats import MeasureChannelStatsPass
+    from onnxdfq.passes.fold_bn import FoldBatchNormPass
+    from onnxdfq.synth.prior import InputSpace, dead_leaves, pink_noise
+
+    rel, spec = MODELS["resnet56"]
+    work = Path(tempfile.mkdtemp(prefix="onnxdfq-prior-"))
+    folded_path = work / "folded.onnx"
+    fold_batchnorm_copy(str(ASSETS / rel), folded_path)
+    folded = onnx.load(folded_path)
+    ws = Workspace(graph=surgery.import_graph(onnx.load(ASSETS / rel)))
+    graph_layers.ensure_node_names(ws.graph)
+    FoldBatchNormPass()(ws)
+    true_stats = {layer.output_name: ws.channel_stats[layer.name] for layer in graph_layers.read_layers(ws.graph)
+                  if layer.name in ws.channel_stats}
+    space = InputSpace(tuple(spec["mean"]), tuple(spec["std"]))
+    count = 256
+    real = np.load(ASSETS / "cifar10/train5000.npz")["x"][:count].transpose(0, 3, 1, 2).astype(np.float32) / 255
+    variants = {
+        "pink alpha 1.5 (default)": pink_noise(count, 3, 32, 32, seed=0, alpha=1.5),
+        "pink alpha 1.0": pink_noise(count, 3, 32, 32, seed=0, alpha=1.0),
+        "pink alpha 2.0": pink_noise(count, 3, 32, 32, seed=0, alpha=2.0),
+        "dead leaves": dead_leaves(count, 3, 32, 32, seed=0),
+        "mixed (half each)": np.concatenate([dead_leaves(count // 2, 3, 32, 32, seed=0),
+                                             pink_noise(count // 2, 3, 32, 32, seed=1, alpha=1.5)]),
+        "real training images (reference, not data-free)": real,
+    }
+    lines = ["# Image prior generators (tools/bench_folded.py --study)", "",
+             f"BN-folded ResNet-56, {count} images each. Statistics error: per layer, the median over channels of "
+             "|measured mean - BN beta| / |gamma| and of |log(measured std / |gamma|)|, averaged over layers. "
+             "DF-MPC 2/6 (float activations) top-1 on the first 2000 test images, statistics from the images.", "",
+             "| images | mean error (std) | log-std error | DF-MPC 2/6 top-1 |", "|---|---:|---:|---:|"]
+    for name, images in variants.items():
+        x = space.apply(images)
+        probe = Workspace(graph=surgery.import_graph(folded))
+        graph_layers.ensure_node_names(probe.graph)
+        MeasureChannelStatsPass(SampleObserver(x, collect_statistics, folded), "samples")(probe)
+        mean_err, std_err = [], []
+        for layer in graph_layers.read_layers(probe.graph):
+            if layer.output_name not in true_stats:
+                continue
+            bn, measured = true_stats[layer.output_name], probe.channel_stats[layer.name]
+            live = bn.std > 1e-3
+            mean_err.append(np.median(np.abs(measured.mean - bn.mean)[live] / bn.std[live]))
+            std_err.append(np.median(np.abs(np.log(measured.std[live] / bn.std[live]))))
+        npz = work / "x.npz"
+        np.savez(npz, x=x)
+        top1 = quantize_and_eval(folded_path, spec, "dfmpc", "2/6", "none", "channel", 2000, calib=f"data:{npz}")
+        lines.append(f"| {name} | {np.mean(mean_err):.3f} | {np.mean(std_err):.3f} | {top1['top1']:.2f} |")
+        print(lines[-1], flush=True)
+    (ROOT / "tools" / "results" / "prior_study.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--study", action="store_true", help="compare prior generators instead")
+    args = parser.parse_args()
+    study(args) if args.study else bench(args)
+
+
+if __name__ == "__main__":
+    main()
