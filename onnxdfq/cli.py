@@ -275,6 +275,7 @@ def _summary(report: dict, model: Path) -> str:
         ["method", f"{cfg['method']}  W{cfg['bits']}{'/' + str(cfg['high_bits']) if cfg['high_bits'] else ''}"
                    f"  A{cfg['act_bits'] or 'fp32'}  {'per-channel' if cfg['per_channel'] else 'per-tensor'}"],
         ["layers quantized", f"{len(layers)}  (avg {report['average_weight_bits']:.2f} weight bits)"],
+        ["layer inputs quantized", _coverage_line(report["layer_inputs"])],
         *_dfmpc_rows(report),
         ["layer statistics", _statistics_line(report["statistics"])],
         ["7-bit (reduce-range)", ", ".join(report["reduced_range_layers"]) or "-"],
@@ -290,6 +291,16 @@ def _summary(report: dict, model: Path) -> str:
     return _table(rows, ["", ""]).split("\n", 2)[2]
 
 
+def _coverage_line(coverage: dict) -> str:
+    line = f"{coverage['quantized']} of {coverage['total']}"
+    reasons: dict[str, int] = {}
+    for why in coverage["float"].values():
+        reasons[why] = reasons.get(why, 0) + 1
+    if reasons:
+        line += "  (float: " + ", ".join(f"{count} {why}" for why, count in reasons.items()) + ")"
+    return line
+
+
 def _statistics_line(stats: dict) -> str:
     """Where the layers' per-channel statistics came from, with counts, e.g. 'BN 0 of 56; prior 56 (256 images)'."""
     parts = [f"BN {stats['bn_layers']} of {stats['layers']} layers"]
@@ -299,14 +310,15 @@ def _statistics_line(stats: dict) -> str:
             parts.append(f"propagated {count}")
         else:
             parts.append(f"{name} {count}")
+    line = "; ".join(parts)
     if "samples" in stats:
         detail = f"{stats['samples']} {stats['source']} samples"
         if "seconds" in stats:
             detail += f", made in {stats['seconds']:.1f} s"
         if stats.get("input_space"):
             detail += f", input space from {stats['input_space']}"
-        parts.append(f"({detail})")
-    return "; ".join(parts)
+        line += f"  ({detail})"
+    return line
 
 
 def _calib_line(calib: dict) -> str:

@@ -1,5 +1,6 @@
-"""The quantization pipeline: load -> fold BN -> [CLE, absorption] -> weights -> [bias correction]
--> activation ranges -> emit. `quantize` is the Python API behind `onnxdfq quantize`."""
+"""The quantization pipeline: load -> fold BN -> [no BN: statistics measured on prior images] ->
+[CLE, absorption] -> activation ranges -> weights (nearest | SQuant | DF-MPC) -> [bias correction]
+-> emit. `quantize` is the Python API behind `onnxdfq quantize`."""
 
 from __future__ import annotations
 
@@ -197,10 +198,7 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
     calib = config.calib.resolved(_statistics_source(config, ws, folded_layers))
     observer = None
     if calib.source in SAMPLE_SOURCES and _needs_statistics(config):
-        from onnxdfq.eval.calibrate import calibration_samples, collect_statistics
-
-        samples, info = calibration_samples(model, calib, calib_progress, input_range=config.input_range)
-        observer = SampleObserver(samples, collect_statistics, model, info)
+        observer = _sample_observer(model, calib, config, calib_progress)
         if calib.source == "prior" or bn_layers * 2 < len(folded_layers):
             # layers without BN get statistics measured on the samples; with no graph change ahead, the
             # activation tensors are observed in the same run
@@ -225,6 +223,11 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
         BNRangePass(tensors, sigmas=config.bn_sigmas)(ws)
         if observer is not None:  # samples run through the float graph as it stands now (folded, after CLE)
             CalibrationRangePass(tensors, observer, calib, config.act_bits)(ws)
+        missing = [name for name in tensors if name not in ws.act_ranges]
+        if missing:  # tensors no statistics reach (after SiLU, GELU, LayerNorm, gates...): ranges from the prior
+            prior = calib.resolved("prior") if calib.source != "prior" else calib
+            fallback = _sample_observer(model, prior, config, calib_progress)
+            CalibrationRangePass(missing, fallback, prior, config.act_bits)(ws)
         share_min_ranges(ws)  # Relu -> Min(per-channel bound) from CLE / absorption: one range
     bitmap, low_layers = BitWidthMap(config.bits), set()
     if config.method == "dfmpc":  # low layers quantized and compensated here, the rest at the high width
@@ -245,6 +248,7 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
         timings[pass_report.name] = pass_report.seconds
     report = _build_report(ws, config, source, timings)
     report["statistics"] = _statistics_summary(ws, folded_layers, bn_layers, calib, observer)
+    report["layer_inputs"] = _layer_input_coverage(ws, layers, config)
     return QuantResult(emitted, report)
 
 
@@ -253,6 +257,25 @@ EXPORT_WITH_BN_HINT = ("this model has no BatchNormalization left (folded at exp
                        "prior images. To give onnxdfq the real ones, export with BN kept: torch.onnx.export(..., "
                        "do_constant_folding=False) (TorchScript) or torch.onnx.export(..., dynamo=True, "
                        "optimize=False), and skip onnxruntime/onnxsim pre-optimization")
+
+
+def _sample_observer(model: Any, calib: CalibSpec, config: QuantConfig, progress: Any) -> SampleObserver:
+    """Calibration samples for ``calib`` (prior images, synthetic or user data) and their runner."""
+    from onnxdfq.eval.calibrate import calibration_samples, collect_statistics
+
+    samples, info = calibration_samples(model, calib, progress, input_range=config.input_range)
+    return SampleObserver(samples, collect_statistics, model, info)
+
+
+def _layer_input_coverage(ws: Workspace, layers: list, config: QuantConfig) -> dict:
+    """How many quantized layers read a quantized input (what makes an int8 kernel possible), and why not."""
+    unquantized = {}
+    for layer in layers:
+        if config.act_bits is None:
+            unquantized[layer.name] = "float activations asked for"
+        elif layer.input_name not in ws.act_ranges:
+            unquantized[layer.name] = "no range for its input"
+    return {"quantized": len(layers) - len(unquantized), "total": len(layers), "float": unquantized}
 
 
 def _needs_statistics(config: QuantConfig) -> bool:

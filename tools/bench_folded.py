@@ -153,6 +153,30 @@ def study(args) -> None:
         print(lines[-1], flush=True)
     (ROOT / "tools" / "results" / "prior_study.md").write_text("\n".join(lines) + "\n")
 
+    # activation ranges: generator, sample count and estimator, where ranges matter (6 and 4 bits)
+    lines += ["", "Activation ranges from the prior on the folded ResNet-56, nearest per-channel weights, first 2000 "
+              "test images (each row: statistics and ranges from those images).", "",
+              "| images | count | estimator | W8A8 | W6A6 | W4A4 |", "|---|---:|---|---:|---:|---:|"]
+    settings = [("pink", 256, "mse"), ("pink", 64, "mse"), ("pink", 1024, "mse"), ("pink", 256, "percentile"),
+                ("pink", 256, "minmax"), ("mixed", 256, "mse"), ("dead_leaves", 256, "mse")]
+    for generator, count, estimator in settings:
+        cells = []
+        for bits in ("8", "6", "4"):
+            row = quantize_and_eval(folded_path, spec, "nearest", bits, bits, "channel", 2000,
+                                    calib=f"prior:{generator}", calib_samples=count, calib_range=estimator)
+            cells.append(f"{row['top1']:.2f}")
+        lines.append(f"| prior:{generator} | {count} | {estimator} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    npz = work / "real.npz"
+    np.savez(npz, x=space.apply(real))
+    cells = [f"{quantize_and_eval(folded_path, spec, 'nearest', b, b, 'channel', 2000, calib=f'data:{npz}')['top1']:.2f}"
+             for b in ("8", "6", "4")]  # noqa: E501
+    lines.append(f"| real training images (reference) | {count} | mse | " + " | ".join(cells) + " |")
+    cells = [f"{quantize_and_eval(ASSETS / rel, spec, 'nearest', b, b, 'channel', 2000)['top1']:.2f}"
+             for b in ("8", "6", "4")]
+    lines.append("| BN kept, BN statistics (reference) | - | - | " + " | ".join(cells) + " |")
+    (ROOT / "tools" / "results" / "prior_study.md").write_text("\n".join(lines) + "\n")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -107,9 +107,27 @@ def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return x, y
 
 
-def _from_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles containers, bytes, numbers and numpy arrays only: a pickle that names any other callable
+    (os.system, builtins.open, ...) is refused before anything runs. CIFAR python batches need no more."""
+
+    ALLOWED = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+               for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a data file may only hold plain "
+                                         "containers, numbers, bytes and numpy arrays")
+        return super().find_class(module, name)
+
+
+def _load_plain_pickle(path: Path):
     with open(path, "rb") as handle:
-        batch = pickle.load(handle, encoding="bytes")
+        return _PlainDataUnpickler(handle, encoding="bytes").load()
+
+
+def _from_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    batch = _load_plain_pickle(path)
     data = np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32)
     labels = np.asarray(batch.get(b"labels", batch.get(b"fine_labels")), np.int64)
     return data, labels
@@ -121,9 +139,12 @@ def _is_cifar_batch(path: Path) -> bool:
             head = handle.read(2)
         if head[:1] != b"\x80":
             return False
-        with open(path, "rb") as handle:
-            batch = pickle.load(handle, encoding="bytes")
+        batch = _load_plain_pickle(path)
         return isinstance(batch, dict) and b"data" in batch
+    except pickle.UnpicklingError as exc:
+        if "refusing to load" in str(exc):
+            raise DataError(f"{path}: {exc}") from None
+        return False
     except Exception:
         return False
 
