@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
-import os
+import signal
 import sys
 import tempfile
 import time
@@ -19,11 +20,16 @@ from onnxdfq.errors import DataError, OnnxDfqError, OptionError
 logger = logging.getLogger("onnxdfq")
 
 
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: atomic writers remove their temporary files
+
+
 def _friendly(func):
-    """Turn onnxdfq errors into one line on stderr and exit status 2 (no traceback)."""
+    """Turn onnxdfq errors into one line on stderr and exit status 2 (no traceback); SIGTERM exits cleanly."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return func(*args, **kwargs)
         except OnnxDfqError as exc:
@@ -143,14 +149,16 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str | 
              calib_range: str, calib_samples: int | None, calib_percentile: float, seed: int, device: str, fmt: str,
              quantize_outputs: bool, report_path: Path | None, quiet: bool) -> None:
     """Quantize MODEL without data (or calibrated on --calib samples) and write a QDQ ONNX model to --output."""
-    from onnxdfq.eval.runner import compare as run_compare
-    from onnxdfq.eval.session import check_loads
-    from onnxdfq.graph.io import ensure_distinct_paths, load_model, save_model_atomic
+    from onnxdfq.eval.check import FIDELITY_FLOOR_DB, check_quantized
+    from onnxdfq.graph.io import ensure_distinct_paths, ensure_writable, load_model, save_model_atomic
     from onnxdfq.pipeline import METHODS, quantize_model
 
     ensure_distinct_paths(model, output)
+    ensure_writable(output, "-o")
     if report_path is not None:
         ensure_distinct_paths(model, report_path)
+        ensure_distinct_paths(output, report_path, what="--report path", other="the output model")
+        ensure_writable(report_path, "--report")
     fp32 = load_model(model)
     lohi = None
     if input_range is not None:
@@ -161,6 +169,8 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str | 
     elif mean is not None or std is not None:
         m = np.asarray(_floats(mean or "0", "--mean"))
         s = np.asarray(_floats(std or "1", "--std"))
+        if np.any(s <= 0):
+            raise OptionError(f"--std must be positive, got {std}")
         lohi = (float(np.min((0 - m) / s)), float(np.max((1 - m) / s)))
     start = time.perf_counter()
     if act_bits is None:
@@ -177,16 +187,20 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str | 
                             mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
                             quantize_outputs=quantize_outputs, calib_progress=_loss_bar("synth", quiet))
     probe: dict = {}
+    calib_spec = result.config.calib
 
     def validate(tmp_path: str) -> None:
-        check_loads(tmp_path)
-        probe.update(run_compare(fp32, tmp_path, random=16, batch_size=16))
-        if not probe["finite"]:
-            raise OptionError("the quantized model produces non-finite outputs; nothing written")
+        probe.update(check_quantized(fp32, tmp_path, calib_spec, result.config.input_range))
 
     save_model_atomic(result.model, output, validate=validate)
     report = result.report
-    report["fidelity_random_inputs"] = probe
+    report["fidelity"] = probe
+    if probe["low_fidelity"]:
+        worst = min(out["sqnr_db"] for out in probe["outputs"])
+        report["warnings"].append(
+            f"LOW FIDELITY: output SQNR {worst:.1f} dB < {FIDELITY_FLOOR_DB:g} dB "
+            f"on {probe['inputs']}: expect a large accuracy loss; try more bits, --method squant/dfq, or "
+            "--granularity channel")
     report["output"] = str(output)
     report["output_bytes"] = output.stat().st_size
     report["timings_s"]["wall"] = round(time.perf_counter() - start, 4)
@@ -260,10 +274,9 @@ def _dfmpc_options(pairs: tuple[str, ...]) -> dict:
 
 
 def _write_json_atomic(data: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=1)
-    os.replace(tmp, path)
+    from onnxdfq.graph.io import write_text_atomic
+
+    write_text_atomic(json.dumps(data, indent=1), path)
 
 
 def _summary(report: dict, model: Path) -> str:
@@ -283,12 +296,24 @@ def _summary(report: dict, model: Path) -> str:
         ["calibration", _calib_line(report.get("calibration", {}))],
         ["activation ranges", ", ".join(f"{k}: {v}" for k, v in sorted(report["activation_sources"].items()))
          or "none (float activations)"],
-        ["fidelity (16 random inputs)", "SQNR {sqnr_db:.1f} dB  cosine {cosine:.4f}  top-1 agree {top1_agreement:.2f}"
-         .format(**report["fidelity_random_inputs"])],
+        *_fidelity_rows(report["fidelity"]),
         ["time", f"{report['timings_s']['total']:.2f} s quantize, {report['timings_s']['wall']:.2f} s with checks"],
         ["output", f"{report['output']}  ({report['output_bytes'] / 1e6:.2f} MB)"],
     ]
     return _table(rows, ["", ""]).split("\n", 2)[2]
+
+
+def _fidelity_rows(fidelity: dict) -> list[list[str]]:
+    """One row per output (SQNR, cosine), top-1 agreement for a classifier, on what inputs."""
+    rows = []
+    for index, out in enumerate(fidelity["outputs"]):
+        label = f"fidelity: {out['name']}" if len(fidelity["outputs"]) > 1 else "fidelity (output)"
+        line = f"SQNR {out['sqnr_db']:.1f} dB  cosine {out['cosine']:.4f}"
+        if index == 0 and fidelity.get("top1_agreement") is not None:
+            line += f"  top-1 agree {fidelity['top1_agreement']:.2f}"
+        rows.append([label, line])
+    rows.append(["fidelity inputs", fidelity["inputs"] + (" (LOW FIDELITY)" if fidelity["low_fidelity"] else "")])
+    return rows
 
 
 def _coverage_line(coverage: dict) -> str:
@@ -438,9 +463,10 @@ def _generator_options(items: tuple[str, ...]) -> dict:
 def synth(model: Path, method: str, samples: int, output: Path, device: str, seed: int, batch_size: int,
           steps: int | None, options: tuple[str, ...], quiet: bool) -> None:
     """Generate calibration inputs for MODEL whose BN-input statistics match its BN layers."""
-    from onnxdfq.graph.io import ensure_distinct_paths, load_model
+    from onnxdfq.graph.io import ensure_distinct_paths, ensure_writable, load_model, write_text_atomic
 
     ensure_distinct_paths(model, output)
+    ensure_writable(output, "-o")
     if output.suffix != ".npz":
         raise OptionError(f"-o {output}: the output must be an .npz file")
     proto = load_model(model)
@@ -461,15 +487,9 @@ def synth(model: Path, method: str, samples: int, output: Path, device: str, see
     meta = {"model": str(model), "method": method, "samples": int(len(x)), "seed": seed, "batch_size": batch_size,
             "steps": steps or synth_pkg.get_generator(method).default_steps, "options": extra, "device": device,
             "seconds": round(seconds, 3), "bn_loss": bn_loss, "noise_bn_loss": noise_loss}
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent if str(output.parent)
-                               else ".")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, x=x, meta=np.array(json.dumps(meta)))
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x, meta=np.array(json.dumps(meta)))
+    write_text_atomic(buffer.getvalue(), output)
     if not quiet:
         rows = [["samples", f"{len(x)} x {list(x.shape[1:])} float32 (preprocessed model inputs)"],
                 ["method", f"{method}  steps {meta['steps']} per batch of {batch_size}, seed {seed}, {device}"
@@ -488,7 +508,7 @@ def synth(model: Path, method: str, samples: int, output: Path, device: str, see
 def report(report_json: Path, output: Path) -> None:
     """Turn a `quantize --report` JSON into an HTML page: weight ranges before/after CLE, weight SQNR
     and bit widths per layer, activation ranges and their sources."""
-    from onnxdfq.graph.io import ensure_distinct_paths
+    from onnxdfq.graph.io import ensure_distinct_paths, ensure_writable, write_text_atomic
     from onnxdfq.report_html import render_report
 
     ensure_distinct_paths(report_json, output)
@@ -501,10 +521,8 @@ def report(report_json: Path, output: Path) -> None:
     if not isinstance(data, dict) or "layers" not in data or "config" not in data:
         raise DataError(f"{report_json}: not an onnxdfq quantize report (no 'layers' / 'config')")
     page = render_report(data)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent if str(output.parent) else ".")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(page)
-    os.replace(tmp, output)
+    ensure_writable(output, "-o")
+    write_text_atomic(page, output)
     click.echo(f"wrote {output} ({len(page) / 1e3:.0f} kB, {len(data['layers'])} layers)")
 
 

@@ -90,6 +90,7 @@ class QuantConfig:
 class QuantResult:
     model: Any  # onnx.ModelProto
     report: dict[str, Any]
+    config: QuantConfig | None = None  # the settings it was made with (defaults resolved)
 
 
 def _config_from(method: str, bits: int | str, act_bits: int | str | None, granularity: str,
@@ -134,7 +135,7 @@ def _config_from(method: str, bits: int | str, act_bits: int | str | None, granu
 # quantize_model options that describe the calibration (see passes/calib_ranges.CalibSpec)
 _CALIB_OPTIONS = {"calib_range": "estimator", "calib_samples": "samples", "calib_percentile": "percentile",
                   "seed": "seed", "device": "device", "calib_batch_size": "batch_size", "mean": "mean",
-                  "std": "std", "synth_options": "synth_options"}
+                  "std": "std", "synth_options": "synth_options", "size": "size"}
 
 
 def _calib_spec(options: dict[str, Any]) -> CalibSpec:
@@ -249,7 +250,7 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
     report = _build_report(ws, config, source, timings)
     report["statistics"] = _statistics_summary(ws, folded_layers, bn_layers, calib, observer)
     report["layer_inputs"] = _layer_input_coverage(ws, layers, config)
-    return QuantResult(emitted, report)
+    return QuantResult(emitted, report, config)
 
 
 # how to keep BatchNormalization in an export, for the message printed when a model has none
@@ -291,11 +292,12 @@ def _statistics_source(config: QuantConfig, ws: Workspace, layers: list) -> str:
     if source == "auto":
         return "bn" if with_bn and with_bn * 2 >= len(layers) else "prior"
     if source == "bn" and not with_bn and _needs_statistics(config):
-        raise OptionError("--calib bn: the model has no BatchNormalization (folded at export), so there are no BN "
-                          "statistics to read; use --calib prior (the default for such models) or data:PATH.npz")
+        raise UnsupportedModelError("--calib bn: the model has no BatchNormalization (folded at export), so there "
+                                    "are no BN statistics to read; use --calib prior (the default for such models) "
+                                    "or data:PATH.npz")
     if source == "synth" and not with_bn:
-        raise OptionError(f"--calib synth:{config.calib.method} matches BN statistics and the model has none "
-                          "(BN folded at export); use --calib prior or data:PATH.npz")
+        raise UnsupportedModelError(f"--calib synth:{config.calib.method} matches BN statistics, and the model has no "
+                                    "BatchNormalization (folded at export); use --calib prior or data:PATH.npz")
     return source
 
 

@@ -150,7 +150,8 @@ def render_report(report: dict[str, Any]) -> str:
     cfg = report.get("config", {})
     layers = report.get("layers", {})
     bits = f"{cfg.get('bits')}" + (f"/{cfg['high_bits']}" if cfg.get("high_bits") else "")
-    fidelity = report.get("fidelity_random_inputs") or {}
+    fidelity = report.get("fidelity") or {}
+    stats = report.get("statistics") or {}
     summary = [
         ["model", report.get("model", "")], ["method", cfg.get("method", "")], ["weight bits", bits],
         ["activation bits", cfg.get("act_bits") or "fp32"],
@@ -159,7 +160,9 @@ def render_report(report: dict[str, Any]) -> str:
         ["activation range sources", ", ".join(f"{k}: {v}" for k, v in report.get("activation_sources", {}).items())
          or "-"],
         ["7-bit layers (reduce-range)", ", ".join(report.get("reduced_range_layers", [])) or "-"],
-        ["fidelity on random inputs", ", ".join(f"{k} {_fmt(v)}" for k, v in fidelity.items()) or "-"],
+        ["layer statistics", f"BN on {stats['bn_layers']} of {stats['layers']} layers; sources "
+         + ", ".join(f"{k}: {v}" for k, v in stats.get("layer_sources", {}).items()) if stats else "-"],
+        ["fidelity inputs", fidelity.get("inputs", "-")],
         ["quantize time s", report.get("timings_s", {}).get("total")],
         ["output", f"{report.get('output', '-')} ({report.get('output_bytes', 0) / 1e6:.2f} MB)"],
     ]
@@ -173,6 +176,10 @@ def render_report(report: dict[str, Any]) -> str:
         f"<!doctype html><html><head><meta charset='utf-8'><title>onnxdfq report: {_esc(report.get('model', ''))}"
         f"</title><style>{STYLE}</style></head><body><h1>onnxdfq quantization report</h1>"
         f"{_table(['', ''], summary)}"
+        + ("<h2>Fidelity against FP32</h2>" + _table(
+            ["output", "SQNR dB", "cosine", "top-1 agreement"],
+            [[out["name"], out["sqnr_db"], out["cosine"], fidelity.get("top1_agreement") if i == 0 else None]
+             for i, out in enumerate(fidelity.get("outputs", []))]) if fidelity.get("outputs") else "")
         + (f"<h2>Warnings</h2><ul>{warnings}</ul>" if warnings else "")
         + "<h2>Weight ranges per output channel</h2><p>Per-tensor and low-bit grids suffer when one layer's "
         "channels span orders of magnitude; cross-layer equalization narrows the bars.</p>"

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import onnxdfq
 from onnxdfq.cli import main
-from onnxdfq.errors import OptionError
+from onnxdfq.errors import UnsupportedModelError
 from onnxdfq.eval.calibrate import collect_statistics
 from onnxdfq.eval.runner import evaluate
 from onnxdfq.eval.session import fold_batchnorm_copy
@@ -122,9 +122,9 @@ def test_folded_model_defaults_to_the_prior_and_says_so(tmp_path):
     assert skips and all(skip.startswith("statistics from prior") for skip in skips)  # said, not silent
     assert any("absorption skipped" in warning for warning in result.report["warnings"])
     assert passes["bias_correction"]["params"]["corrected"] >= 6
-    with pytest.raises(OptionError, match="no BatchNormalization"):
+    with pytest.raises(UnsupportedModelError, match="no BatchNormalization"):
         onnxdfq.quantize_model(str(path), method="dfq", calib="bn")
-    with pytest.raises(OptionError, match="has none"):
+    with pytest.raises(UnsupportedModelError, match="matches BN statistics"):
         onnxdfq.quantize_model(str(path), calib="synth:dffg")
 
 

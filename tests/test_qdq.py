@@ -117,7 +117,10 @@ def test_model_without_bn_quantizes_and_reports_range_sources():
     fp32 = no_bn_model()
     result = onnxdfq.quantize_model(fp32, bits=8, act_bits=8)
     sources = result.report["activation_sources"]
-    assert "bn" not in sources and sources.get("propagated", 0) >= 2 and sources.get("input") == 1
+    assert sources == {"calib:prior:pink": len(result.report["activations"])}  # no BN: the image prior
+    assert result.report["statistics"]["layer_sources"] == {"prior": 3}  # 2 convs and the head
+    propagated = onnxdfq.quantize_model(fp32, bits=8, act_bits=8, calib="prior", input_range=(-2.0, 2.0))
+    assert propagated.report["activation_sources"].get("input") == 1  # a known input range is kept
     x = np.random.default_rng(0).standard_normal((16, 3, 12, 12)).astype(np.float32)
     assert sqnr_db(run(fp32, x), run(result.model, x)) > 15
 

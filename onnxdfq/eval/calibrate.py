@@ -25,6 +25,7 @@ import numpy as np
 
 from onnxdfq.errors import DataError, UnsupportedModelError
 from onnxdfq.eval.data import open_dataset
+from onnxdfq.eval.runner import sample_dims
 from onnxdfq.eval.session import make_session
 from onnxdfq.passes.calib_ranges import CalibSpec
 from onnxdfq.quant.range_estimators import TensorObserver
@@ -38,19 +39,25 @@ logger = logging.getLogger(__name__)
 SynthProgress = Callable[[int, int, float], None]  # (step, total, batch BN loss), as synth.generate
 
 
-def input_shape(model: Any) -> tuple[int, ...]:
-    """The single input's shape without the batch axis (e.g. (3, 32, 32)); must be static."""
+def input_shape(model: Any, size: tuple[int, int] | None = None) -> tuple[int, ...]:
+    """The single input's shape without the batch axis (e.g. (3, 32, 32)).
+
+    Dynamic spatial dims of an image input [N, C, H, W] take ``size`` (``--size``) or
+    DEFAULT_IMAGE_SIZE; any other dynamic dim is an error that says which.
+    """
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         raise UnsupportedModelError(f"calibration needs a model with exactly one input, got "
                                     f"{[i.name for i in inputs]}")
-    dims = inputs[0].type.tensor_type.shape.dim[1:]
-    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims)
-    if any(s <= 0 for s in shape):
-        raise UnsupportedModelError(f"calibration needs static input dims (batch excepted), got {shape} for "
-                                    f"{inputs[0].name!r}")
-    return shape
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+    resolved = tuple(sample_dims(shape, size))
+    unknown = [axis for axis, d in enumerate(shape[1:], 1) if d is None and not (len(shape) == 4 and axis >= 2)]
+    if unknown:
+        raise UnsupportedModelError(f"calibration needs static input dims (batch and image size excepted); "
+                                    f"{inputs[0].name!r} has dynamic axes {unknown}")
+    return resolved
 
 
 def load_samples(path: str | Path, shape: tuple[int, ...], *, limit: int | None = None,
@@ -114,7 +121,7 @@ def prior_input_space(model: Any, spec: CalibSpec, input_range: tuple[float, flo
 
 def prior_samples(model: Any, spec: CalibSpec, input_range: tuple[float, float] | None) -> tuple[np.ndarray, dict]:
     """``spec.samples`` procedural images (default 256) in the model's input space, and a summary."""
-    shape = input_shape(model)
+    shape = input_shape(model, spec.size)
     space = prior_input_space(model, spec, input_range)
     start = time.perf_counter()
     x = prior_images(spec.sample_count(), shape, space, generator=spec.method, seed=spec.seed)
@@ -141,7 +148,7 @@ def synthesize(model: Any, spec: CalibSpec, progress: SynthProgress | None = Non
 def calibration_samples(model: Any, spec: CalibSpec, progress: SynthProgress | None = None, *,
                         input_range: tuple[float, float] | None = None) -> tuple[np.ndarray, dict]:
     """The calibration inputs for ``spec`` (``model`` is the float model, BN not folded)."""
-    shape = input_shape(model)
+    shape = input_shape(model, spec.size)
     if spec.source == "prior":
         return prior_samples(model, spec, input_range)
     if spec.source == "synth":

@@ -9,12 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from onnxdfq.errors import DataError
+from onnxdfq.errors import DataError, UnsupportedModelError
 from onnxdfq.eval.data import Dataset, open_dataset
 from onnxdfq.eval.metrics import cosine, sqnr_db, top1_agreement, topk_correct
 from onnxdfq.eval.session import make_session
 
-__all__ = ["EvalResult", "evaluate", "compare", "input_spec", "random_inputs"]
+__all__ = ["EvalResult", "evaluate", "compare", "input_spec", "random_inputs", "run_batched", "sample_dims",
+           "DEFAULT_IMAGE_SIZE"]
+
+DEFAULT_IMAGE_SIZE = 224  # spatial size for inputs whose H, W are dynamic and not given (--size)
 
 Progress = Callable[[int], None]  # called with the number of samples just processed
 
@@ -36,6 +39,36 @@ def input_spec(session) -> tuple[str, list]:
     return spec.name, list(spec.shape)
 
 
+def sample_dims(shape: list, size: tuple[int, int] | None = None) -> list[int]:
+    """One sample's dims (batch axis excluded): static dims as they are, dynamic spatial dims from `size`
+    or DEFAULT_IMAGE_SIZE (never 1: a 1x1 image tells nothing about a conv net), other dynamic dims 1."""
+    dims = []
+    for axis, dim in enumerate(shape[1:], 1):
+        if isinstance(dim, int) and dim > 0:
+            dims.append(dim)
+        elif len(shape) == 4 and axis >= 2:
+            dims.append(size[axis - 2] if size else DEFAULT_IMAGE_SIZE)
+        else:
+            dims.append(1)
+    return dims
+
+
+def run_batched(session, name: str, x: np.ndarray, outputs: list[str] | None = None) -> list[np.ndarray]:
+    """session.run on `x`, split to the model's static batch size when it has one (exporters often
+    write batch 1); the last chunk is padded with copies of its last sample and trimmed."""
+    batch = session.get_inputs()[0].shape[0] if session.get_inputs()[0].name == name else None
+    if not (isinstance(batch, int) and batch > 0) or batch == len(x):
+        return session.run(outputs, {name: x})
+    chunks: list[list[np.ndarray]] = []
+    for start in range(0, len(x), batch):
+        chunk = x[start:start + batch]
+        real = len(chunk)
+        if real < batch:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
+        chunks.append([value[:real] for value in session.run(outputs, {name: np.ascontiguousarray(chunk)})])
+    return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
+
+
 def _spatial(shape: list) -> tuple[int, int] | None:
     if len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape[2:]):
         return int(shape[2]), int(shape[3])
@@ -44,6 +77,9 @@ def _spatial(shape: list) -> tuple[int, int] | None:
 
 def _check_batch(x: np.ndarray, shape: list, data_name: str) -> None:
     expected = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    if x.ndim == 4 and len(expected) == 4 and x.shape[-1] == expected[1] and x.shape[1] != expected[1]:
+        raise DataError(f"{data_name}: samples are channels-last {list(x.shape[1:])}; the model takes "
+                        f"channels-first {shape[1:]} (store x as NCHW, or uint8 NHWC images)")
     if x.ndim != len(expected) or any(e is not None and e != got for e, got in zip(expected[1:], x.shape[1:],
                                                                                    strict=False)):
         raise DataError(f"{data_name}: samples of shape {list(x.shape[1:])} do not match the model input "
@@ -78,7 +114,14 @@ def evaluate(model: Any, data: str | Dataset, *, mean: list[float] | None = None
     start = time.perf_counter()
     for x, y in dataset.batches(batch_size, limit):
         _check_batch(x, shape, dataset.name)
-        logits = session.run(None, {name: x})[0].reshape(len(x), -1)
+        logits = run_batched(session, name, x)[0].reshape(len(x), -1)
+        if not np.all(np.isfinite(logits)):
+            raise UnsupportedModelError(f"the model produced NaN or inf outputs on {dataset.name}; refusing to "
+                                        "score them (a broken or overflowing model)")
+        bad = (y < 0) | (y >= logits.shape[1])
+        if np.any(bad):
+            raise DataError(f"{dataset.name}: label {int(y[bad][0])} is outside the model's "
+                            f"{logits.shape[1]} classes (0..{logits.shape[1] - 1})")
         correct1 += topk_correct(logits, y, 1)
         correct5 += topk_correct(logits, y, 5)
         seen += len(y)
@@ -90,36 +133,67 @@ def evaluate(model: Any, data: str | Dataset, *, mean: list[float] | None = None
                       session.get_providers()[0])
 
 
-def random_inputs(shape: list, count: int, seed: int = 0) -> np.ndarray:
-    dims = [count] + [d if isinstance(d, int) and d > 0 else 1 for d in shape[1:]]
+def random_inputs(shape: list, count: int, seed: int = 0, size: tuple[int, int] | None = None) -> np.ndarray:
+    dims = [count] + sample_dims(shape, size)
     return np.random.default_rng(seed).standard_normal(dims).astype(np.float32)
 
 
+def _check_same_interface(ref_session, cand_session) -> None:
+    ref_in, cand_in = ref_session.get_inputs(), cand_session.get_inputs()
+    ref_out, cand_out = ref_session.get_outputs(), cand_session.get_outputs()
+    if [i.name for i in ref_in] != [i.name for i in cand_in] or len(ref_out) != len(cand_out):
+        raise DataError(f"the models do not match: inputs {[i.name for i in ref_in]} / {[i.name for i in cand_in]}, "
+                        f"{len(ref_out)} / {len(cand_out)} outputs; compare a quantized model with its own parent")
+    for a, b in zip(ref_in, cand_in, strict=True):
+        if len(a.shape) != len(b.shape) or any(isinstance(x, int) and isinstance(y, int) and x != y
+                                               for x, y in zip(a.shape, b.shape, strict=True)):
+            raise DataError(f"the models do not match: input {a.name} is {a.shape} in one, {b.shape} in the other")
+
+
+def _output_fidelity(name: str, ref: np.ndarray, cand: np.ndarray) -> dict[str, Any]:
+    return {"name": name, "sqnr_db": sqnr_db(ref, cand), "cosine": cosine(ref, cand)}
+
+
 def compare(reference: Any, candidate: Any, *, data: str | None = None, random: int | None = None,
-            mean: list[float] | None = None, std: list[float] | None = None, size: tuple[int, int] | None = None,
-            batch_size: int = 100, limit: int | None = None, provider: str = "cpu", seed: int = 0,
-            progress: Progress | None = None) -> dict[str, float]:
-    """SQNR (dB), cosine similarity and top-1 agreement of candidate's outputs against reference's."""
+            inputs: np.ndarray | None = None, mean: list[float] | None = None, std: list[float] | None = None,
+            size: tuple[int, int] | None = None, batch_size: int = 100, limit: int | None = None,
+            provider: str = "cpu", seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:
+    """Fidelity of candidate's outputs against reference's on `data`, on given `inputs`, or on `random`
+    N(0, 1) inputs: SQNR (dB) and cosine per output (the top level repeats the first output's),
+    top-1 agreement when the first output is a classifier's [N, classes]. `finite` is False when
+    either model produced NaN or inf (then no figure is meaningful)."""
     ref_session = make_session(reference, provider)
     cand_session = make_session(candidate, provider)
+    _check_same_interface(ref_session, cand_session)
     name, shape = input_spec(ref_session)
-    if data is not None:
+    if inputs is not None:
+        batches = (inputs[start:start + batch_size] for start in range(0, len(inputs), batch_size))
+    elif data is not None:
         dataset = _open(data, ref_session, mean, std, size)
         batches = (x for x, _ in dataset.batches(batch_size, limit))
     else:
         count = random or 64
-        batches = (random_inputs(shape, min(batch_size, count - start), seed + start)
+        batches = (random_inputs(shape, min(batch_size, count - start), seed + start, size)
                    for start in range(0, count, batch_size))
-    ref_out, cand_out = [], []
+    names = [out.name for out in ref_session.get_outputs()]
+    ref_out: list[list[np.ndarray]] = []
+    cand_out: list[list[np.ndarray]] = []
     for x in batches:
-        _check_batch(x, shape, str(data or "random"))
-        ref_out.append(ref_session.run(None, {name: x})[0])
-        cand_out.append(cand_session.run(None, {name: x})[0])
+        _check_batch(x, shape, str(data or "inputs"))
+        ref_out.append(run_batched(ref_session, name, x))
+        cand_out.append(run_batched(cand_session, name, x))
         if progress:
             progress(len(x))
-    ref, cand = np.concatenate(ref_out), np.concatenate(cand_out)
-    if not np.all(np.isfinite(cand)):
-        return {"sqnr_db": float("-inf"), "cosine": float("nan"), "top1_agreement": 0.0, "count": len(ref),
-                "finite": False}
-    return {"sqnr_db": sqnr_db(ref, cand), "cosine": cosine(ref, cand),
-            "top1_agreement": top1_agreement(ref, cand), "count": len(ref), "finite": True}
+    refs = [np.concatenate(parts) for parts in zip(*ref_out, strict=True)]
+    cands = [np.concatenate(parts) for parts in zip(*cand_out, strict=True)]
+    count = len(refs[0]) if refs and refs[0].ndim else 0
+    finite = all(np.all(np.isfinite(v)) for v in refs + cands)
+    if not finite:
+        return {"sqnr_db": float("-inf"), "cosine": float("nan"), "top1_agreement": None, "count": count,
+                "finite": False, "outputs": []}
+    outputs = [_output_fidelity(n, r, c) for n, r, c in zip(names, refs, cands, strict=True)]
+    first = refs[0]
+    classifier = first.ndim == 2 and first.shape[1] > 1
+    return {"sqnr_db": outputs[0]["sqnr_db"], "cosine": outputs[0]["cosine"],
+            "top1_agreement": top1_agreement(first, cands[0]) if classifier else None, "count": count,
+            "finite": True, "outputs": outputs}

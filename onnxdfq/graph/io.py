@@ -16,7 +16,7 @@ from onnxdfq.errors import ModelLoadError, OptionError, UnsupportedModelError
 
 __all__ = [
     "MIN_OPSET", "QDQ_OPS", "load_model", "prepare_model", "save_model_atomic", "opset_of",
-    "ensure_distinct_paths",
+    "ensure_distinct_paths", "ensure_writable", "write_text_atomic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,9 +83,29 @@ def prepare_model(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET,
     return model
 
 
-def ensure_distinct_paths(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+def ensure_distinct_paths(src: str | os.PathLike, dst: str | os.PathLike, *, what: str = "output path",
+                          other: str = "the input path; refusing to overwrite the input model") -> None:
     if Path(dst).resolve() == Path(src).resolve():
-        raise OptionError(f"output path {dst} is the input path; refusing to overwrite the input model")
+        raise OptionError(f"{what} {dst} is {other}")
+
+
+def ensure_writable(path: str | os.PathLike, flag: str) -> None:
+    """Fail before any work when ``path`` cannot be written: its folder missing or read-only, or a folder itself."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OptionError(f"{flag} {path} is a directory; give a file name")
+    if not directory.is_dir():
+        raise OptionError(f"{flag} {path}: the folder {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OptionError(f"{flag} {path}: the folder {directory} is not writable")
+
+
+def _apply_umask(path: str) -> None:
+    """mkstemp files are 0600; give the output the permissions a plain open() would (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike,
@@ -105,6 +125,23 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike,
         onnx.checker.check_model(tmp)
         if validate is not None:
             validate(tmp)
+        _apply_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(text: str | bytes, path: str | os.PathLike) -> None:
+    """Write ``text`` beside ``path`` and rename it into place (the user's umask; no temp file left behind)."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode() if isinstance(text, str) else text)
+        _apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -67,6 +67,7 @@ class CalibSpec:
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 32
+    size: tuple[int, int] | None = None  # H, W for models whose image size is dynamic (--size)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     synth_options: dict[str, Any] = field(default_factory=dict)

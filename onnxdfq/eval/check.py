@@ -1,0 +1,60 @@
+"""The output check: does the quantized model load in onnxruntime, and how close is it to its parent?
+
+The fidelity probe runs both models on prior images in the model's input space (the same
+procedural images the data-free statistics use; N(0, 1) noise for inputs that are not images),
+so its figures mean something: SQNR and cosine per output, top-1 agreement only for a classifier's
+[N, classes] output. A model with NaN or inf outputs is refused; one below FIDELITY_FLOOR_DB gets a
+loud warning rather than a quiet "success".
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from onnxdfq.errors import UnsupportedModelError
+from onnxdfq.eval.calibrate import input_shape, prior_input_space
+from onnxdfq.eval.runner import compare
+from onnxdfq.eval.session import check_loads
+from onnxdfq.passes.calib_ranges import CalibSpec
+from onnxdfq.synth.prior import prior_images
+
+__all__ = ["FIDELITY_FLOOR_DB", "PROBE_SAMPLES", "probe_inputs", "check_quantized"]
+
+logger = logging.getLogger(__name__)
+
+FIDELITY_FLOOR_DB = 10.0  # output noise above a tenth of the signal power: say so loudly
+PROBE_SAMPLES = 16
+
+
+def probe_inputs(model: Any, spec: CalibSpec, input_range: tuple[float, float] | None,
+                 count: int = PROBE_SAMPLES) -> tuple[np.ndarray, str]:
+    """``count`` inputs for the fidelity probe and a description of them."""
+    shape = input_shape(model, spec.size)
+    if len(shape) == 3:
+        space = prior_input_space(model, spec, input_range)
+        return prior_images(count, shape, space, seed=spec.seed + 1), f"{count} prior images {list(shape)}"
+    x = np.random.default_rng(spec.seed).standard_normal((count, *shape)).astype(np.float32)
+    return x, f"{count} N(0,1) inputs {list(shape)}"
+
+
+def check_quantized(fp32: Any, quantized: Any, spec: CalibSpec, input_range: tuple[float, float] | None,
+                    count: int = PROBE_SAMPLES) -> dict[str, Any]:
+    """Load ``quantized`` in onnxruntime and compare it with ``fp32`` on probe inputs.
+
+    Raises UnsupportedModelError when either model's outputs are not finite. The result has
+    ``inputs`` (what was fed), ``low_fidelity`` (an output below FIDELITY_FLOOR_DB) and compare's
+    figures.
+    """
+    check_loads(quantized)
+    x, description = probe_inputs(fp32, spec, input_range, count)
+    result = compare(fp32, quantized, inputs=x, batch_size=count)
+    if not result["finite"]:
+        raise UnsupportedModelError(f"the quantized model (or its FP32 parent) produces NaN or inf on {description}; "
+                                    "nothing written")
+    result["inputs"] = description
+    worst = min(out["sqnr_db"] for out in result["outputs"])
+    result["low_fidelity"] = bool(worst < FIDELITY_FLOOR_DB)
+    return result
