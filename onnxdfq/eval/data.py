@@ -104,6 +104,9 @@ def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise DataError(f"{path}: 'x' must be 4-D (NHWC uint8 or NCHW float), got shape {x.shape}")
     if y is not None and len(y) != len(x):
         raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
+    if x.dtype != np.uint8 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        raise DataError(f"{path}: float 'x' of shape {list(x.shape)} looks channels-last; float samples must be "
+                        "NCHW and preprocessed (raw images: uint8 NHWC, with --mean/--std)")
     return x, y
 
 
@@ -112,7 +115,8 @@ class _PlainDataUnpickler(pickle.Unpickler):
     (os.system, builtins.open, ...) is refused before anything runs. CIFAR python batches need no more."""
 
     ALLOWED = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-               for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
+               for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype"),
+                                                          ("_codecs", "encode")}  # bytes in protocol-2 pickles
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:

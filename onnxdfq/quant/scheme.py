@@ -90,7 +90,7 @@ def parse_act_bits(text: str | int | None) -> int | None:
     if text is None:
         return None
     text = str(text).strip().lower()
-    if text in ("none", "fp32", "float", "0"):
+    if text in ("none", "fp32", "float"):
         return None
     try:
         value = int(text)
