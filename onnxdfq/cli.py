@@ -113,6 +113,8 @@ def _methods() -> list[str]:
 @click.option("--input-range", default=None, help="LO,HI of the network input (default -3,3).")
 @click.option("--mean", default=None, help="Input preprocessing mean (0-1 scale): sets the input range exactly.")
 @click.option("--std", default=None, help="Input preprocessing std (0-1 scale), with --mean.")
+@click.option("--size", default=None,
+              help="Image size N or H,W for models whose input size is dynamic (default: the model's, else 224).")
 @click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="7-bit weights where an 8-bit input is signed (avoids int16 saturation in x86 kernels).")
 @click.option("--calib", default="auto", show_default=True,
@@ -145,7 +147,8 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str | 
              granularity: str,
              cle: bool | None, absorb_bias: bool | None, bias_correction: bool | None, squant_stages: str | None,
              sigmas: float,
-             input_range: str | None, mean: str | None, std: str | None, reduce_range: str, calib: str,
+             input_range: str | None, mean: str | None, std: str | None, size: str | None, reduce_range: str,
+             calib: str,
              calib_range: str, calib_samples: int | None, calib_percentile: float, seed: int, device: str, fmt: str,
              quantize_outputs: bool, report_path: Path | None, quiet: bool) -> None:
     """Quantize MODEL without data (or calibrated on --calib samples) and write a QDQ ONNX model to --output."""
@@ -184,7 +187,7 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str | 
                             reduce_range={"auto": "auto", "on": True, "off": False}[reduce_range],
                             calib=calib, calib_range=calib_range, calib_samples=calib_samples,
                             calib_percentile=calib_percentile, seed=seed, device=device,
-                            mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+                            mean=_floats(mean, "--mean"), std=_floats(std, "--std"), size=_size(size),
                             quantize_outputs=quantize_outputs, calib_progress=_loss_bar("synth", quiet))
     probe: dict = {}
     calib_spec = result.config.calib
@@ -291,7 +294,7 @@ def _summary(report: dict, model: Path) -> str:
         ["layer inputs quantized", _coverage_line(report["layer_inputs"])],
         *_dfmpc_rows(report),
         ["layer statistics", _statistics_line(report["statistics"])],
-        ["7-bit (reduce-range)", ", ".join(report["reduced_range_layers"]) or "-"],
+        ["7-bit (reduce-range)", _names(report["reduced_range_layers"])],
         ["weight SQNR dB", f"min {min(sqnrs):.1f}  median {float(np.median(sqnrs)):.1f}" if sqnrs else "-"],
         ["calibration", _calib_line(report.get("calibration", {}))],
         ["activation ranges", ", ".join(f"{k}: {v}" for k, v in sorted(report["activation_sources"].items()))
@@ -301,6 +304,13 @@ def _summary(report: dict, model: Path) -> str:
         ["output", f"{report['output']}  ({report['output_bytes'] / 1e6:.2f} MB)"],
     ]
     return _table(rows, ["", ""]).split("\n", 2)[2]
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    """'a, b, c (+12 more)' for a long list of layer names; '-' for none."""
+    if not names:
+        return "-"
+    return ", ".join(names[:shown]) + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
 
 
 def _fidelity_rows(fidelity: dict) -> list[list[str]]:

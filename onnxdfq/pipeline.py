@@ -145,6 +145,8 @@ def _calib_spec(options: dict[str, Any]) -> CalibSpec:
     fields = {name: options.pop(key) for key, name in _CALIB_OPTIONS.items() if key in options}
     if isinstance(calib, CalibSpec):
         return calib
+    if fields.get("std") is not None and np.any(np.asarray(fields["std"], np.float64) <= 0):
+        raise OptionError(f"--std must be positive, got {fields['std']}")
     if options.get("input_range") is None and fields.get("mean") is not None:
         mean = np.ravel(np.asarray(fields["mean"], np.float64))
         std = np.ravel(np.asarray(fields.get("std", 1.0), np.float64))
@@ -190,7 +192,7 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
 
     unhandled = patterns.unhandled_ops(ws.graph)
     if unhandled:
-        ws.warnings.append("ops not handled by onnxdfq, left in float: "
+        ws.warnings.append("ops onnxdfq does not model run in float between the quantized layers: "
                            + ", ".join(f"{op} (x{count})" for op, count in sorted(unhandled.items())))
     FoldBatchNormPass()(ws)
     folded_layers = graph_layers.read_layers(ws.graph)
@@ -226,8 +228,11 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
             CalibrationRangePass(tensors, observer, calib, config.act_bits)(ws)
         missing = [name for name in tensors if name not in ws.act_ranges]
         if missing:  # tensors no statistics reach (after SiLU, GELU, LayerNorm, gates...): ranges from the prior
-            prior = calib.resolved("prior") if calib.source != "prior" else calib
-            fallback = _sample_observer(model, prior, config, calib_progress)
+            if calib.source == "prior" and observer is not None:
+                prior, fallback = calib, observer
+            else:
+                prior = calib.resolved("prior")
+                fallback = _sample_observer(model, prior, config, calib_progress)
             CalibrationRangePass(missing, fallback, prior, config.act_bits)(ws)
         share_min_ranges(ws)  # Relu -> Min(per-channel bound) from CLE / absorption: one range
     bitmap, low_layers = BitWidthMap(config.bits), set()

@@ -169,8 +169,9 @@ def study(args) -> None:
         print(lines[-1], flush=True)
     npz = work / "real.npz"
     np.savez(npz, x=space.apply(real))
-    cells = [f"{quantize_and_eval(folded_path, spec, 'nearest', b, b, 'channel', 2000, calib=f'data:{npz}')['top1']:.2f}"
-             for b in ("8", "6", "4")]  # noqa: E501
+    real_rows = [quantize_and_eval(folded_path, spec, "nearest", b, b, "channel", 2000, calib=f"data:{npz}")
+                 for b in ("8", "6", "4")]
+    cells = [f"{row['top1']:.2f}" for row in real_rows]
     lines.append(f"| real training images (reference) | {count} | mse | " + " | ".join(cells) + " |")
     cells = [f"{quantize_and_eval(ASSETS / rel, spec, 'nearest', b, b, 'channel', 2000)['top1']:.2f}"
              for b in ("8", "6", "4")]

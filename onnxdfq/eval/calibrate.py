@@ -165,10 +165,12 @@ def _batches(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def collect_statistics(model: Any, tensors: list[str], samples: np.ndarray, *, histogram: bool,
-                       batch_size: int = 32, provider: str = "cpu") -> dict[str, TensorObserver]:
+                       channels: set[str] | frozenset[str] = frozenset(), batch_size: int = 32,
+                       provider: str = "cpu") -> dict[str, TensorObserver]:
     """Observe every tensor in ``tensors`` (all graph outputs of ``model``) over ``samples``.
 
-    Pass 1 records min/max; with ``histogram`` a second pass fills histograms over those ranges.
+    Pass 1 records min/max (and per-channel moments of the tensors in ``channels``); with
+    ``histogram`` a second pass fills histograms over those ranges.
     """
     session = make_session(model, provider)
     input_name = session.get_inputs()[0].name
@@ -189,7 +191,7 @@ def collect_statistics(model: Any, tensors: list[str], samples: np.ndarray, *, h
                 pairs.append((input_name, batch))
             for name, value in pairs:
                 if pass_index == 0:
-                    observers[name].observe_range(value)
+                    observers[name].observe_range(value, channels=name in channels)
                 else:
                     observers[name].observe_histogram(value)
     return observers

@@ -85,11 +85,17 @@ def single_consumer(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | Non
 
 
 def const_value(tensor: gs.Tensor) -> np.ndarray | None:
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    node = producer(tensor)
-    if node is not None and node.op == "Constant" and "value" in node.attrs:
-        return np.asarray(node.attrs["value"].values)
+    """The tensor's value when it is a constant: an initializer, a Constant node's output, or either behind
+    Identity nodes (PyTorch's TorchScript exporter shares equal initializers that way, e.g. zero biases)."""
+    for _ in range(16):  # Identity chains are short; the bound keeps a malformed graph from looping
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        node = producer(tensor)
+        if node is not None and node.op == "Constant" and "value" in node.attrs:
+            return np.asarray(node.attrs["value"].values)
+        if node is None or node.op != "Identity" or not node.inputs:
+            return None
+        tensor = node.inputs[0]
     return None
 
 

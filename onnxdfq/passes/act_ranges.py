@@ -51,8 +51,6 @@ class BNRangePass(Pass):
             lo, hi = tensor_stats.range(np.inf if tensor_stats.source == "input" else self.sigmas)
             ws.act_ranges[name] = ActRange(lo, hi, tensor_stats.source)
             report.rows.append(LayerRow(name, {"lo": lo, "hi": hi, "source": tensor_stats.source}))
-        if missing:
-            report.warnings.append(f"no data-free statistics for {len(missing)} tensor(s), left in float: "
-                                   + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+        report.params["without_statistics"] = missing  # the pipeline calibrates them on prior images
         report.modified = bool(report.rows)
         return report

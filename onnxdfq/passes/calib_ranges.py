@@ -41,7 +41,7 @@ SAMPLE_SOURCES = ("prior", "synth", "data")  # the sources that run samples thro
 DEFAULT_SYNTH_SAMPLES = 256  # generated samples when --calib-samples is not given
 DEFAULT_ESTIMATOR = "mse"
 
-# collect(model with the tensors as outputs, tensor names, samples, histogram=...) -> observers
+# collect(model with the tensors as outputs, tensor names, samples, histogram=..., channels=...) -> observers
 Collector = Callable[..., dict[str, TensorObserver]]
 
 
@@ -90,6 +90,8 @@ class CalibSpec:
         for key in ("mean", "std"):
             if options.get(key) is not None:
                 options[key] = tuple(float(v) for v in np.ravel(options[key]))
+        if options.get("size") is not None:
+            options["size"] = tuple(int(v) for v in options["size"])
         spec = cls(**fields, **{k: v for k, v in options.items() if v is not None})
         spec.validate()
         return spec
@@ -186,11 +188,16 @@ class SampleObserver:
         self._observers: dict[str, TensorObserver] = {}
         self._histogram = False
 
-    def observe(self, ws: Workspace, tensors: list[str], *, histogram: bool = False) -> dict[str, TensorObserver]:
+    def observe(self, ws: Workspace, tensors: list[str], *, histogram: bool = False,
+                channels: set[str] | frozenset[str] = frozenset()) -> dict[str, TensorObserver]:
+        """Observers of ``tensors`` (histograms too with ``histogram``; per-channel moments for ``channels``)."""
         fresh = self._version == ws.version and (self._histogram or not histogram)
-        if not (fresh and all(name in self._observers for name in tensors)):
+        covered = fresh and all(name in self._observers for name in tensors) and all(
+            self._observers[name].channel_sum is not None for name in channels)
+        if not covered:
             model = model_with_outputs(ws.graph, tensors, self.template)
-            self._observers = self.collect(model, tensors, self.samples, histogram=histogram)
+            self._observers = self.collect(model, tensors, self.samples, histogram=histogram,
+                                           channels=frozenset(channels))
             self._version, self._histogram = ws.version, histogram
             self.runs += 1
         return {name: self._observers[name] for name in tensors}

@@ -57,7 +57,8 @@ class MeasureChannelStatsPass(Pass):
         if not layers:
             return report
         wanted = list(dict.fromkeys([layer.output_name for layer in layers] + self.prefetch))
-        observers = self.observer.observe(ws, wanted, histogram=self.histogram)
+        observers = self.observer.observe(ws, wanted, histogram=self.histogram,
+                                          channels={layer.output_name for layer in layers})
         for layer in layers:
             observed = observers[layer.output_name]
             mean, std = observed.channel_mean, observed.channel_std

@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 
 BINS = 2048  # histogram bins over [min, max]; the MSE search resolves ranges to about 1/BINS
 CANDIDATES = 200  # clipping factors c tried by the MSE estimator, linear in (0, 1]
+# a batch's values beyond this many go into the histogram at an even stride (an odd one, so it does not
+# lock onto rows or channels): 1M samples a batch (about 500 a bin) pin every bin's share far below what
+# moves an estimator, and ImageNet-sized tensors (10M values a batch) no longer dominate calibration
+# time (folded MobileNet-V1: 20 s of 48 s before); min/max stay exact. CIFAR-sized batches are below it.
+HISTOGRAM_SAMPLE_CAP = 1 << 20
 
 
 class TensorObserver:
@@ -71,23 +76,25 @@ class TensorObserver:
     def has_histogram(self) -> bool:
         return self.counts is not None
 
-    def observe_range(self, values: np.ndarray) -> None:
-        """Pass 1: widen the running range to cover ``values`` (any shape)."""
+    def observe_range(self, values: np.ndarray, *, channels: bool = False) -> None:
+        """Pass 1: widen the running range to cover ``values`` (any shape); with ``channels`` also
+        accumulate per-channel moments (axis 1)."""
         if values.size:
             self.lo = min(self.lo, float(values.min()))
             self.hi = max(self.hi, float(values.max()))
             self.count += values.size
-            if values.ndim >= 2:
+            if channels and values.ndim >= 2:
                 self._observe_channels(values)
 
     def _observe_channels(self, values: np.ndarray) -> None:
-        channels = values.shape[1]
-        per_channel = np.moveaxis(values, 1, 0).reshape(channels, -1).astype(np.float64)
-        if self.channel_sum is None or self.channel_sum.size != channels:
-            self.channel_sum, self.channel_sumsq, self.channel_count = np.zeros(channels), np.zeros(channels), 0
-        self.channel_sum += per_channel.sum(axis=1)
-        self.channel_sumsq += np.einsum("ij,ij->i", per_channel, per_channel)
-        self.channel_count += per_channel.shape[1]
+        count = values.shape[1]
+        axes = (0,) + tuple(range(2, values.ndim))
+        if self.channel_sum is None or self.channel_sum.size != count:
+            self.channel_sum, self.channel_sumsq, self.channel_count = np.zeros(count), np.zeros(count), 0
+        # float64 accumulators; squares in the values' precision (exact to 1e-7 each)
+        self.channel_sum += values.sum(axis=axes, dtype=np.float64)
+        self.channel_sumsq += np.square(values).sum(axis=axes, dtype=np.float64)
+        self.channel_count += values.size // count
 
     def observe_histogram(self, values: np.ndarray) -> None:
         """Pass 2: add ``values`` to the histogram over the range of pass 1 (nonzero values only)."""
@@ -96,11 +103,14 @@ class TensorObserver:
         if self.counts is None:
             self.counts = np.zeros(self.bins, np.int64)
         flat = values.reshape(-1)
+        if flat.size > HISTOGRAM_SAMPLE_CAP:
+            flat = flat[::(flat.size // HISTOGRAM_SAMPLE_CAP) | 1]
         nonzero = flat[flat != 0]
         self.zeros += flat.size - nonzero.size
         if nonzero.size and self.hi > self.lo:
             index = ((nonzero.astype(np.float64) - self.lo) * (self.bins / (self.hi - self.lo))).astype(np.int64)
-            self.counts += np.bincount(np.clip(index, 0, self.bins - 1), minlength=self.bins)
+            np.clip(index, 0, self.bins - 1, out=index)
+            self.counts += np.bincount(index, minlength=self.bins)
 
     def centres(self) -> np.ndarray:
         edges = np.linspace(self.lo, self.hi, self.bins + 1)
