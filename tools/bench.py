@@ -134,7 +134,8 @@ def render(rows: list[dict], fp32: dict, meta: dict) -> str:
            "when last written: latencies are only comparable within a row). Top-1 on the full CIFAR-10 test "
            "set (10 000 images) and ImageNet `val1300` (1 300 images; it scores above the model's full-validation "
            "figure, so compare FP32 against quantized, not against papers). Per-channel weights unless noted; "
-           "activation ranges from BN statistics (no data). Latency: onnxruntime CPU EP, batch 1, median, FP32 "
+           "activation ranges from BN statistics (no data); network outputs stay float (the default). "
+           "Latency: onnxruntime CPU EP, batch 1, median, FP32 "
            "and quantized taking turns in the same run; speedup = FP32 / quantized. Size: the .onnx file; "
            "'packed' is `--format qdq-packed` (INT4/INT2 initializers).", ""]
     out += ["## FP32 references", "", "| model | top-1 | size MB | CPU latency ms |", "|---|---:|---:|---:|"]
@@ -185,6 +186,11 @@ def render(rows: list[dict], fp32: dict, meta: dict) -> str:
             "as DequantizeLinear -> FP32 cuDNN Conv -> QuantizeLinear: results match the CPU EP's QDQ semantics, "
             "but there is no int8 speedup (expect FP32 speed or a little slower). For int8 speed on NVIDIA GPUs "
             "use the TensorRT EP, which consumes QDQ models directly."]
+    for extra in ("folded.md", "prior_study.md", "robustness.md"):  # tables other tools write, one page
+        path = ROOT / "tools" / "results" / extra
+        if path.exists():
+            text = path.read_text().strip().splitlines()
+            out += ["", "#" + text[0], *text[1:]]  # their title one level down
     return "\n".join(out) + "\n"
 
 
