@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -118,29 +119,28 @@ def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike,
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.exists():
         raise OptionError(f"output directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    with _atomic_target(path) as tmp:
         onnx.save(model, tmp)
         onnx.checker.check_model(tmp)
         if validate is not None:
             validate(tmp)
-        _apply_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_text_atomic(text: str | bytes, path: str | os.PathLike) -> None:
     """Write ``text`` beside ``path`` and rename it into place (the user's umask; no temp file left behind)."""
-    path = Path(path)
+    with _atomic_target(Path(path)) as tmp, open(tmp, "wb") as handle:
+        handle.write(text.encode() if isinstance(text, str) else text)
+
+
+@contextlib.contextmanager
+def _atomic_target(path: Path) -> Iterator[str]:
+    """A temporary file beside ``path``: renamed onto it (0666 less the umask) when the block succeeds,
+    removed when it raises, is interrupted or the process is told to stop (SIGTERM unwinds via SystemExit)."""
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode() if isinstance(text, str) else text)
+        yield tmp
         _apply_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
