@@ -116,6 +116,25 @@ def test_eval_refuses_a_model_that_outputs_nan(tmp_path: Path, labelled: Path):
     _fails_cleanly(["eval", path, "--data", labelled], "NaN or inf")
 
 
+def test_quantize_refuses_nan_weights(tmp_path: Path):
+    model = demo_model()
+    init = next(i for i in model.graph.initializer if i.name.endswith("weight"))
+    values = onnx.numpy_helper.to_array(init).copy()
+    values.flat[0] = np.nan
+    init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+    path = tmp_path / "nan.onnx"
+    onnx.save(model, path)
+    _fails_cleanly(["quantize", path, "-o", tmp_path / "q.onnx"], "NaN or inf in 1 weight", [path])
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_low_fidelity_is_said_loudly(model_path: Path, tmp_path: Path):
+    out = tmp_path / "w2a2.onnx"
+    result = CliRunner().invoke(main, ["quantize", str(model_path), "-o", str(out), "--bits", "2", "--act-bits", "2"])
+    assert result.exit_code == 0, result.output
+    assert "LOW FIDELITY" in result.output and "prior images" in result.output
+
+
 def test_compare_refuses_mismatched_models(model_path: Path, tmp_path: Path):
     from tests.models import gemm_matmul_model
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import version_converter
+from onnx import numpy_helper, version_converter
 
 from onnxdfq.errors import ModelLoadError, OptionError, UnsupportedModelError
 
@@ -71,6 +71,11 @@ def prepare_model(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET,
         and int(np.prod(n.attribute[0].t.dims)) > 1 for n in model.graph.node)
     if not has_float_weight:
         raise UnsupportedModelError("the model has no float weights to quantize")
+    broken = [init.name for init in model.graph.initializer if init.data_type in _FLOAT_TYPES
+              and not np.all(np.isfinite(numpy_helper.to_array(init)))]
+    if broken:
+        raise UnsupportedModelError(f"the model has NaN or inf in {len(broken)} weight(s): {', '.join(broken[:5])}"
+                                    + (" ..." if len(broken) > 5 else ""))
     if opset_of(model) < min_opset:
         try:
             model = version_converter.convert_version(model, min_opset)
