@@ -174,11 +174,14 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
     granularity : "channel" (per output channel weights, default) or "tensor".
     options : cle, absorb_bias, bias_correction (bools overriding the method's defaults),
         sigmas (BN range width, default 6, or 4 for activations below 6 bits), input_range ((lo, hi) of
-        the network input), fmt
-        ("qdq" or "fakequant"); calibration: calib ("bn" default, "synth:METHOD" or "data:PATH.npz"),
-        calib_range ("mse", "percentile", "minmax"), calib_samples, calib_percentile, seed, device,
-        synth_options (dict for the generator), mean/std (preprocessing: raw uint8 data files and the
-        input range), calib_progress (callable(step, total, bn_loss) while samples are generated).
+        the network input), fmt ("qdq", "qdq-packed" or "fakequant"), quantize_outputs (Q/DQ on
+        tensors that leave the graph too; default False); statistics and calibration: calib ("auto"
+        default: "bn" when most layers kept BN, else "prior"; "bn", "prior[:pink|mixed|dead_leaves]",
+        "synth:METHOD" or "data:PATH.npz"), calib_range ("mse", "percentile", "minmax"), calib_samples,
+        calib_percentile, seed, device, synth_options (dict for the generator), mean/std (the model's
+        preprocessing, 0-1 scale: the input range, the prior's input space, raw uint8 data files),
+        size ((H, W) for a dynamic image size), calib_progress (callable(step, total, bn_loss) while
+        samples are generated).
     """
     calib_progress = options.pop("calib_progress", None)  # (step, total, BN loss) while generating samples
     config = _config_from(method, bits, act_bits, granularity, **options)
@@ -199,17 +202,7 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
     ranges_folded = _channel_ranges(folded_layers)
     bn_layers = layer_stat_counts(ws, folded_layers).get("bn", 0)
     calib = config.calib.resolved(_statistics_source(config, ws, folded_layers))
-    observer = None
-    if calib.source in SAMPLE_SOURCES and _needs_statistics(config):
-        observer = _sample_observer(model, calib, config, calib_progress)
-        if calib.source == "prior" or bn_layers * 2 < len(folded_layers):
-            # layers without BN get statistics measured on the samples; with no graph change ahead, the
-            # activation tensors are observed in the same run
-            graph_stays = not (config.step("cle") or config.step("absorb_bias")) and config.act_bits is not None
-            prefetch = patterns.activation_tensors(ws.graph, folded_layers, {layer.name for layer in folded_layers},
-                                                   quantize_outputs=config.quantize_outputs) if graph_stays else []
-            MeasureChannelStatsPass(observer, "prior" if calib.source == "prior" else "samples", prefetch=prefetch,
-                                    histogram=bool(prefetch) and calib.range_estimator().needs_histogram)(ws)
+    observer = _measure_statistics(model, ws, folded_layers, bn_layers, calib, config, calib_progress)
     if config.step("cle"):
         CrossLayerEqualizationPass(act_sigmas=config.bn_sigmas)(ws)
     if config.step("absorb_bias"):
@@ -221,20 +214,7 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
                                     "constant weight) in the model")
 
     if config.act_bits is not None:
-        tensors = patterns.activation_tensors(ws.graph, layers, {layer.name for layer in layers},
-                                              quantize_outputs=config.quantize_outputs)
-        BNRangePass(tensors, sigmas=config.bn_sigmas)(ws)
-        if observer is not None:  # samples run through the float graph as it stands now (folded, after CLE)
-            CalibrationRangePass(tensors, observer, calib, config.act_bits)(ws)
-        missing = [name for name in tensors if name not in ws.act_ranges]
-        if missing:  # tensors no statistics reach (after SiLU, GELU, LayerNorm, gates...): ranges from the prior
-            if calib.source == "prior" and observer is not None:
-                prior, fallback = calib, observer
-            else:
-                prior = calib.resolved("prior")
-                fallback = _sample_observer(model, prior, config, calib_progress)
-            CalibrationRangePass(missing, fallback, prior, config.act_bits)(ws)
-        share_min_ranges(ws)  # Relu -> Min(per-channel bound) from CLE / absorption: one range
+        _activation_ranges(model, ws, layers, calib, observer, config, calib_progress)
     bitmap, low_layers = BitWidthMap(config.bits), set()
     if config.method == "dfmpc":  # low layers quantized and compensated here, the rest at the high width
         dfmpc = DFMPCPass(config.bits, config.high_bits, **config.options.get("dfmpc", {}))
@@ -263,6 +243,42 @@ EXPORT_WITH_BN_HINT = ("this model has no BatchNormalization left (folded at exp
                        "prior images. To give onnxdfq the real ones, export with BN kept: torch.onnx.export(..., "
                        "do_constant_folding=False) (TorchScript) or torch.onnx.export(..., dynamo=True, "
                        "optimize=False), and skip onnxruntime/onnxsim pre-optimization")
+
+
+def _measure_statistics(model: Any, ws: Workspace, layers: list, bn_layers: int, calib: CalibSpec,
+                        config: QuantConfig, progress: Any) -> SampleObserver | None:
+    """The samples of a prior / synth / data run; layers without BN get their statistics measured on them."""
+    if calib.source not in SAMPLE_SOURCES or not _needs_statistics(config):
+        return None
+    observer = _sample_observer(model, calib, config, progress)
+    if calib.source == "prior" or bn_layers * 2 < len(layers):
+        # with no graph change ahead, the activation tensors to calibrate are observed in the same run
+        graph_stays = not (config.step("cle") or config.step("absorb_bias")) and config.act_bits is not None
+        prefetch = patterns.activation_tensors(ws.graph, layers, {layer.name for layer in layers},
+                                               quantize_outputs=config.quantize_outputs) if graph_stays else []
+        MeasureChannelStatsPass(observer, "prior" if calib.source == "prior" else "samples", prefetch=prefetch,
+                                histogram=bool(prefetch) and calib.range_estimator().needs_histogram)(ws)
+    return observer
+
+
+def _activation_ranges(model: Any, ws: Workspace, layers: list, calib: CalibSpec, observer: SampleObserver | None,
+                       config: QuantConfig, progress: Any) -> None:
+    """A range for every tensor that gets a Q/DQ: statistics first, samples where there are some, and the
+    prior for whatever neither reaches (after SiLU, GELU, LayerNorm, gates...)."""
+    tensors = patterns.activation_tensors(ws.graph, layers, {layer.name for layer in layers},
+                                          quantize_outputs=config.quantize_outputs)
+    BNRangePass(tensors, sigmas=config.bn_sigmas)(ws)
+    if observer is not None:  # samples run through the float graph as it stands now (folded, after CLE)
+        CalibrationRangePass(tensors, observer, calib, config.act_bits)(ws)
+    missing = [name for name in tensors if name not in ws.act_ranges]
+    if missing:
+        if calib.source == "prior" and observer is not None:
+            prior, fallback = calib, observer
+        else:
+            prior = calib.resolved("prior")
+            fallback = _sample_observer(model, prior, config, progress)
+        CalibrationRangePass(missing, fallback, prior, config.act_bits)(ws)
+    share_min_ranges(ws)  # Relu -> Min(per-channel bound) from CLE / absorption: one range
 
 
 def _sample_observer(model: Any, calib: CalibSpec, config: QuantConfig, progress: Any) -> SampleObserver:
