@@ -51,7 +51,7 @@ class CalibSpec:
 
     ``source`` is ``auto`` (the default: ``bn`` when most layers kept a BatchNormalization,
     ``prior`` otherwise), ``bn`` (BN statistics, no data), ``prior`` (procedural images,
-    ``method`` = mixed | dead_leaves | pink; no data), ``synth`` (``method`` samples generated
+    ``method`` = pink (default) | mixed | dead_leaves; no data), ``synth`` (``method`` samples generated
     on the fly from the BN statistics) or ``data`` (the ``.npz`` at ``path``). ``samples``: how
     many to generate (default 256) or use (default all). ``mean``/``std`` are the model's
     preprocessing (raw uint8 data files, the prior's input space); ``synth_options`` go to the
