@@ -26,7 +26,7 @@ import numpy as np
 from onnxdfq.errors import DataError, UnsupportedModelError
 from onnxdfq.eval.data import open_dataset
 from onnxdfq.eval.runner import sample_dims
-from onnxdfq.eval.session import make_session
+from onnxdfq.eval.session import make_session, run_session
 from onnxdfq.passes.calib_ranges import CalibSpec
 from onnxdfq.quant.range_estimators import TensorObserver
 from onnxdfq.synth.prior import InputSpace, prior_images
@@ -185,7 +185,7 @@ def collect_statistics(model: Any, tensors: list[str], samples: np.ndarray, *, h
     observers = {name: TensorObserver() for name in tensors}
     for pass_index in range(2 if histogram else 1):
         for batch in _batches(samples, batch_size):
-            values = session.run(fetched, {input_name: batch}) if fetched else []
+            values = run_session(session, fetched, {input_name: batch}) if fetched else []
             pairs = list(zip(fetched, values, strict=True))
             if input_name in observers:
                 pairs.append((input_name, batch))

@@ -12,7 +12,7 @@ import numpy as np
 from onnxdfq.errors import DataError, UnsupportedModelError
 from onnxdfq.eval.data import Dataset, open_dataset
 from onnxdfq.eval.metrics import cosine, sqnr_db, top1_agreement, topk_correct
-from onnxdfq.eval.session import make_session
+from onnxdfq.eval.session import make_session, run_session
 
 __all__ = ["EvalResult", "evaluate", "compare", "input_spec", "random_inputs", "run_batched", "sample_dims",
            "DEFAULT_IMAGE_SIZE"]
@@ -58,14 +58,14 @@ def run_batched(session, name: str, x: np.ndarray, outputs: list[str] | None = N
     write batch 1); the last chunk is padded with copies of its last sample and trimmed."""
     batch = session.get_inputs()[0].shape[0] if session.get_inputs()[0].name == name else None
     if not (isinstance(batch, int) and batch > 0) or batch == len(x):
-        return session.run(outputs, {name: x})
+        return run_session(session, outputs, {name: x})
     chunks: list[list[np.ndarray]] = []
     for start in range(0, len(x), batch):
         chunk = x[start:start + batch]
         real = len(chunk)
         if real < batch:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - real, axis=0)])
-        chunks.append([value[:real] for value in session.run(outputs, {name: np.ascontiguousarray(chunk)})])
+        chunks.append([value[:real] for value in run_session(session, outputs, {name: np.ascontiguousarray(chunk)})])
     return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
 
 

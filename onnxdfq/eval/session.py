@@ -8,9 +8,9 @@ from typing import Any
 
 import onnxruntime as ort
 
-from onnxdfq.errors import ModelLoadError, OptionError
+from onnxdfq.errors import ModelLoadError, OptionError, UnsupportedModelError
 
-__all__ = ["PROVIDERS", "make_session", "available_providers", "check_loads", "fold_batchnorm_copy"]
+__all__ = ["PROVIDERS", "make_session", "available_providers", "check_loads", "fold_batchnorm_copy", "run_session"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def make_session(model: Any, provider: str = "cpu", *, threads: int | None = Non
                           f"(available: {', '.join(ort.get_available_providers())}); "
                           "install onnxruntime-gpu and a CUDA driver for --provider cuda")
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: failures reach the user as one error line (run_session)
     if threads:
         options.intra_op_num_threads = threads
     if optimized_path:
@@ -54,6 +54,17 @@ def make_session(model: Any, provider: str = "cpu", *, threads: int | None = Non
     if session.get_providers()[0] != wanted:
         raise OptionError(f"onnxruntime fell back to {session.get_providers()[0]} although {wanted} was asked for")
     return session
+
+
+def run_session(session: ort.InferenceSession, outputs: list[str] | None, feeds: dict[str, Any]) -> list:
+    """session.run, with onnxruntime's failures (a shape the model cannot take...) as one clear error."""
+    try:
+        return session.run(outputs, feeds)
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidArgument / RuntimeException types
+        shapes = ", ".join(f"{name} {list(getattr(value, 'shape', []))}" for name, value in feeds.items())
+        raise UnsupportedModelError(
+            f"onnxruntime could not run the model on {shapes}: {str(exc).splitlines()[0][:300]}; if the model "
+            "expects another input size, give it with --size H,W") from None
 
 
 def check_loads(model: Any) -> None:

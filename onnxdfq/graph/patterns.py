@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxdfq.graph.layers import Layer, activation_after
+from onnxdfq.graph.layers import Layer, activation_after, const_value
 
 __all__ = ["JOIN_OPS", "OUTPUT_PASSTHROUGH_OPS", "activation_tensors", "output_bound_tensors", "unhandled_ops",
            "HANDLED_OPS"]
@@ -79,9 +80,22 @@ def activation_tensors(graph: gs.Graph, layers: list[Layer], quantized: set[str]
         add(layer.act_output_name)
     tensors = graph.tensors()
     for node in graph.nodes:
-        if node.op in JOIN_OPS and all(not isinstance(t, gs.Constant) for t in node.inputs):
+        # a residual join adds two computed tensors; an Add with a constant (a bias, or shape arithmetic
+        # such as ShuffleNet's channel split) is not one
+        if node.op in JOIN_OPS and all(const_value(t) is None for t in node.inputs):
             for tensor in node.inputs:
                 add(tensor.name)
             act = activation_after(node.outputs[0], graph_outputs)
             add(act.node.outputs[0].name if act.node is not None else node.outputs[0].name)
-    return [name for name in wanted if name in tensors and not isinstance(tensors[name], gs.Constant)]
+    return [name for name in wanted if name in tensors and not isinstance(tensors[name], gs.Constant)
+            and _is_float(tensors[name])]
+
+
+def _is_float(tensor: gs.Tensor) -> bool:
+    """True unless shape inference says the tensor is not floating point (int64 shape math, bool masks)."""
+    if tensor.dtype is None:
+        return True
+    try:
+        return bool(np.issubdtype(np.dtype(tensor.dtype), np.floating))
+    except TypeError:  # an ONNX type numpy has no dtype for (e.g. bfloat16): float by name
+        return "float" in str(tensor.dtype).lower()
