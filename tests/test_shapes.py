@@ -88,3 +88,63 @@ def test_run_batched_pads_the_last_chunk(tmp_path):
     reference = make_session(with_input_dims(demo_model(), ["N", 3, 32, 32])).run(None, {"input": x})[0]
     assert out.shape == (10, 10)
     np.testing.assert_allclose(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def _needs_8x8() -> onnx.ModelProto:
+    """[N, 3, H, W] declared dynamic, but a Reshape to 4*8*8 features only works for 8x8 images."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "c.w"),
+             numpy_helper.from_array(np.array([0, 256], np.int64), "flat"),  # 0: the batch dim as it is
+             numpy_helper.from_array(rng.standard_normal((10, 256)).astype(np.float32), "g.w")]
+    nodes = [helper.make_node("Conv", ["input", "c.w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Reshape", ["r", "flat"], ["f"]),
+             helper.make_node("Gemm", ["f", "g.w"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "needs8", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                              ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_size_the_model_cannot_take_is_a_clear_error(tmp_path):
+    path = tmp_path / "needs8.onnx"
+    onnx.save(_needs_8x8(), path)
+    result = CliRunner().invoke(main, ["quantize", str(path), "-o", str(tmp_path / "q.onnx")])
+    assert result.exit_code == 2 and "could not run the model" in result.output and "--size" in result.output
+    assert not (tmp_path / "q.onnx").exists()
+    ok = CliRunner().invoke(main, ["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--size", "8", "-q"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_shape_arithmetic_and_constant_adds_get_no_qdq():
+    """An Add with a constant operand is no residual join; int64 tensors never get Q/DQ (ShuffleNet's split)."""
+    import onnx_graphsurgeon as gs
+
+    from onnxdfq.graph import layers as graph_layers
+    from onnxdfq.graph import patterns, surgery
+
+    model = _needs_8x8()
+    shift = onnx.helper.make_node("Constant", [], ["shift"], value=onnx.numpy_helper.from_array(
+        np.float32(0.5).reshape(1), "shift_value"))
+    add = onnx.helper.make_node("Add", ["r", "shift"], ["r_shifted"])
+    shape = onnx.helper.make_node("Shape", ["r_shifted"], ["r_shape"])
+    count = onnx.helper.make_node("Add", ["r_shape", "r_shape"], ["doubled"])  # int64 arithmetic
+    model.graph.node.insert(2, shift)
+    model.graph.node.insert(3, add)
+    model.graph.node.insert(4, shape)
+    model.graph.node.insert(5, count)
+    model.graph.node[6].input[0] = "r_shifted"
+    model.graph.output.append(onnx.helper.make_tensor_value_info("doubled", onnx.TensorProto.INT64, [4]))
+    model = onnx.shape_inference.infer_shapes(model)
+    graph = surgery.import_graph(model)
+    graph_layers.ensure_node_names(graph)
+    layers = graph_layers.read_layers(graph)
+    tensors = patterns.activation_tensors(graph, layers, {layer.name for layer in layers})
+    assert "shift" not in tensors and "r_shifted" not in tensors  # Add(r, constant) is no join
+    assert "r_shape" not in tensors and "doubled" not in tensors
+    assert {"input", "r", "f"} <= set(tensors)  # the layers' inputs and outputs still are
+    assert isinstance(graph.tensors()["shift"], gs.Variable)  # a Constant node's output, not an initializer
