@@ -198,6 +198,10 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str | 
     save_model_atomic(result.model, output, validate=validate)
     report = result.report
     report["fidelity"] = probe
+    if probe["unexercised"]:
+        report["warnings"].append(
+            f"fidelity unknown for {', '.join(probe['unexercised'])}: the FP32 output barely moves on "
+            f"{probe['inputs']}; check on real inputs: onnxdfq compare MODEL QUANTIZED --data ...")
     if probe["low_fidelity"]:
         worst = min(out["sqnr_db"] for out in probe["outputs"])
         report["warnings"].append(
@@ -319,6 +323,8 @@ def _fidelity_rows(fidelity: dict) -> list[list[str]]:
     for index, out in enumerate(fidelity["outputs"]):
         label = f"fidelity: {out['name']}" if len(fidelity["outputs"]) > 1 else "fidelity (output)"
         line = f"SQNR {out['sqnr_db']:.1f} dB  cosine {out['cosine']:.4f}"
+        if not out.get("exercised", True):
+            line += "  (not judged: the FP32 output is nearly constant on these inputs; check on real data)"
         if index == 0 and fidelity.get("top1_agreement") is not None:
             line += f"  top-1 agree {fidelity['top1_agreement']:.2f}"
         rows.append([label, line])

@@ -135,6 +135,18 @@ def test_low_fidelity_is_said_loudly(model_path: Path, tmp_path: Path):
     assert "LOW FIDELITY" in result.output and "prior images" in result.output
 
 
+def test_an_output_the_probe_does_not_exercise_is_named_not_judged(tmp_path: Path):
+    model = demo_model()  # its classifier zeroed, as ViT's head is at initialisation: constant logits
+    for init in model.graph.initializer:
+        if init.name.startswith("fc") and init.name.endswith("weight"):
+            init.CopyFrom(onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(init)), init.name))
+    path = tmp_path / "constant.onnx"
+    onnx.save(model, path)
+    result = CliRunner().invoke(main, ["quantize", str(path), "-o", str(tmp_path / "q.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "fidelity unknown for logits" in result.output and "LOW FIDELITY" not in result.output
+
+
 def test_compare_refuses_mismatched_models(model_path: Path, tmp_path: Path):
     from tests.models import gemm_matmul_model
 

@@ -151,7 +151,8 @@ def _check_same_interface(ref_session, cand_session) -> None:
 
 
 def _output_fidelity(name: str, ref: np.ndarray, cand: np.ndarray) -> dict[str, Any]:
-    return {"name": name, "sqnr_db": sqnr_db(ref, cand), "cosine": cosine(ref, cand)}
+    return {"name": name, "sqnr_db": sqnr_db(ref, cand), "cosine": cosine(ref, cand),
+            "reference_std": float(np.std(ref, dtype=np.float64))}
 
 
 def compare(reference: Any, candidate: Any, *, data: str | None = None, random: int | None = None,
