@@ -101,7 +101,8 @@ def _methods() -> list[str]:
 @click.option("--dfmpc-opt", "dfmpc_opts", multiple=True, metavar="KEY=VALUE",
               help="DF-MPC option, repeatable: lambda1, lambda2, rho (number or fit), compensate, reestimate "
                    "(none|mean|mean+std), sigma_model (tap|regression|blend), quantizer (lsq|absmax|twn), high_gain.")
-@click.option("--granularity", type=click.Choice(["channel", "tensor"]), default="channel", show_default=True,
+@click.option("--granularity", type=click.Choice(["channel", "tensor", "per-channel", "per-tensor"]),
+              default="channel", show_default=True,
               help="Weight scales per output channel or per tensor.")
 @click.option("--cle/--no-cle", default=None, help="Cross-layer equalization (default: on for dfq).")
 @click.option("--absorb-bias/--no-absorb-bias", default=None, help="High-bias absorption (default: on for dfq).")

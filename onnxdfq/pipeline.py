@@ -120,6 +120,7 @@ def _config_from(method: str, bits: int | str, act_bits: int | str | None, granu
         stages = tuple(options["squant_stages"])
         if stages[0] != "e" or not set(stages) <= {"e", "k", "c"}:
             raise OptionError(f"--squant-stages takes e, e,k, e,c or e,k,c; got {','.join(stages)}")
+    granularity = granularity.removeprefix("per-")  # users type per-channel / per-tensor
     if granularity not in ("channel", "tensor"):
         raise OptionError(f"--granularity must be 'channel' or 'tensor', got {granularity!r}")
     options = dict(options)
@@ -157,7 +158,8 @@ def _calib_spec(options: dict[str, Any]) -> CalibSpec:
 def _load(model_or_path: Any) -> tuple[Any, str]:
     if isinstance(model_or_path, (str, os.PathLike)):
         return graph_io.load_model(model_or_path), str(model_or_path)
-    return model_or_path, "<ModelProto>"
+    name = getattr(getattr(model_or_path, "graph", None), "name", "") or "model"
+    return model_or_path, f"<in-memory ModelProto: graph {name!r}>"
 
 
 def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | str = 8,
@@ -171,7 +173,7 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
     method : "nearest" (round to nearest) and the methods registered in METHODS.
     bits : weight bit width 2..8, or "LOW/HIGH" for DF-MPC.
     act_bits : activation bit width 2..8, or None for float activations.
-    granularity : "channel" (per output channel weights, default) or "tensor".
+    granularity : "channel" (per output channel weights, default) or "tensor" ("per-channel", "per-tensor" too).
     options : cle, absorb_bias, bias_correction (bools overriding the method's defaults),
         sigmas (BN range width, default 6, or 4 for activations below 6 bits), input_range ((lo, hi) of
         the network input), fmt ("qdq", "qdq-packed" or "fakequant"), quantize_outputs (Q/DQ on
