@@ -199,6 +199,7 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str | 
     save_model_atomic(result.model, output, validate=validate)
     report = result.report
     report["fidelity"] = probe
+    report["model"] = str(model)  # the file the user named (the library saw it loaded)
     if probe["unexercised"]:
         report["warnings"].append(
             f"fidelity unknown for {', '.join(probe['unexercised'])}: the FP32 output barely moves on "
