@@ -148,3 +148,35 @@ def test_shape_arithmetic_and_constant_adds_get_no_qdq():
     assert "r_shape" not in tensors and "doubled" not in tensors
     assert {"input", "r", "f"} <= set(tensors)  # the layers' inputs and outputs still are
     assert isinstance(graph.tensors()["shift"], gs.Variable)  # a Constant node's output, not an initializer
+
+
+def test_run_time_zero_biases_of_unoptimized_dynamo_exports_are_folded():
+    """torch.onnx.export(..., dynamo=True, optimize=False) keeps BN but computes each Conv's zero bias at run
+    time as Expand(CastLike(0, x), shape): folded at load, so the layers (and their BN) are found."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([4], np.int64), "bias_shape"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, 4).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "beta"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "mean"),
+             numpy_helper.from_array(np.ones(4, np.float32), "var")]
+    nodes = [helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float64))),
+             helper.make_node("CastLike", ["zero", "input"], ["zero_like"]),
+             helper.make_node("Expand", ["zero_like", "bias_shape"], ["bias"]),
+             helper.make_node("Conv", ["input", "w", "bias"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"]),
+             helper.make_node("Relu", ["b"], ["logits"])]
+    graph = helper.make_graph(nodes, "dynamo_like", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                   [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    result = onnxdfq.quantize_model(model, calib="bn")
+    assert result.report["statistics"]["layers"] == 1 and result.report["statistics"]["bn_layers"] == 1
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    from tests.models import run
+
+    assert np.isfinite(run(result.model, x)).all()

@@ -45,7 +45,7 @@ class Case:
             [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", *shape]) for n, shape in self.inputs.items()],
             [helper.make_tensor_value_info(self.output, TensorProto.FLOAT, None)],
             [numpy_helper.from_array(v, k) for k, v in self.inits.items()])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
         model.ir_version = 8
         return onnx.shape_inference.infer_shapes(model)
 
@@ -85,6 +85,8 @@ def _cases() -> list[Case]:
         # pooling keeps the channel model: exact for the mean of an average, not for its variance
         Case("average_pool", conv + [relu, helper.make_node("GlobalAveragePool", ["r"], ["o"])], conv_inits,
              {"x": [3, 6, 6]}, "o", check_var=False),
+        Case("reduce_mean_over_space", conv + [relu, helper.make_node("ReduceMean", ["r", "space"], ["o"])],
+             {**conv_inits, "space": np.array([2, 3], np.int64)}, {"x": [3, 6, 6]}, "o", check_var=False),
     ]
 
 

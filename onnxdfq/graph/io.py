@@ -86,7 +86,49 @@ def prepare_model(model: onnx.ModelProto, *, min_opset: int = MIN_OPSET,
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as exc:  # shapes help but are not required
         logger.warning("shape inference failed (%s); continuing without inferred shapes", exc)
-    return model
+    return fold_constant_subgraphs(model)
+
+
+def fold_constant_subgraphs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold what is constant into initializers: shape sub-graphs, and the zero biases PyTorch's dynamo
+    exporter computes at run time without optimization (Expand(CastLike(0, x), Shape)), which would
+    otherwise hide every Conv's bias, and with it the layer, from the passes.
+
+    CastLike(constant, x) only borrows x's element type; it is replaced by the cast constant first so
+    that the rest folds. BatchNormalization and everything else that reads data stays as it is.
+    Returns the model unchanged when there is nothing to fold or folding fails.
+    """
+    if not any(node.op_type in ("CastLike", "Shape", "Expand", "ConstantOfShape") for node in model.graph.node):
+        return model
+    import onnx_graphsurgeon as gs
+
+    from onnxdfq.graph.layers import const_value
+
+    try:
+        graph = gs.import_onnx(model)
+        changed = False
+        for node in graph.nodes:
+            if node.op != "CastLike" or len(node.inputs) != 2:
+                continue
+            source, target = const_value(node.inputs[0]), node.inputs[1].dtype
+            if source is None or target is None:
+                continue
+            value = np.asarray(source).astype(onnx.helper.tensor_dtype_to_np_dtype(target)
+                                              if isinstance(target, int) else target)
+            node.op, node.attrs = "Identity", {}
+            node.inputs = [gs.Constant(f"{node.name or node.outputs[0].name}_cast", value)]
+            changed = True
+        graph.fold_constants().cleanup()
+        folded = gs.export_onnx(graph)
+    except Exception as exc:  # folding is an aid; a model it cannot handle goes on as it was
+        logger.warning("constant folding skipped (%s: %s)", type(exc).__name__, str(exc).splitlines()[0][:200])
+        return model
+    if not changed and len(folded.graph.node) == len(model.graph.node):
+        return model
+    folded.ir_version = model.ir_version
+    del folded.opset_import[:]
+    folded.opset_import.extend(model.opset_import)
+    return folded
 
 
 def ensure_distinct_paths(src: str | os.PathLike, dst: str | os.PathLike, *, what: str = "output path",

@@ -11,9 +11,9 @@ Every tensor is modelled per channel as clip(N(mean, var), lo, hi), tagged with 
     mean = b + sum W m,  var = sum W^2 v;
   - Relu / Clip / Min / Max with constants tighten (lo, hi) and keep the Gaussian;
   - Add sums the true (clipped) moments into a new Gaussian, with lo and hi summed;
-  - Slice / Pad along channels select channels or add constant channels; pooling, Flatten,
-    Reshape and Identity keep the channel statistics (an average or a max of values never
-    leaves their range);
+  - Slice / Pad along channels select channels or add constant channels; pooling (also as
+    ReduceMean / ReduceMax over space), Flatten, Reshape and Identity keep the channel
+    statistics (an average or a max of values never leaves their range);
   - anything else is unknown: its tensors get no statistics.
 
 :func:`tensor_statistics` is what passes call: it propagates once per workspace version (every
@@ -133,6 +133,13 @@ def _through_op(node, stats_in: list[TensorStats | None]) -> TensorStats | None:
         return first.clipped(-np.inf, bound) if op == "Min" else first.clipped(bound, np.inf)
     if op in ("Identity", "Dropout", "GlobalAveragePool", "AveragePool", "MaxPool", "GlobalMaxPool"):
         return first
+    if op in ("ReduceMean", "ReduceMax") and first is not None:  # global pooling as the dynamo exporter writes it
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) > 1 and node.inputs[1].name:
+            axes = _const(node.inputs[1])
+        rank = len(_shape(node.inputs[0]) or [])
+        if axes is not None and rank > 2 and 1 not in {int(a) % rank for a in np.ravel(axes)}:
+            return first  # reduced over space only: each channel keeps its statistics' range
     if op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze"):
         if first is None:
             return None
