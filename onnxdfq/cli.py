@@ -448,8 +448,13 @@ def compare(reference: Path, quantized: Path, data, random_n, mean, std, size, b
     if as_json:
         click.echo(json.dumps(result))
         return
+    if not result["finite"]:
+        raise DataError(f"the models produce NaN or inf on these {result['count']} samples; no fidelity figure")
+    agreement = result["top1_agreement"]
     click.echo(f"samples={result['count']} sqnr_db={result['sqnr_db']:.2f} cosine={result['cosine']:.5f} "
-               f"top1_agreement={100 * result['top1_agreement']:.2f}%")
+               + (f"top1_agreement={100 * agreement:.2f}%" if agreement is not None else "(not a classifier output)"))
+    for out in result["outputs"][1:]:  # more outputs (a detector's boxes, scores...)
+        click.echo(f"  {out['name']}: sqnr_db={out['sqnr_db']:.2f} cosine={out['cosine']:.5f}")
 
 
 def _generator_options(items: tuple[str, ...]) -> dict:

@@ -180,3 +180,23 @@ def test_run_time_zero_biases_of_unoptimized_dynamo_exports_are_folded():
     from tests.models import run
 
     assert np.isfinite(run(result.model, x)).all()
+
+
+def test_compare_reports_every_output_and_no_top1_for_feature_maps(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["b"])],
+        "two_outputs", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4, 8, 8]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 4, 8, 8])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path, out = tmp_path / "two.onnx", tmp_path / "two.q.onnx"
+    onnx.save(model, path)
+    runner = CliRunner()
+    assert runner.invoke(main, ["quantize", str(path), "-o", str(out), "-q"]).exit_code == 0
+    result = runner.invoke(main, ["compare", str(path), str(out), "--random", "8"])
+    assert result.exit_code == 0, result.output
+    assert "not a classifier output" in result.output and "  b: sqnr_db=" in result.output
