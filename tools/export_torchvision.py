@@ -30,6 +30,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--keep-bn", action="store_true",
+                        help="export as the README advises for real statistics: TorchScript with "
+                             "do_constant_folding=False, dynamo with optimize=False (files ARCH.bn_kept.EXPORTER.onnx)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -37,16 +40,17 @@ def main() -> None:
         model = getattr(torchvision.models, arch)(weights=None).eval()
         x = torch.randn(1, 3, 224, 224)
         for exporter in ("torchscript", "dynamo"):
-            path = args.out / f"{arch}.{exporter}.onnx"
+            path = args.out / f"{arch}{'.bn_kept' if args.keep_bn else ''}.{exporter}.onnx"
             if path.exists():
                 continue
             try:
                 with torch.no_grad():
                     if exporter == "torchscript":
                         torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17,
-                                          input_names=["input"], output_names=["logits"])
+                                          input_names=["input"], output_names=["logits"],
+                                          do_constant_folding=not args.keep_bn)
                     else:
-                        torch.onnx.export(model, (x,), str(path), dynamo=True)
+                        torch.onnx.export(model, (x,), str(path), dynamo=True, optimize=not args.keep_bn)
                 print(f"{path.name}: ok", flush=True)
             except Exception as exc:  # report and go on: the corpus is what exports
                 print(f"{path.name}: export failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
