@@ -203,7 +203,7 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
     folded_layers = graph_layers.read_layers(ws.graph)
     ranges_folded = _channel_ranges(folded_layers)
     bn_layers = layer_stat_counts(ws, folded_layers).get("bn", 0)
-    calib = config.calib.resolved(_statistics_source(config, ws, folded_layers))
+    calib = config.calib.resolved(_statistics_source(config, bn_layers, len(folded_layers)))
     observer = _measure_statistics(model, ws, folded_layers, bn_layers, calib, config, calib_progress)
     if config.step("cle"):
         CrossLayerEqualizationPass(act_sigmas=config.bn_sigmas)(ws)
@@ -308,12 +308,11 @@ def _needs_statistics(config: QuantConfig) -> bool:
             or any(config.step(name) for name in ("cle", "absorb_bias", "bias_correction")))
 
 
-def _statistics_source(config: QuantConfig, ws: Workspace, layers: list) -> str:
+def _statistics_source(config: QuantConfig, with_bn: int, layer_count: int) -> str:
     """Resolve --calib auto (bn when at least half the layers kept BN, else prior); refuse what cannot work."""
-    with_bn = sum(1 for layer in layers if layer.name in ws.channel_stats)
     source = config.calib.source
     if source == "auto":
-        return "bn" if with_bn and with_bn * 2 >= len(layers) else "prior"
+        return "bn" if with_bn and with_bn * 2 >= layer_count else "prior"
     if source == "bn" and not with_bn and _needs_statistics(config):
         raise UnsupportedModelError("--calib bn: the model has no BatchNormalization (folded at export), so there "
                                     "are no BN statistics to read; use --calib prior (the default for such models) "
