@@ -1,9 +1,11 @@
 """onnxdfq: data-free quantization of ONNX models (BN folding, DFQ, SQuant, DF-MPC, QDQ export)."""
 
+from onnxdfq.config import QuantConfig, make_config
 from onnxdfq.errors import OnnxDfqError
-from onnxdfq.pipeline import QuantConfig, QuantResult, quantize, quantize_model
+from onnxdfq.pipeline import QuantResult, quantize, quantize_model, save_quantized
 
-__all__ = ["OnnxDfqError", "QuantConfig", "QuantResult", "quantize", "quantize_model", "evaluate", "compare"]
+__all__ = ["OnnxDfqError", "QuantConfig", "QuantResult", "make_config", "quantize", "quantize_model", "save_quantized",
+           "evaluate", "compare"]
 __version__ = "0.1.0"
 
 

@@ -85,7 +85,7 @@ def main(verbose: bool) -> None:
 
 
 def _methods() -> list[str]:
-    from onnxdfq.pipeline import METHODS
+    from onnxdfq.config import METHODS
 
     return sorted(METHODS)
 
@@ -97,7 +97,8 @@ def _methods() -> list[str]:
 @click.option("--method", default="nearest", show_default=True, type=click.Choice(_methods()),
               help="Weight method.")
 @click.option("--bits", default="8", show_default=True, help="Weight bits 2..8, or LOW/HIGH for dfmpc (e.g. 2/6).")
-@click.option("--act-bits", default=None, help="Activation bits 2..8, or 'none' (float). Default: 8; none for dfmpc.")
+@click.option("--act-bits", default="auto", show_default=True,
+              help="Activation bits 2..8, 'none' (float), or auto: 8, and none (float) for dfmpc.")
 @click.option("--dfmpc-opt", "dfmpc_opts", multiple=True, metavar="KEY=VALUE",
               help="DF-MPC option, repeatable: lambda1, lambda2, rho (number or fit), compensate, reestimate "
                    "(none|mean|mean+std), sigma_model (tap|regression|blend), quantizer (lsq|absmax|twn), high_gain.")
@@ -137,6 +138,9 @@ def _methods() -> list[str]:
               show_default=True,
               help="QDQ graph; QDQ with 4-/2-bit weights packed as INT4 (opset 21) / INT2 (opset 25) "
                    "initializers; or float weights already rounded (for runtimes without QDQ).")
+@click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+              help="Runtime the QDQ layout is for: ort (onnxruntime CPU/CUDA, OpenVINO: uint8 activations) or trt "
+                   "(TensorRT explicit quantization: symmetric int8 activations, zero point 0).")
 @click.option("--quantize-outputs", is_flag=True,
               help="Also quantize tensors that leave the graph (logits, through Flatten/Reshape/Softmax); "
                    "by default they stay float, which costs no speed and keeps argmax exact.")
@@ -144,18 +148,22 @@ def _methods() -> list[str]:
               help="Write a JSON report (per-layer bits, scales, SQNR, activation range sources, timings).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @_friendly
-def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str | None, dfmpc_opts: tuple[str, ...],
+def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str, dfmpc_opts: tuple[str, ...],
              granularity: str,
              cle: bool | None, absorb_bias: bool | None, bias_correction: bool | None, squant_stages: str | None,
              sigmas: float,
              input_range: str | None, mean: str | None, std: str | None, size: str | None, reduce_range: str,
              calib: str,
              calib_range: str, calib_samples: int | None, calib_percentile: float, seed: int, device: str, fmt: str,
-             quantize_outputs: bool, report_path: Path | None, quiet: bool) -> None:
-    """Quantize MODEL without data (or calibrated on --calib samples) and write a QDQ ONNX model to --output."""
-    from onnxdfq.eval.check import FIDELITY_FLOOR_DB, check_quantized
-    from onnxdfq.graph.io import ensure_distinct_paths, ensure_writable, load_model, save_model_atomic
-    from onnxdfq.pipeline import METHODS, quantize_model
+             target: str, quantize_outputs: bool, report_path: Path | None, quiet: bool) -> None:
+    """Quantize MODEL without data (or calibrated on --calib samples) and write a QDQ ONNX model to --output.
+
+    The output is checked before it is written (ONNX checker, onnxruntime, fidelity against MODEL on
+    prior images); the summary says how many layers and layer inputs are quantized and where the
+    statistics came from.
+    """
+    from onnxdfq.graph.io import ensure_distinct_paths, ensure_writable
+    from onnxdfq.pipeline import quantize_model, save_quantized
 
     ensure_distinct_paths(model, output)
     ensure_writable(output, "-o")
@@ -163,55 +171,23 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str | 
         ensure_distinct_paths(model, report_path)
         ensure_distinct_paths(output, report_path, what="--report path", other="the output model")
         ensure_writable(report_path, "--report")
-    fp32 = load_model(model)
-    lohi = None
-    if input_range is not None:
-        values = _floats(input_range, "--input-range")
-        if len(values) != 2 or values[0] >= values[1]:
-            raise OptionError(f"--input-range takes LO,HI with LO < HI, got {input_range!r}")
-        lohi = (values[0], values[1])
-    elif mean is not None or std is not None:
-        m = np.asarray(_floats(mean or "0", "--mean"))
-        s = np.asarray(_floats(std or "1", "--std"))
-        if np.any(s <= 0):
-            raise OptionError(f"--std must be positive, got {std}")
-        lohi = (float(np.min((0 - m) / s)), float(np.max((1 - m) / s)))
+    lohi = _floats(input_range, "--input-range") if input_range is not None else None
+    if lohi is not None and len(lohi) != 2:
+        raise OptionError(f"--input-range takes LO,HI with LO < HI, got {input_range!r}")
+    options = dict(cle=cle, absorb_bias=absorb_bias, bias_correction=bias_correction, sigmas=sigmas,
+                   input_range=lohi, fmt=fmt, target=target, quantize_outputs=quantize_outputs,
+                   squant_stages=tuple(v.strip() for v in squant_stages.split(",")) if squant_stages else None,
+                   dfmpc=_dfmpc_options(dfmpc_opts) if dfmpc_opts else None,
+                   reduce_range={"auto": "auto", "on": True, "off": False}[reduce_range],
+                   calib=calib, calib_range=calib_range, calib_samples=calib_samples,
+                   calib_percentile=calib_percentile, seed=seed, device=device,
+                   mean=_floats(mean, "--mean"), std=_floats(std, "--std"), size=_size(size))
     start = time.perf_counter()
-    if act_bits is None:
-        act_bits = METHODS[method].get("act_bits", "8")
-    extra = {"dfmpc": _dfmpc_options(dfmpc_opts)} if dfmpc_opts else {}
-    result = quantize_model(fp32, method=method, bits=bits, act_bits=act_bits, granularity=granularity, **extra,
-                            sigmas=sigmas, input_range=lohi, fmt=fmt, cle=cle, absorb_bias=absorb_bias,
-                            bias_correction=bias_correction,
-                            squant_stages=tuple(v.strip() for v in squant_stages.split(",")) if squant_stages
-                            else None,
-                            reduce_range={"auto": "auto", "on": True, "off": False}[reduce_range],
-                            calib=calib, calib_range=calib_range, calib_samples=calib_samples,
-                            calib_percentile=calib_percentile, seed=seed, device=device,
-                            mean=_floats(mean, "--mean"), std=_floats(std, "--std"), size=_size(size),
-                            quantize_outputs=quantize_outputs, calib_progress=_loss_bar("synth", quiet))
-    probe: dict = {}
-    calib_spec = result.config.calib
-
-    def validate(tmp_path: str) -> None:
-        probe.update(check_quantized(fp32, tmp_path, calib_spec, result.config.input_range))
-
-    save_model_atomic(result.model, output, validate=validate)
+    result = quantize_model(str(model), method=method, bits=bits, act_bits=act_bits, granularity=granularity,
+                            calib_progress=_loss_bar("synth", quiet),
+                            **{k: v for k, v in options.items() if v is not None})
+    save_quantized(result, output)
     report = result.report
-    report["fidelity"] = probe
-    report["model"] = str(model)  # the file the user named (the library saw it loaded)
-    if probe["unexercised"]:
-        report["warnings"].append(
-            f"fidelity unknown for {', '.join(probe['unexercised'])}: the FP32 output barely moves on "
-            f"{probe['inputs']}; check on real inputs: onnxdfq compare MODEL QUANTIZED --data ...")
-    if probe["low_fidelity"]:
-        worst = min(out["sqnr_db"] for out in probe["outputs"])
-        report["warnings"].append(
-            f"LOW FIDELITY: output SQNR {worst:.1f} dB < {FIDELITY_FLOOR_DB:g} dB "
-            f"on {probe['inputs']}: expect a large accuracy loss; try more bits, --method squant/dfq, or "
-            "--granularity channel")
-    report["output"] = str(output)
-    report["output_bytes"] = output.stat().st_size
     report["timings_s"]["wall"] = round(time.perf_counter() - start, 4)
     if report_path is not None:
         _write_json_atomic(report, report_path)
@@ -253,8 +229,8 @@ def _dfmpc_rows(report: dict) -> list[list[str]]:
             ["DF-MPC unpaired (high)", f"{len(params['unpaired'])}: " + ", ".join(
                 f"{name} ({why.split(' (')[0]})" for name, why in list(params["unpaired"].items())[:3])
              + (" ..." if len(params["unpaired"]) > 3 else "")],
-            ["weight storage", f"{params['weight_storage_bytes'] / 1024:.1f} KiB at "
-                               f"{params['average_weight_bits']:.2f} bits on average"]]
+            ["weight storage", f"{report['weight_storage_bytes'] / 1024:.1f} KiB at "
+                               f"{report['average_weight_bits']:.2f} bits on average"]]
 
 
 def _key_values(items: tuple[str, ...], flag: str) -> list[tuple[str, str]]:

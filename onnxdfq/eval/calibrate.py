@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from onnxdfq.config import CalibSpec
 from onnxdfq.errors import DataError, UnsupportedModelError
 from onnxdfq.eval.data import open_dataset
 from onnxdfq.eval.runner import sample_dims
 from onnxdfq.eval.session import make_session, run_session
-from onnxdfq.passes.calib_ranges import CalibSpec
 from onnxdfq.quant.range_estimators import TensorObserver
 from onnxdfq.synth.prior import InputSpace, prior_images
 

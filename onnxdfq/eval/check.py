@@ -15,14 +15,15 @@ from typing import Any
 
 import numpy as np
 
+from onnxdfq.config import CalibSpec
 from onnxdfq.errors import UnsupportedModelError
 from onnxdfq.eval.calibrate import input_shape, prior_input_space
 from onnxdfq.eval.runner import compare
 from onnxdfq.eval.session import check_loads
-from onnxdfq.passes.calib_ranges import CalibSpec
+from onnxdfq.graph.io import check_model
 from onnxdfq.synth.prior import prior_images
 
-__all__ = ["FIDELITY_FLOOR_DB", "PROBE_SAMPLES", "probe_inputs", "check_quantized"]
+__all__ = ["FIDELITY_FLOOR_DB", "PROBE_SAMPLES", "probe_inputs", "check_quantized", "check_stage"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,3 +66,20 @@ def check_quantized(fp32: Any, quantized: Any, spec: CalibSpec, input_range: tup
     result["low_fidelity"] = bool(judged and min(judged) < FIDELITY_FLOOR_DB)
     result["unexercised"] = [out["name"] for out in result["outputs"] if not out["exercised"]]
     return result
+
+
+def check_stage(fp32: Any, quantized: Any, spec: CalibSpec,
+                input_range: tuple[float, float] | None) -> tuple[dict[str, Any], list[str]]:
+    """The output check of every quantize run: the ONNX checker, an onnxruntime session and the fidelity
+    probe; returns the probe's figures and the warnings a user must see (low fidelity, outputs not judged)."""
+    check_model(quantized)
+    probe = check_quantized(fp32, quantized, spec, input_range)
+    warnings = []
+    if probe["unexercised"]:
+        warnings.append(f"fidelity unknown for {', '.join(probe['unexercised'])}: the FP32 output barely moves on "
+                        f"{probe['inputs']}; check on real inputs: onnxdfq compare MODEL QUANTIZED --data ...")
+    if probe["low_fidelity"]:
+        worst = min(out["sqnr_db"] for out in probe["outputs"] if out["exercised"])
+        warnings.append(f"LOW FIDELITY: output SQNR {worst:.1f} dB < {FIDELITY_FLOOR_DB:g} dB on {probe['inputs']}: "
+                        "expect a large accuracy loss; try more bits, --method squant/dfq, or --granularity channel")
+    return probe, warnings

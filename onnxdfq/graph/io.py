@@ -156,6 +156,11 @@ def _apply_umask(path: str) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def check_model(model: onnx.ModelProto) -> None:
+    """The ONNX checker on an in-memory model (the same check save_model_atomic runs on the file)."""
+    onnx.checker.check_model(model)
+
+
 def save_model_atomic(model: onnx.ModelProto, path: str | os.PathLike,
                       validate: Callable[[str], None] | None = None) -> None:
     """Write to a temporary file beside `path`, check it, then rename it into place.

@@ -10,6 +10,7 @@ import logging
 
 import numpy as np
 
+from onnxdfq.config import DEFAULT_SIGMAS  # mean +- 6 std: a Gaussian channel but for 2e-9 of its mass
 from onnxdfq.passes.base import ActRange, LayerRow, Pass, PassReport, Workspace
 from onnxdfq.passes.statistics import (
     DEFAULT_INPUT_RANGE,
@@ -23,8 +24,6 @@ __all__ = ["DEFAULT_SIGMAS", "DEFAULT_INPUT_RANGE", "TensorStats", "propagate_st
            "linear_moments"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_SIGMAS = 6.0  # mean +- 6 std covers a Gaussian channel but for 2e-9 of its mass
 
 
 class BNRangePass(Pass):

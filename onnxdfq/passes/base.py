@@ -120,6 +120,15 @@ class Workspace:
     input_range: tuple[float, float] | None = None
     reduced_range: list[str] = field(default_factory=list)  # layers given 7-bit weights (see pipeline)
     weight_ranges: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # stage -> layer -> per-channel
+    bit_widths: Any = None  # onnxdfq.quant.scheme.BitWidthMap when a pass planned per-layer widths (DF-MPC)
+    act_qparams: dict[str, Any] = field(default_factory=dict)  # tensor -> quant.qparams.ActQParams
+    bias_qparams: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # layer -> (int32, scale)
+    emitted: Any = None  # the exported onnx.ModelProto (passes/emit.py)
+    # what the statistics stage decided (pipeline): the resolved calibration, its samples' runner, BN count
+    calib: Any = None
+    observer: Any = None
+    bn_layers: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)  # optional step or layer -> why it did not run
     reports: list[PassReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     # bumped by every pass that changed the graph or the statistics: cached tensor statistics

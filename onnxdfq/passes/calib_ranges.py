@@ -19,109 +19,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from onnxdfq.errors import OptionError
+from onnxdfq.config import CALIB_SOURCES, DEFAULT_SYNTH_SAMPLES, SAMPLE_SOURCES, CalibSpec
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.graph import surgery
 from onnxdfq.passes.base import ActRange, LayerRow, Pass, PassReport, Workspace
-from onnxdfq.quant.range_estimators import ESTIMATORS, RangeEstimator, TensorObserver, get_estimator
-from onnxdfq.synth.prior import PRIOR_GENERATORS
+from onnxdfq.quant.range_estimators import TensorObserver
 
 __all__ = ["CALIB_SOURCES", "SAMPLE_SOURCES", "DEFAULT_SYNTH_SAMPLES", "CalibSpec", "CalibrationRangePass", "Collector",
            "SampleObserver"]
 
 logger = logging.getLogger(__name__)
 
-CALIB_SOURCES = ("auto", "bn", "prior", "synth", "data")
-SAMPLE_SOURCES = ("prior", "synth", "data")  # the sources that run samples through the model
-DEFAULT_SYNTH_SAMPLES = 256  # generated samples when --calib-samples is not given
-DEFAULT_ESTIMATOR = "mse"
-
 # collect(model with the tensors as outputs, tensor names, samples, histogram=..., channels=...) -> observers
 Collector = Callable[..., dict[str, TensorObserver]]
-
-
-@dataclass(frozen=True)
-class CalibSpec:
-    """Where activation ranges (and missing per-channel statistics) come from (``--calib``).
-
-    ``source`` is ``auto`` (the default: ``bn`` when most layers kept a BatchNormalization,
-    ``prior`` otherwise), ``bn`` (BN statistics, no data), ``prior`` (procedural images,
-    ``method`` = pink (default) | mixed | dead_leaves; no data), ``synth`` (``method`` samples generated
-    on the fly from the BN statistics) or ``data`` (the ``.npz`` at ``path``). ``samples``: how
-    many to generate (default 256) or use (default all). ``mean``/``std`` are the model's
-    preprocessing (raw uint8 data files, the prior's input space); ``synth_options`` go to the
-    generator (e.g. ``steps``, ``alpha``).
-    """
-
-    source: str = "auto"
-    method: str | None = None
-    path: str | None = None
-    estimator: str = DEFAULT_ESTIMATOR
-    samples: int | None = None
-    percentile: float = 99.99
-    seed: int = 0
-    device: str = "cpu"
-    batch_size: int = 32
-    size: tuple[int, int] | None = None  # H, W for models whose image size is dynamic (--size)
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    synth_options: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, text: str | None, **options: Any) -> CalibSpec:
-        """``auto``, ``bn``, ``prior[:GENERATOR]``, ``synth:METHOD`` or ``data:PATH.npz`` plus keyword
-        options; OptionError if invalid."""
-        text = (text or "auto").strip()
-        kind, _, arg = text.partition(":")
-        kind = kind.lower()
-        if kind == "prior":
-            arg = arg.lower() or PRIOR_GENERATORS[0]
-        valid = kind in CALIB_SOURCES and (bool(arg) == (kind in SAMPLE_SOURCES))
-        if not valid or (kind == "prior" and arg not in PRIOR_GENERATORS):
-            raise OptionError(f"--calib takes auto, bn, prior[:{'|'.join(PRIOR_GENERATORS)}], synth:METHOD "
-                              f"(zeroq, dsg, dffg) or data:PATH.npz; got {text!r}")
-        fields = {"source": kind, "method": arg.lower() if kind in ("synth", "prior") else None,
-                  "path": arg if kind == "data" else None}
-        for key in ("mean", "std"):
-            if options.get(key) is not None:
-                options[key] = tuple(float(v) for v in np.ravel(options[key]))
-        if options.get("size") is not None:
-            options["size"] = tuple(int(v) for v in options["size"])
-        spec = cls(**fields, **{k: v for k, v in options.items() if v is not None})
-        spec.validate()
-        return spec
-
-    def validate(self) -> None:
-        if self.estimator not in ESTIMATORS:
-            raise OptionError(f"--calib-range must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
-        if self.samples is not None and self.samples < 1:
-            raise OptionError(f"--calib-samples must be >= 1, got {self.samples}")
-        if not 50.0 < self.percentile <= 100.0:
-            raise OptionError(f"--calib-percentile must be in (50, 100], got {self.percentile}")
-        if self.device not in ("cpu", "cuda"):
-            raise OptionError(f"--device must be cpu or cuda, got {self.device!r}")
-
-    @property
-    def label(self) -> str:
-        return {"auto": "auto", "bn": "bn", "prior": f"prior:{self.method}", "synth": f"synth:{self.method}",
-                "data": "data"}[self.source]
-
-    def resolved(self, source: str) -> CalibSpec:
-        """This spec with ``auto`` decided (``prior`` gets its default generator)."""
-        if source == self.source:
-            return self
-        return replace(self, source=source, method=PRIOR_GENERATORS[0] if source == "prior" else self.method)
-
-    def sample_count(self) -> int:
-        return self.samples or DEFAULT_SYNTH_SAMPLES
-
-    def range_estimator(self) -> RangeEstimator:
-        return get_estimator(self.estimator, percentile=self.percentile)
 
 
 def model_with_outputs(graph: Any, tensors: list[str], template: Any) -> Any:

@@ -12,19 +12,17 @@ and writes the graph.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
+from onnxdfq.config import DFMPCOptions
+from onnxdfq.errors import OptionError
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.passes.base import LayerRow, Pass, PassReport, PostconditionError, WeightQuant, Workspace
 from onnxdfq.passes.dfmpc_math import (
-    DEFAULT_LAMBDA1,
-    DEFAULT_LAMBDA2,
     DEFAULT_RHO,
-    LOW_QUANTIZERS,
-    REESTIMATE,
-    SIGMA_MODELS,
     channel_correlation,
     compensate_mixed_precision,
     high_layer_gain,
@@ -121,25 +119,15 @@ class DFMPCPass(Pass):
 
     name = "dfmpc"
 
-    def __init__(self, low_bits: int, high_bits: int, *, quantizer: str = "lsq", reestimate: str = "mean+std",
-                 rho: float | str = DEFAULT_RHO, compensate: bool = False, lambda1: float = DEFAULT_LAMBDA1,
-                 lambda2: float = DEFAULT_LAMBDA2, sigma_model: str = "blend", high_gain: bool = True) -> None:
+    def __init__(self, low_bits: int, high_bits: int, options: DFMPCOptions | None = None, **overrides: Any) -> None:
         if not 2 <= low_bits < high_bits <= 8:
             raise ValueError(f"DF-MPC needs 2 <= LOW < HIGH <= 8, got {low_bits}/{high_bits}")
-        if quantizer not in LOW_QUANTIZERS or (quantizer == "twn" and low_bits != 2):
-            raise ValueError(f"quantizer must be one of {', '.join(LOW_QUANTIZERS)} (twn: 2 bits only), "
-                             f"got {quantizer!r}")
-        if reestimate not in REESTIMATE:
-            raise ValueError(f"reestimate must be one of {', '.join(REESTIMATE)}, got {reestimate!r}")
-        if sigma_model not in SIGMA_MODELS:
-            raise ValueError(f"sigma_model must be one of {', '.join(SIGMA_MODELS)}, got {sigma_model!r}")
-        if rho != "fit" and not (isinstance(rho, (int, float)) and 0.0 <= rho < 1.0):
-            raise ValueError(f"rho must be in [0, 1) or 'fit', got {rho!r}")
-        rho = rho if rho == "fit" else float(rho)
+        options = DFMPCOptions.from_mapping({**asdict(options or DFMPCOptions()), **overrides})
+        if options.quantizer == "twn" and low_bits != 2:
+            raise OptionError("DF-MPC quantizer twn is ternary: LOW must be 2 bits")
         self.low_bits, self.high_bits = low_bits, high_bits
-        self.options = {"quantizer": quantizer, "reestimate": reestimate, "rho": rho, "compensate": bool(compensate),
-                        "lambda1": float(lambda1), "lambda2": float(lambda2), "sigma_model": sigma_model}
-        self.high_gain = bool(high_gain)
+        self.options = {k: v for k, v in asdict(options).items() if k != "high_gain"}
+        self.high_gain = options.high_gain
         self.plan: MixedPrecisionPlan | None = None
 
     def ensures(self, ws: Workspace) -> None:
@@ -202,12 +190,8 @@ class DFMPCPass(Pass):
             report.rows.append(LayerRow(high.name, {"high_gain_mean": float(np.mean(gain)),
                                                     "high_gain_min": float(np.min(gain))}))
         self.plan = plan
+        ws.bit_widths = plan.bitmap()  # the weight pass quantizes every layer DF-MPC left at the high width
         report.params["pairs"] = [[p.low, p.high] for p in plan.pairs]
         report.params["unpaired"] = dict(plan.unpaired)
-        sizes = {layer.name: layer.weight.size for layer in layers}
-        bits = {name: self.low_bits if name in plan.low_layers else self.high_bits for name in sizes}
-        total = sum(sizes.values())
-        report.params["average_weight_bits"] = sum(bits[n] * sizes[n] for n in sizes) / total if total else None
-        report.params["weight_storage_bytes"] = int(np.ceil(sum(bits[n] * sizes[n] for n in sizes) / 8))
         report.modified = bool(updates)
         return report

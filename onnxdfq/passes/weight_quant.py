@@ -41,28 +41,59 @@ def get_rounder(method: str, **options) -> Rounder:
     raise ValueError(f"unknown rounding method {method!r}")
 
 
+def reduced_range_layers(layers: list, bitmap: BitWidthMap, act_ranges: dict, mode: bool | str,
+                         act_bits: int | None) -> list[str]:
+    """Layers that get 7-bit weights because their 8-bit input is signed (``mode`` "auto"; True: every 8-bit layer).
+
+    onnxruntime's x86 kernels without VNNI shift int8 activations to uint8 and add pairs of
+    uint8 x int8 products in int16 (vpmaddubsw), which saturates for large |w|: measured on
+    ResNet-20 W8A8, the stem conv alone costs 0.9 top-1. |w_int| <= 63 cannot saturate.
+    ReLU outputs (uint8, zero point 0) are small and keep the full 8-bit weight grid.
+    """
+    if mode is False or act_bits != 8:
+        return []
+    reduced = []
+    for layer in layers:
+        if bitmap.bits_for(layer.name, layer.op_type) != 8:
+            continue
+        act_range = act_ranges.get(layer.input_name)
+        if mode is True or (act_range is not None and act_range.lo < 0):
+            reduced.append(layer.name)
+    return sorted(reduced)
+
+
 class WeightQuantPass(Pass):
-    """Quantize every layer's weight onto a symmetric signed grid (zero point 0)."""
+    """Quantize every layer's weight onto a symmetric signed grid (zero point 0).
+
+    Widths come from ws.bit_widths when a pass planned them (DF-MPC) and ``bits`` otherwise; layers that
+    already hold integer weights (DF-MPC's low layers) are left as they are.
+    """
 
     name = "weight_quant"
     changes_graph = False  # integers go to ws.weight_quant; the float graph is untouched
 
-    def __init__(self, bitmap: BitWidthMap, *, per_channel: bool = True, method: str = "nearest",
-                 rounder: Rounder | None = None, skip: set[str] | None = None) -> None:
-        self.bitmap = bitmap
+    def __init__(self, bits: int | BitWidthMap = 8, *, per_channel: bool = True, method: str = "nearest",
+                 rounder: Rounder | None = None, stages: tuple[str, ...] | None = None,
+                 reduce_range: bool | str = False, act_bits: int | None = None) -> None:
+        self.bitmap = bits if isinstance(bits, BitWidthMap) else BitWidthMap(bits)
         self.per_channel = per_channel
         self.method = method
-        self.rounder = rounder or get_rounder(method)
-        self.skip = skip or set()
+        self.rounder = rounder or get_rounder(method, stages=stages)
+        self.reduce_range, self.act_bits = reduce_range, act_bits
 
     def call(self, ws: Workspace) -> PassReport:
         report = PassReport(self.name, params={"method": self.method, "per_channel": self.per_channel,
                                                "default_bits": self.bitmap.default})
+        layers = graph_layers.read_layers(ws.graph)
+        bitmap = ws.bit_widths or self.bitmap
+        ws.reduced_range = reduced_range_layers(layers, bitmap, ws.act_ranges, self.reduce_range, self.act_bits)
+        if ws.reduced_range:
+            bitmap = bitmap.with_names(dict.fromkeys(ws.reduced_range, 7))
         zero_channels: dict[str, int] = {}
-        for layer in graph_layers.read_layers(ws.graph):
-            if layer.name in self.skip:
+        for layer in layers:
+            if layer.name in ws.weight_quant:
                 continue
-            bits = self.bitmap.bits_for(layer.name, layer.op_type)
+            bits = bitmap.bits_for(layer.name, layer.op_type)
             scheme = QuantScheme(bits, signed=True, symmetric=True, per_channel=self.per_channel, axis=0)
             with warnings.catch_warnings(record=True) as caught:  # all-zero channels: say which layer
                 warnings.simplefilter("always", RuntimeWarning)

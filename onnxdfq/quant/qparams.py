@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
 from onnxdfq.quant.scheme import QuantScheme
 
-__all__ = ["TINY_SCALE", "weight_scale", "activation_qparams", "channel_absmax"]
+__all__ = ["TINY_SCALE", "weight_scale", "activation_qparams", "channel_absmax", "ActQParams", "activation_grid",
+           "bias_safe_weight_scale", "int32_bias", "SIGNED_TO_UNSIGNED"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,3 +57,78 @@ def activation_qparams(lo: float, hi: float, scheme: QuantScheme) -> tuple[float
     scale = (hi - lo) / (scheme.qmax - scheme.qmin)
     zero_point = int(np.clip(np.round(scheme.qmin - lo / scale), scheme.qmin, scheme.qmax))
     return float(scale), zero_point
+
+
+# --- activation and bias decisions (made before any Q/DQ node exists; the emitter only writes them) ---------
+SIGNED_TO_UNSIGNED = 128  # int8 level q is uint8 level q + 128
+INT32 = np.iinfo(np.int32)
+BIAS_HEADROOM = 2.0**30  # a regridded weight scale keeps |b_int| at half the int32 range
+
+
+@dataclass(frozen=True)
+class ActQParams:
+    """One activation tensor's grid and how it is stored.
+
+    ``zero_point`` is the grid's own (signed grid: around 0; unsigned: 0..); ``stored_zero_point`` and
+    ``dtype`` are what the QuantizeLinear node holds. ``clip`` bounds a grid narrower than its 8-bit
+    container to its own levels.
+    """
+
+    scale: float
+    zero_point: int
+    bits: int
+    signed: bool
+    dtype: str  # "uint8" or "int8"
+    stored_zero_point: int
+    clip: tuple[float, float] | None
+
+
+def activation_grid(lo: float, hi: float, bits: int, target: str = "ort") -> ActQParams:
+    """The grid of a tensor observed in [lo, hi].
+
+    ``ort``: a non-negative tensor gets an unsigned grid with zero point 0 (onnxruntime drops the ReLU
+    and fuses QLinearConv), a signed one an affine grid; both are stored as uint8, a signed grid with
+    its zero point moved up by 128, because onnxruntime's CPU kernels fuse Conv -> QLinearConv only
+    when input and output types agree (u8 in, s8 out stayed a float Conv on 54 of EfficientNet-B0's
+    81 convs). ``trt``: TensorRT's explicit quantization takes symmetric int8 only (zero point 0).
+    """
+    if target == "trt":
+        scheme = QuantScheme(bits, signed=True, symmetric=True, per_channel=False)
+        scale, zero_point = activation_qparams(lo, hi, scheme)
+        dtype, stored = "int8", zero_point
+    else:
+        scheme = QuantScheme(bits, signed=lo < 0, symmetric=False, per_channel=False)
+        scale, zero_point = activation_qparams(lo, hi, scheme)
+        dtype, stored = "uint8", zero_point + SIGNED_TO_UNSIGNED if scheme.signed else zero_point
+    clip = None
+    if bits < 8:
+        clip = ((scheme.qmin - zero_point) * scale, (scheme.qmax - zero_point) * scale)
+    return ActQParams(float(scale), int(zero_point), bits, scheme.signed, dtype, int(stored), clip)
+
+
+def bias_safe_weight_scale(scale: np.ndarray, bias: np.ndarray, s_x: float) -> tuple[np.ndarray, np.ndarray]:
+    """A weight scale whose int32 bias b / (s_x * s_w) cannot saturate, and the channels it grew.
+
+    A channel whose weights are tiny next to its bias (gamma ~ 0 after BN folding, or cut to zero by
+    CLE) has a tiny s_w, and that quotient leaves int32: the bias would be clipped. Its weights matter
+    far less than its bias there (|w x| / |b| < 2^14 * fan_in / 2^31), so it gets the smallest scale
+    that holds its bias with 2x headroom (bias correction may still move the bias). A per-tensor
+    scale is shared, so it grows for the neediest channel (as onnxruntime's own quantizer does).
+    """
+    scale = np.asarray(scale, np.float64)
+    need = np.abs(np.asarray(bias, np.float64)) / (s_x * BIAS_HEADROOM)
+    if scale.size == 1:
+        worst = float(need.max()) if need.size else 0.0
+        grow = np.full(need.shape, worst > scale.item())
+        return (np.array([worst]) if worst > scale.item() else scale), grow
+    grow = need > scale
+    return np.where(grow, need, scale), grow
+
+
+def int32_bias(bias: np.ndarray, s_x: float, weight_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The int32 bias on scale s_x * s_w (per channel), and how many values had to be clipped."""
+    bias = np.asarray(bias, np.float64)
+    bias_scale = s_x * np.broadcast_to(np.asarray(weight_scale, np.float64), bias.shape)
+    wanted = np.rint(bias / bias_scale)
+    saturated = int(np.count_nonzero((wanted < INT32.min) | (wanted > INT32.max)))
+    return np.clip(wanted, INT32.min, INT32.max).astype(np.int32), bias_scale, saturated

@@ -30,12 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxdfq.config import PRIOR_GENERATORS
+
 __all__ = ["PRIOR_GENERATORS", "DEFAULT_PRIOR", "DEFAULT_PRIOR_SAMPLES", "InputSpace", "dead_leaves",
            "pink_noise", "prior_images"]
 
 logger = logging.getLogger(__name__)
 
-PRIOR_GENERATORS = ("pink", "mixed", "dead_leaves")
 DEFAULT_PRIOR = "pink"
 DEFAULT_PRIOR_SAMPLES = 256  # images; see the calibration table for the count/accuracy trade-off
 LEAVES_PER_IMAGE = 160  # discs painted per image (the largest first, so small ones stay visible)

@@ -1,0 +1,330 @@
+"""Every setting of a quantization run, typed and frozen, with its default in one place.
+
+`make_config` turns the flat keywords of `quantize_model` (and the CLI's options, which go through the
+same function) into a `QuantConfig`, and refuses anything it does not know, naming what it knows:
+a typo must not be a silently ignored setting. The per-method options are their own dataclasses
+(`SQuantOptions`, `DFMPCOptions`, `CalibSpec`) so that each method's passes receive one typed object.
+
+This module sits just above `onnxdfq.quant` (numpy only): passes, evaluation and the pipeline import it,
+it imports none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+
+from onnxdfq.errors import OptionError
+from onnxdfq.quant.range_estimators import ESTIMATORS, RangeEstimator, get_estimator
+from onnxdfq.quant.scheme import parse_act_bits, parse_bits
+
+__all__ = ["METHODS", "FORMATS", "TARGETS", "GRANULARITIES", "CALIB_SOURCES", "SAMPLE_SOURCES", "PRIOR_GENERATORS",
+           "DEFAULT_SIGMAS", "LOW_BIT_SIGMAS", "CalibSpec", "SQuantOptions", "DFMPCOptions", "QuantConfig",
+           "make_config", "valid_options"]
+
+# method -> its weight rounder and the defaults of its optional steps (None in QuantConfig: use these)
+METHODS: dict[str, dict[str, Any]] = {
+    "nearest": {"rounder": "nearest", "cle": False, "absorb_bias": False, "bias_correction": False, "act_bits": 8},
+    # analytic bias correction on by default: the mean shift is what sinks depthwise nets at 4 bits
+    # (MobileNet-V1 W4A8: 2.5 % pure SQuant, ~64 % with it); bias_correction=False gives the paper's SQuant
+    "squant": {"rounder": "squant", "cle": False, "absorb_bias": False, "bias_correction": True, "act_bits": 8},
+    "dfq": {"rounder": "nearest", "cle": True, "absorb_bias": True, "bias_correction": True, "act_bits": 8},
+    # DF-MPC: bits LOW/HIGH, float activations unless asked (the paper's setting); see passes/dfmpc.py
+    "dfmpc": {"rounder": "nearest", "cle": False, "absorb_bias": False, "bias_correction": True, "act_bits": None},
+}
+FORMATS = ("qdq", "qdq-packed", "fakequant")
+# qdq: onnxruntime CPU (uint8 activations, so that its x86 kernels fuse QLinearConv);
+# trt: TensorRT's explicit quantization (int8 symmetric activations, zero point 0, Q/DQ on both residual inputs)
+TARGETS = ("ort", "trt")
+GRANULARITIES = ("channel", "tensor")
+
+DEFAULT_SIGMAS = 6.0  # BN-statistics activation range: mean +- this many std, 6 bits and up
+LOW_BIT_SIGMAS = 4.0  # below 6 activation bits (see QuantConfig.bn_sigmas)
+
+# --- calibration -------------------------------------------------------------------------------------------
+CALIB_SOURCES = ("auto", "bn", "prior", "synth", "data")
+SAMPLE_SOURCES = ("prior", "synth", "data")  # the sources that run samples through the model
+PRIOR_GENERATORS = ("pink", "mixed", "dead_leaves")  # onnxdfq.synth.prior; the first is the default
+SYNTH_METHODS = ("zeroq", "dsg", "dffg")
+DEFAULT_SYNTH_SAMPLES = 256  # generated samples when calib_samples is not given
+DEFAULT_ESTIMATOR = "mse"
+
+
+@dataclass(frozen=True)
+class CalibSpec:
+    """Where activation ranges (and missing per-channel statistics) come from (``--calib``).
+
+    ``source`` is ``auto`` (the default: ``bn`` when most layers kept a BatchNormalization,
+    ``prior`` otherwise), ``bn`` (BN statistics, no data), ``prior`` (procedural images,
+    ``method`` = pink (default) | mixed | dead_leaves; no data), ``synth`` (``method`` samples generated
+    on the fly from the BN statistics) or ``data`` (the ``.npz`` at ``path``). ``samples``: how
+    many to generate (default 256) or use (default all). ``mean``/``std`` are the model's
+    preprocessing (raw uint8 data files, the prior's input space); ``synth_options`` go to the
+    generator (e.g. ``steps``, ``alpha``).
+    """
+
+    source: str = "auto"
+    method: str | None = None
+    path: str | None = None
+    estimator: str = DEFAULT_ESTIMATOR
+    samples: int | None = None
+    percentile: float = 99.99
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 32
+    size: tuple[int, int] | None = None  # H, W for models whose image size is dynamic (--size)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    synth_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str | None, **options: Any) -> CalibSpec:
+        """``auto``, ``bn``, ``prior[:GENERATOR]``, ``synth:METHOD`` or ``data:PATH.npz`` plus keyword
+        options; OptionError if invalid."""
+        text = (text or "auto").strip()
+        kind, _, arg = text.partition(":")
+        kind = kind.lower()
+        if kind == "prior":
+            arg = arg.lower() or PRIOR_GENERATORS[0]
+        valid = kind in CALIB_SOURCES and (bool(arg) == (kind in SAMPLE_SOURCES))
+        if not valid or (kind == "prior" and arg not in PRIOR_GENERATORS):
+            raise OptionError(f"--calib takes auto, bn, prior[:{'|'.join(PRIOR_GENERATORS)}], synth:METHOD "
+                              f"({', '.join(SYNTH_METHODS)}) or data:PATH.npz; got {text!r}")
+        spec_fields = {"source": kind, "method": arg.lower() if kind in ("synth", "prior") else None,
+                       "path": arg if kind == "data" else None}
+        for key in ("mean", "std"):
+            if options.get(key) is not None:
+                options[key] = tuple(float(v) for v in np.ravel(options[key]))
+        if options.get("size") is not None:
+            options["size"] = tuple(int(v) for v in options["size"])
+        spec = cls(**spec_fields, **{k: v for k, v in options.items() if v is not None})
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise OptionError(f"--calib-range must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.samples is not None and self.samples < 1:
+            raise OptionError(f"--calib-samples must be >= 1, got {self.samples}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise OptionError(f"--calib-percentile must be in (50, 100], got {self.percentile}")
+        if self.device not in ("cpu", "cuda"):
+            raise OptionError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise OptionError(f"--std must be positive, got {list(self.std)}")
+
+    @property
+    def label(self) -> str:
+        return {"auto": "auto", "bn": "bn", "prior": f"prior:{self.method}", "synth": f"synth:{self.method}",
+                "data": "data"}[self.source]
+
+    def resolved(self, source: str) -> CalibSpec:
+        """This spec with ``auto`` decided (``prior`` gets its default generator)."""
+        if source == self.source:
+            return self
+        return replace(self, source=source, method=PRIOR_GENERATORS[0] if source == "prior" else self.method)
+
+    def sample_count(self) -> int:
+        return self.samples or DEFAULT_SYNTH_SAMPLES
+
+    def range_estimator(self) -> RangeEstimator:
+        return get_estimator(self.estimator, percentile=self.percentile)
+
+
+# --- per-method options ------------------------------------------------------------------------------------
+SQUANT_STAGES = (("e",), ("e", "k"), ("e", "c"), ("e", "k", "c"))
+
+
+@dataclass(frozen=True)
+class SQuantOptions:
+    """SQuant's flipping stages: element (always), kernel and channel (Guo et al. 2022)."""
+
+    stages: tuple[str, ...] = ("e", "k", "c")
+
+    def __post_init__(self) -> None:
+        stages = tuple(self.stages)
+        if stages not in SQUANT_STAGES:
+            raise OptionError(f"--squant-stages takes {', '.join(','.join(s) for s in SQUANT_STAGES)}; "
+                              f"got {','.join(map(str, stages))}")
+        object.__setattr__(self, "stages", stages)
+
+
+DFMPC_QUANTIZERS = ("lsq", "absmax", "twn")  # least-squares grid, max|w| grid, TWN ternary (0.7 mean|w|)
+DFMPC_REESTIMATE = ("none", "mean", "mean+std")  # which BN statistics of the low layer are re-estimated
+DFMPC_SIGMA_MODELS = ("tap", "regression", "blend")
+
+
+@dataclass(frozen=True)
+class DFMPCOptions:
+    """DF-MPC's knobs (see passes/dfmpc.py and passes/dfmpc_math.py for what each does)."""
+
+    quantizer: str = "lsq"
+    reestimate: str = "mean+std"
+    rho: float | str = 0.2  # correlation between the kernel taps of one input channel in V(u), or "fit"
+    compensate: bool = False  # the paper's closed-form c on top of the re-estimation
+    lambda1: float = 0.5  # weight of the bias term in the closed form (the paper's lambda1)
+    lambda2: float = 0.0  # ridge term on c (the paper's lambda2)
+    sigma_model: str = "blend"
+    high_gain: bool = True
+
+    def __post_init__(self) -> None:
+        if self.quantizer not in DFMPC_QUANTIZERS:
+            raise OptionError(f"DF-MPC quantizer must be one of {', '.join(DFMPC_QUANTIZERS)}, got {self.quantizer!r}")
+        if self.reestimate not in DFMPC_REESTIMATE:
+            raise OptionError(f"DF-MPC reestimate must be one of {', '.join(DFMPC_REESTIMATE)}, "
+                              f"got {self.reestimate!r}")
+        if self.sigma_model not in DFMPC_SIGMA_MODELS:
+            raise OptionError(f"DF-MPC sigma_model must be one of {', '.join(DFMPC_SIGMA_MODELS)}, "
+                              f"got {self.sigma_model!r}")
+        if self.rho != "fit" and not (isinstance(self.rho, (int, float)) and 0.0 <= self.rho < 1.0):
+            raise OptionError(f"DF-MPC rho must be in [0, 1) or 'fit', got {self.rho!r}")
+        for name in ("compensate", "high_gain"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
+        for name in ("lambda1", "lambda2"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if self.rho != "fit":
+            object.__setattr__(self, "rho", float(self.rho))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | DFMPCOptions | None) -> DFMPCOptions:
+        if isinstance(values, DFMPCOptions):
+            return values
+        return cls(**_known(dict(values or {}), cls, "DF-MPC option (--dfmpc-opt KEY=VALUE)"))
+
+
+# --- the run -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything `quantize_model` needs, defaults resolved; build one with `make_config`."""
+
+    method: str = "nearest"
+    bits: int = 8
+    high_bits: int | None = None  # LOW/HIGH mixed precision (DF-MPC)
+    act_bits: int | None = 8
+    per_channel: bool = True
+    cle: bool | None = None  # None: the method's default
+    absorb_bias: bool | None = None
+    bias_correction: bool | None = None
+    sigmas: float | None = None  # None: see bn_sigmas
+    reduce_range: bool | str = "auto"  # see passes/qparams.py
+    input_range: tuple[float, float] | None = None
+    fmt: str = "qdq"
+    target: str = "ort"
+    quantize_outputs: bool = False  # Q/DQ on tensors that leave the graph (through Flatten, Reshape...) too
+    calib: CalibSpec = field(default_factory=CalibSpec)  # activation ranges: BN statistics or samples
+    squant: SQuantOptions = field(default_factory=SQuantOptions)
+    dfmpc: DFMPCOptions = field(default_factory=DFMPCOptions)
+
+    @property
+    def bn_sigmas(self) -> float:
+        """Width of BN-statistics activation ranges, mean +- this many std.
+
+        6 std keeps 8-bit grids clear of clipping; a 4-bit grid has too few levels for that much
+        tail: measured with SQuant W4A4, 4 std gives ResNet-20 82.6 vs 78.0 and ResNet-56 79.9 vs
+        69.7 (2000 test images), while 6-bit activations do not care (91.0 either way).
+        """
+        if self.sigmas is not None:
+            return float(self.sigmas)
+        return DEFAULT_SIGMAS if self.act_bits is None or self.act_bits >= 6 else LOW_BIT_SIGMAS
+
+    def step(self, name: str) -> bool:
+        """Whether the optional step ``name`` (cle, absorb_bias, bias_correction) runs."""
+        value = getattr(self, name)
+        return METHODS[self.method][name] if value is None else bool(value)
+
+    @property
+    def rounder(self) -> str:
+        return METHODS[self.method]["rounder"]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# quantize_model's flat keywords that fill CalibSpec fields
+CALIB_OPTIONS = {"calib_range": "estimator", "calib_samples": "samples", "calib_percentile": "percentile",
+                 "seed": "seed", "device": "device", "calib_batch_size": "batch_size", "mean": "mean",
+                 "std": "std", "synth_options": "synth_options", "size": "size"}
+_DIRECT = ("cle", "absorb_bias", "bias_correction", "sigmas", "reduce_range", "input_range", "fmt", "target",
+           "quantize_outputs")
+# every keyword make_config takes besides method, bits, act_bits and granularity
+OPTIONS = (*_DIRECT, "calib", *CALIB_OPTIONS, "squant_stages", "dfmpc")
+
+
+def valid_options() -> tuple[str, ...]:
+    return ("method", "bits", "act_bits", "granularity", *OPTIONS)
+
+
+def _known(values: dict[str, Any], cls: type, what: str) -> dict[str, Any]:
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise OptionError(f"unknown {what}: {', '.join(unknown)}; valid: {', '.join(names)}")
+    return values
+
+
+def make_config(method: str = "nearest", bits: int | str = 8, act_bits: int | str | None = "auto",
+                granularity: str = "channel", **options: Any) -> QuantConfig:
+    """A validated QuantConfig from `quantize_model`'s keywords; OptionError names any unknown one.
+
+    ``act_bits="auto"`` is the method's default (8; float for dfmpc). ``granularity`` is "channel" or
+    "tensor" ("per-channel" / "per-tensor" too). ``mean``/``std`` set ``input_range`` when it is not given.
+    """
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise OptionError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                          f"valid options: {', '.join(valid_options())}")
+    if method not in METHODS:
+        raise OptionError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    if isinstance(act_bits, str) and act_bits.strip().lower() == "auto":
+        act_bits = METHODS[method]["act_bits"]
+    try:
+        low, high = parse_bits(bits)
+        act = parse_act_bits(act_bits)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
+    if high is not None and method != "dfmpc":
+        raise OptionError(f"--bits {bits}: LOW/HIGH mixed precision is for --method dfmpc; "
+                          f"{method} takes a single width")
+    if method == "dfmpc" and high is None:
+        raise OptionError(f"--method dfmpc takes --bits LOW/HIGH (e.g. 2/6), got {bits}")
+    if method == "dfmpc" and not 2 <= low < high <= 8:
+        raise OptionError(f"--bits {bits}: DF-MPC needs 2 <= LOW < HIGH <= 8")
+    if options.get("dfmpc") and method != "dfmpc":
+        raise OptionError(f"DF-MPC options apply to --method dfmpc, not {method}")
+    if options.get("squant_stages") and METHODS[method]["rounder"] != "squant":
+        raise OptionError(f"--squant-stages applies to --method squant, not {method}")
+    granularity = str(granularity).removeprefix("per-")  # users type per-channel / per-tensor
+    if granularity not in GRANULARITIES:
+        raise OptionError(f"--granularity must be 'channel' or 'tensor' (or per-channel / per-tensor), "
+                          f"got {granularity!r}")
+    if options.get("fmt", "qdq") not in FORMATS:
+        raise OptionError(f"--format must be one of {', '.join(FORMATS)}, got {options['fmt']!r}")
+    if options.get("target", "ort") not in TARGETS:
+        raise OptionError(f"--target must be one of {', '.join(TARGETS)}, got {options['target']!r}")
+    direct = {k: options[k] for k in _DIRECT if options.get(k) is not None}
+    if "input_range" in direct:
+        lo, hi = (float(v) for v in direct["input_range"])
+        if not lo < hi:
+            raise OptionError(f"--input-range takes LO,HI with LO < HI, got {direct['input_range']!r}")
+        direct["input_range"] = (lo, hi)
+    calib = _calib_spec(options)
+    if "input_range" not in direct and (calib.mean is not None or calib.std is not None):
+        mean = np.asarray(calib.mean if calib.mean is not None else (0.0,), np.float64)
+        std = np.asarray(calib.std if calib.std is not None else (1.0,), np.float64)
+        direct["input_range"] = (float(np.min((0 - mean) / std)), float(np.max((1 - mean) / std)))
+    squant = SQuantOptions(tuple(options["squant_stages"])) if options.get("squant_stages") else SQuantOptions()
+    return QuantConfig(method=method, bits=low, high_bits=high, act_bits=act, per_channel=granularity == "channel",
+                       calib=calib, squant=squant, dfmpc=DFMPCOptions.from_mapping(options.get("dfmpc")), **direct)
+
+
+def _calib_spec(options: dict[str, Any]) -> CalibSpec:
+    calib = options.get("calib")
+    spec_fields = {name: options[key] for key, name in CALIB_OPTIONS.items() if options.get(key) is not None}
+    if isinstance(calib, CalibSpec):
+        if spec_fields:
+            raise OptionError(f"calib is a CalibSpec; set {', '.join(spec_fields)} on it, not beside it")
+        return calib
+    return CalibSpec.parse(calib, **spec_fields)
