@@ -342,7 +342,7 @@ def _build_report(ws: Workspace, config: QuantConfig, source: str, timings: dict
     for item in activations.values():
         sources[item["source"]] = sources.get(item["source"], 0) + 1
     average_bits, storage = weight_storage(ws.weight_quant)
-    final_layers = graph_layers.read_layers(ws.graph)
+    final_layers = ws.emitted_layers
     return _jsonable({
         "model": source,
         "config": config.to_json(),

@@ -256,7 +256,7 @@ def test_qdq_model_stores_ternary_weights_exactly():
     model = _pair_model()
     result = quantize_model(model, method="dfmpc", bits="2/6", act_bits=None)
     params = next(p for p in result.report["passes"] if p["name"] == "dfmpc")["params"]
-    assert params["pairs"] and params["average_weight_bits"] < 6 and params["weight_storage_bytes"] > 0
+    assert params["pairs"] and result.report["average_weight_bits"] < 6 and result.report["weight_storage_bytes"] > 0
     inits = {init.name: numpy_helper.to_array(init) for init in result.model.graph.initializer}
     for low, _ in params["pairs"]:
         assert set(np.unique(inits[f"{low}.weight_quantized"])) <= {-1, 0, 1}

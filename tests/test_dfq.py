@@ -360,7 +360,8 @@ def test_cle_idempotent_and_pipeline_keys():
     assert abs(second.params["scale_min"] - 1) < 1e-4 and abs(second.params["scale_max"] - 1) < 1e-4
     from onnxdfq.pipeline import METHODS, quantize_model
 
-    assert METHODS["dfq"] == {"rounder": "nearest", "cle": True, "absorb_bias": True, "bias_correction": True}
+    assert METHODS["dfq"] == {"rounder": "nearest", "cle": True, "absorb_bias": True, "bias_correction": True,
+                               "act_bits": 8}
     names = [p["name"] for p in quantize_model(model, method="nearest", cle=True).report["passes"]]
     assert "cle" in names and "absorb_bias" not in names and "bias_correction" not in names
     report = quantize_model(_generated("relu6"), method="dfq", granularity="tensor").report

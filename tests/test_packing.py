@@ -26,11 +26,11 @@ def _weights(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 
 def test_packed_type_choice():
-    assert [packed_type(b) for b in (2, 3, 4, 5, 8)] == [2, 4, 4, None, None]
+    assert [packed_type(b) for b in (2, 3, 4, 5, 8)] == [4, 4, 4, None, None]
 
 
 @pytest.mark.parametrize(("bits", "dtype", "opset"), [(4, onnx.TensorProto.INT4, 21), (3, onnx.TensorProto.INT4, 21),
-                                                      (2, onnx.TensorProto.INT2, 25)])
+                                                      (2, onnx.TensorProto.INT4, 21)])
 def test_packed_model_computes_the_same_function(resnet20, bits, dtype, opset):
     plain = onnxdfq.quantize(resnet20, bits=bits, act_bits=8)
     packed = onnxdfq.quantize(resnet20, bits=bits, act_bits=8, fmt="qdq-packed")

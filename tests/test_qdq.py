@@ -87,7 +87,7 @@ def test_narrow_weight_grid_uses_only_its_levels(bits):
 def test_narrow_activation_grid_uses_only_its_levels(act_bits):
     result = onnxdfq.quantize_model(varied_chain(1), bits=8, act_bits=act_bits)
     model = result.model
-    emitted = next(p for p in result.report["passes"] if p["name"] == "emit")["layers"]
+    emitted = next(p for p in result.report["passes"] if p["name"] == "act_qparams")["layers"]
     signed = {n.output[0]: emitted[n.input[0].removesuffix("_clipped")]["act_signed_grid"]
               for n in model.graph.node if n.op_type == "QuantizeLinear"}
     quant_outputs = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
@@ -203,9 +203,26 @@ def test_tiny_weight_channel_keeps_its_bias():
     values = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
     bias = values["gemm.bias_quantized"].astype(np.float64) * values["gemm.bias_scale"]
     np.testing.assert_allclose(bias, b, rtol=1e-3, atol=1e-3)
-    emit = [p for p in result.report["passes"] if p["name"] == "emit"][0]
-    assert emit["layers"]["gemm"]["bias_regridded_channels"] == 1
+    regrid = [p for p in result.report["passes"] if p["name"] == "bias_safe_weights"][0]
+    assert regrid["layers"]["gemm"]["bias_regridded_channels"] == 1
     chosen = np.asarray(result.report["layers"]["gemm"]["scales"], np.float32)
     other = np.arange(16) != 3  # the other channels keep the grid weight quantization chose
     np.testing.assert_array_equal(values["gemm.weight_scale"][other], chosen[other])
-    assert values["gemm.weight_scale"][3] > 10 * chosen[3]  # coarser, so that 5 / (s_x * s_w) fits int32
+    nearest_scale = np.abs(w[:, 3]).max() / 127  # what the weights alone would get
+    assert chosen[3] == values["gemm.weight_scale"][3] > 10 * nearest_scale  # coarser, so that 5 / (s_x * s_w) fits
+
+
+def test_per_tensor_scale_grows_until_every_bias_fits():
+    """Per tensor the scale is shared: it grows for the channel whose bias needs it (onnxruntime's quantizer
+    does the same), where the emitter used to clip that bias and warn."""
+    model, w, b = _gemm_with_channel_3(weight_factor=0.0, bias=5.0)
+    w[:, :3] *= 1e-7
+    w[:, 4:] *= 1e-7
+    inits = {t.name: t for t in model.graph.initializer}
+    inits["g.w"].CopyFrom(numpy_helper.from_array(w, "g.w"))
+    result = onnxdfq.quantize_model(model, method="nearest", bits=8, act_bits=8, granularity="tensor")
+    values = {i.name: numpy_helper.to_array(i) for i in result.model.graph.initializer}
+    bias = values["gemm.bias_quantized"].astype(np.float64) * values["gemm.bias_scale"]
+    np.testing.assert_allclose(bias, b, rtol=1e-3, atol=1e-3)
+    assert values["gemm.weight_scale"].size == 1 and values["gemm.weight_scale"] > 10 * np.abs(w).max() / 127
+    assert not [w for w in result.report["warnings"] if "saturate" in w]

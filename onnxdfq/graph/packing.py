@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["PACKED_TYPES", "packed_type", "pack_weights"]
+__all__ = ["PACKED_TYPES", "EMIT_WIDTHS", "packed_type", "pack_weights"]
 
 # bits -> (numpy dtype, first opset with the type, first IR version with it)
 PACKED_TYPES: dict[int, tuple[type, int, int]] = {
@@ -22,9 +22,15 @@ PACKED_TYPES: dict[int, tuple[type, int, int]] = {
 }
 
 
+# widths the emitter packs into: onnxruntime (1.32) loads INT2 DequantizeLinear, but its QDQ fusion then builds a
+# QLinearConv with an INT2 weight and refuses the model ("Type 'tensor(int2)' ... is invalid") at the default
+# optimization level, so 2-bit grids are stored as INT4 (still half of int8); pack_weights itself handles both
+EMIT_WIDTHS = (4,)
+
+
 def packed_type(bits: int) -> int | None:
-    """The narrowest packed width holding a signed `bits`-bit grid, or None if int8 is needed."""
-    for width in sorted(PACKED_TYPES):
+    """The narrowest width the emitter packs a signed `bits`-bit grid into, or None if int8 is needed."""
+    for width in EMIT_WIDTHS:
         if bits <= width:
             return width
     return None

@@ -124,6 +124,7 @@ class Workspace:
     act_qparams: dict[str, Any] = field(default_factory=dict)  # tensor -> quant.qparams.ActQParams
     bias_qparams: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # layer -> (int32, scale)
     emitted: Any = None  # the exported onnx.ModelProto (passes/emit.py)
+    emitted_layers: list[Any] = field(default_factory=list)  # the layers as they were just before emission
     # what the statistics stage decided (pipeline): the resolved calibration, its samples' runner, BN count
     calib: Any = None
     observer: Any = None

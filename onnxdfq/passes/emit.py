@@ -35,6 +35,7 @@ class EmitPass(Pass):
         report = PassReport(self.name, params={"format": self.fmt})
         graph = ws.graph
         layers = {layer.name: layer for layer in graph_layers.read_layers(graph)}
+        ws.emitted_layers = list(layers.values())  # afterwards weights are DequantizeLinear outputs, no layer reads
         to_pack: dict[str, int] = {}
         for name, quant in ws.weight_quant.items():
             layer = layers.get(name)
