@@ -571,8 +571,8 @@ def demo(out_dir: Path | None, samples: int) -> None:
     """Build a small MobileNet-like model, quantize it with every method and width, print a table."""
     import onnx
 
+    from onnxdfq.demo_models import demo_model
     from onnxdfq.eval.runner import compare as run_compare
-    from onnxdfq.graph.builders import demo_model
     from onnxdfq.pipeline import METHODS, quantize_model
 
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="onnxdfq-demo-"))

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxdfq.graph.builders import ConvSpec, build_chain, calibrate_bn, demo_model
+from onnxdfq.demo_models import ConvSpec, build_chain, calibrate_bn, demo_model
 
 __all__ = ["ConvSpec", "build_chain", "calibrate_bn", "demo_model", "varied_chain", "no_bn_model",
            "model_with_unsupported_op", "run"]

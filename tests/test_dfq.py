@@ -16,9 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnxdfq.graph import builders, surgery
+from onnxdfq import demo_models as builders
 from onnxdfq.graph import io as graph_io
 from onnxdfq.graph import layers as graph_layers
+from onnxdfq.graph import surgery
 from onnxdfq.passes.base import BNStats, Workspace
 from onnxdfq.passes.bias_absorption import BiasAbsorptionPass, absorb_bias, absorption_amount
 from onnxdfq.passes.bias_correction import AnalyticBiasCorrectionPass, correct_bias
