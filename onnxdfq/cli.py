@@ -569,16 +569,16 @@ def inspect(model: Path) -> None:
 @_friendly
 def demo(out_dir: Path | None, samples: int) -> None:
     """Build a small MobileNet-like model, quantize it with every method and width, print a table."""
-    import onnx
-
+    from onnxdfq.config import METHODS
     from onnxdfq.demo_models import demo_model
     from onnxdfq.eval.runner import compare as run_compare
-    from onnxdfq.pipeline import METHODS, quantize_model
+    from onnxdfq.graph.io import save_model_atomic
+    from onnxdfq.pipeline import quantize_model
 
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="onnxdfq-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     fp32 = demo_model()
-    onnx.save(fp32, work / "demo.onnx")
+    save_model_atomic(fp32, work / "demo.onnx")
     click.echo(f"demo model: {work / 'demo.onnx'} (7 conv stages with ReLU6, depthwise, residual; "
                f"BN statistics calibrated on N(0,1) inputs)")
     settings = [("8", "8", "channel"), ("8", "8", "tensor"), ("4", "8", "channel"), ("3", "none", "channel")]
@@ -592,7 +592,7 @@ def demo(out_dir: Path | None, samples: int) -> None:
         result = quantize_model(fp32, method=method, bits=bits, act_bits=act, granularity=gran)
         seconds = time.perf_counter() - start
         path = work / f"demo.{method}.w{bits.replace('/', '-')}a{act}.{gran}.onnx"
-        onnx.save(result.model, path)
+        save_model_atomic(result.model, path)
         fid = run_compare(fp32, result.model, random=samples, seed=123)
         rows.append([method, f"W{bits}A{act if act != 'none' else 'fp32'}", gran, f"{fid['sqnr_db']:.1f}",
                      f"{fid['cosine']:.4f}", f"{100 * fid['top1_agreement']:.1f}", f"{1000 * seconds:.0f}"])

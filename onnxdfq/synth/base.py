@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
-import onnx
 import torch
 
 from onnxdfq.errors import OptionError, UnsupportedModelError
@@ -169,7 +168,7 @@ def check_device(device: str) -> None:
         raise SynthOptionError(f"--device must be cpu or cuda, got {device!r}")
 
 
-def input_sample_shape(model: onnx.ModelProto) -> tuple[int, ...]:
+def input_sample_shape(model: Any) -> tuple[int, ...]:
     """The model input's shape without its batch axis, e.g. (3, 32, 32); must be static."""
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -183,7 +182,7 @@ def input_sample_shape(model: onnx.ModelProto) -> tuple[int, ...]:
 
 
 def generate(
-    model: onnx.ModelProto,
+    model: Any,
     method: str,
     n: int,
     *,
@@ -198,7 +197,7 @@ def generate(
 
     Parameters
     ----------
-    model : onnx.ModelProto
+    model : Any
         A float model that still has its BatchNormalization nodes.
     method : str
         A registered method: ``"zeroq"``, ``"dsg"`` or ``"dffg"`` (see :func:`available_methods`).
@@ -253,7 +252,7 @@ def generate(
 
 
 def bn_statistics_loss(
-    model: onnx.ModelProto | TorchGraph,
+    model: Any | TorchGraph,
     x: np.ndarray | torch.Tensor,
     *,
     batch_size: int = 64,
