@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import CIFAR_MEAN, CIFAR_STD, asset
+from conftest import CIFAR_MEAN, CIFAR_STD
 
 from models import no_bn_model, varied_chain
+from onnxdfq.config import CalibSpec
 from onnxdfq.errors import DataError, OptionError, UnsupportedModelError
-from onnxdfq.passes.calib_ranges import CalibSpec
 from onnxdfq.quant.range_estimators import (
     MinMaxEstimator,
     MSEEstimator,
@@ -196,11 +196,10 @@ def test_synth_calibration_on_the_fly_is_reproducible() -> None:
     assert calib["source"] == "synth:dffg" and calib["samples"] == 8 and calib["bn_loss"] > 0
 
 
-def test_real_data_calibration_keeps_resnet20_accuracy(resnet20, cifar_test) -> None:
+def test_real_data_calibration_keeps_resnet20_accuracy(resnet20, cifar_test, cifar_train) -> None:
     import onnxdfq
 
-    train = asset("cifar10/train5000.npz")
-    result = onnxdfq.quantize_model(resnet20, bits=8, act_bits=8, calib=f"data:{train}", calib_samples=64,
+    result = onnxdfq.quantize_model(resnet20, bits=8, act_bits=8, calib=f"data:{cifar_train}", calib_samples=64,
                                     mean=CIFAR_MEAN, std=CIFAR_STD)
     assert result.report["calibration"]["samples"] == 64
     top1 = onnxdfq.evaluate(result.model, str(cifar_test), mean=CIFAR_MEAN, std=CIFAR_STD, limit=500).top1
@@ -243,13 +242,12 @@ def test_cli_synth_then_quantize_on_its_samples(resnet20, tmp_path: Path) -> Non
     assert calib["source"] == "data" and calib["estimator"] == "percentile" and calib["percentile"] == 99.99
 
 
-def test_cli_quantize_on_raw_training_images(resnet20, tmp_path: Path) -> None:
-    train = asset("cifar10/train5000.npz")
-    proc = cli("quantize", resnet20, "-o", tmp_path / "q.onnx", "--calib", f"data:{train}", "--calib-samples", "32",
-               "--mean", MEAN, "--std", STD)
+def test_cli_quantize_on_raw_training_images(resnet20, cifar_train, tmp_path: Path) -> None:
+    proc = cli("quantize", resnet20, "-o", tmp_path / "q.onnx", "--calib", f"data:{cifar_train}",
+               "--calib-samples", "32", "--mean", MEAN, "--std", STD)
     assert proc.returncode == 0, proc.stderr
     assert "data, 32 samples, mse estimator (A8)" in proc.stdout
-    assert_clean_failure(cli("quantize", resnet20, "-o", tmp_path / "q2.onnx", "--calib", f"data:{train}"),
+    assert_clean_failure(cli("quantize", resnet20, "-o", tmp_path / "q2.onnx", "--calib", f"data:{cifar_train}"),
                          needle="--mean")
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxdfq.graph.layers import Layer, activation_after, const_value
+from onnxdfq.graph.layers import Layer, activation_after, const_value, single_consumer
 
-__all__ = ["JOIN_OPS", "OUTPUT_PASSTHROUGH_OPS", "activation_tensors", "output_bound_tensors", "unhandled_ops",
-           "HANDLED_OPS"]
+__all__ = ["tensors_without_bn_downstream", "tensors_after_layers", "FIRST_OPS", "SECOND_OPS",
+           "EqualizePair", "find_pairs", "JOIN_OPS", "OUTPUT_PASSTHROUGH_OPS", "activation_tensors",
+           "output_bound_tensors", "unhandled_ops", "HANDLED_OPS"]
 
 JOIN_OPS = ("Add",)
 # ops the pipeline understands: layers it quantizes, activations it models, and data movement it
@@ -99,3 +102,115 @@ def _is_float(tensor: gs.Tensor) -> bool:
         return bool(np.issubdtype(np.dtype(tensor.dtype), np.floating))
     except TypeError:  # an ONNX type numpy has no dtype for (e.g. bfloat16): float by name
         return "float" in str(tensor.dtype).lower()
+
+
+# --- reachability ----------------------------------------------------------------------------------------------
+def tensors_without_bn_downstream(graph: gs.Graph, bn_layers: set[str]) -> set[str]:
+    """Names of the tensors from which no layer in ``bn_layers`` (layer = node name) is reachable."""
+    consumers: dict[str, list[gs.Node]] = {}
+    for node in graph.nodes:
+        for tensor in node.inputs:
+            consumers.setdefault(tensor.name, []).append(node)
+    memo: dict[str, bool] = {}
+
+    def reaches_bn(name: str) -> bool:
+        if name not in memo:
+            memo[name] = False  # cycles cannot occur in ONNX; this also bounds the recursion
+            memo[name] = any(node.name in bn_layers or any(reaches_bn(out.name) for out in node.outputs)
+                             for node in consumers.get(name, []))
+        return memo[name]
+
+    return {name for name in graph.tensors() if not reaches_bn(name)}
+
+
+def tensors_after_layers(graph: gs.Graph, layer_nodes: set[str]) -> set[str]:
+    """Names of the outputs of the nodes in ``layer_nodes`` and of every tensor computed from them."""
+    found: set[str] = set()
+    for node in graph.nodes:  # imported graphs are in topological order
+        if node.name in layer_nodes or any(t.name in found for t in node.inputs):
+            found.update(t.name for t in node.outputs)
+    return found
+
+
+# --- cross-layer equalization pairs ---------------------------------------------------------------------------
+FIRST_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # layer 1: output channels on the canonical axis 0
+SECOND_OPS = ("Conv", "Gemm", "MatMul")  # layer 2: takes layer 1's (activated) output as its data input
+
+
+@dataclass
+class EqualizePair:
+    """layer1 -> [activation] -> [Min(per-channel upper)] -> layer2, with layer2 the only consumer."""
+
+    layer1: Layer
+    layer2: Layer
+    act_kind: str  # relu, relu6, clip (lower bound 0), leaky or none
+    upper: np.ndarray | None = None  # per-channel upper bound of the activation (Clip max or Min constant)
+    min_node: object | None = None  # the Min node that already carries a per-channel bound
+    cumulative: np.ndarray | None = field(default=None, repr=False)  # product of the applied scales
+
+    @property
+    def channels(self) -> int:
+        return self.layer1.out_channels
+
+
+def _min_bound(node, tensor, channels: int) -> np.ndarray | None:
+    """The per-channel constant of Min(tensor, const) when it broadcasts per channel, else None."""
+    if node is None or node.op != "Min" or len(node.inputs) != 2 or node.inputs[0] is not tensor:
+        return None
+    const = node.inputs[1]
+    if not hasattr(const, "values") or len(const.outputs) != 1:  # only an unshared initializer can follow
+        return None
+    value = np.asarray(const.values, np.float64)
+    if value.size == 1:
+        return np.full(channels, float(value.reshape(-1)[0]))
+    if value.ndim >= 3 and value.shape[-3] == channels and value.size == channels:
+        return value.reshape(-1)
+    return None
+
+
+def _pair_after(layer1: Layer, layer_of: dict[int, Layer],
+                outputs: set[str]) -> EqualizePair | None:
+    if layer1.op_type not in FIRST_OPS:
+        return None
+    act = layer1.act
+    channels = layer1.out_channels
+    upper = None
+    if act.kind in ("none", "relu", "leaky"):
+        pass
+    elif act.kind in ("relu6", "clip") and act.lo == 0.0 and 0.0 < act.hi < np.inf:
+        upper = np.full(channels, act.hi)
+    else:
+        return None
+    tensor = act.node.outputs[0] if act.node is not None else layer1.node.outputs[0]
+    consumer = single_consumer(tensor, outputs)
+    min_node = None
+    if act.kind == "relu" and consumer is not None and consumer.op == "Min":
+        upper = _min_bound(consumer, tensor, channels)
+        if upper is None or not np.all(upper > 0):
+            return None
+        min_node = consumer
+        tensor = consumer.outputs[0]
+        consumer = single_consumer(tensor, outputs)
+    layer2 = layer_of.get(id(consumer)) if consumer is not None else None
+    if layer2 is None or layer2.op_type not in SECOND_OPS or layer2.node.inputs[0] is not tensor:
+        return None
+    if layer2.weight.shape[1] * layer2.group != channels or layer2.out_channels % layer2.group:
+        return None
+    return EqualizePair(layer1, layer2, act.kind, upper, min_node)
+
+
+def find_pairs(graph, layers: list[Layer]) -> list[EqualizePair]:
+    """Every equalizable pair, in graph order.
+
+    Layer 1's output goes, through nothing, Relu, LeakyRelu, Clip(0, c) or Relu -> Min(per-channel
+    constant), to layer 2 (Conv, depthwise included, Gemm or MatMul) as its only consumer.
+    Residual joins, concatenations and pooling break pairs.
+    """
+    outputs = {t.name for t in graph.outputs}
+    layer_of = {id(layer.node): layer for layer in layers}
+    pairs = []
+    for layer in layers:
+        pair = _pair_after(layer, layer_of, outputs)
+        if pair is not None:
+            pairs.append(pair)
+    return pairs

@@ -9,7 +9,8 @@ import onnx_graphsurgeon as gs
 from onnxdfq.graph.layers import Layer
 
 __all__ = ["import_graph", "export_model", "insert_activation_qdq", "dequantize_weight", "dequantize_bias",
-           "insert_channel_min", "integer_channel_min", "replace_activation"]
+           "insert_channel_min", "integer_channel_min", "replace_activation", "set_channel_bound", "bypass_node",
+           "model_with_outputs"]
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -164,3 +165,55 @@ def replace_activation(node: gs.Node, op: str) -> None:
         node.inputs.pop()
     node.op = op
     node.attrs = {}
+
+
+def set_channel_bound(graph: gs.Graph, pair, upper: np.ndarray, *, sort: bool = True) -> np.ndarray:
+    """Bound the activation between an equalization pair (graph.patterns.EqualizePair) per channel.
+
+    Clip(0, c) becomes Relu -> Min(upper[C,1,1]); an existing Min gets its constant replaced. Keeps
+    the graph in topological order (pass sort=False when setting many bounds, then toposort once).
+    Updates the pair and returns the bound as float64 [C].
+    """
+    upper = np.asarray(upper, np.float64).reshape(-1)
+    if pair.min_node is not None:
+        const = pair.min_node.inputs[1]
+        old_shape = np.asarray(const.values).shape
+        rank = len(pair.layer1.node.outputs[0].shape or (0, 0, 0, 0))
+        shape = old_shape if np.prod(old_shape) == upper.size else (-1,) + (1,) * max(rank - 2, 0)
+        const.values = upper.astype(np.float32).reshape(shape)
+    else:
+        act_node = pair.layer1.act.node
+        replace_activation(act_node, "Relu")
+        tensor = act_node.outputs[0]
+        insert_channel_min(graph, tensor, upper, f"{pair.layer1.name}_channel_min")
+        pair.min_node = tensor.outputs[0]
+        pair.act_kind = "relu"
+        if sort:
+            graph.toposort()
+    pair.upper = upper
+    return upper
+
+
+def bypass_node(node: gs.Node, producer: gs.Node) -> None:
+    """Remove ``node`` (one input from ``producer``, one output) by making ``producer`` write its output."""
+    out = node.outputs[0]
+    node.outputs.clear()
+    node.inputs.clear()  # left dangling: the next graph.cleanup() drops it
+    producer.outputs[0] = out
+
+
+def model_with_outputs(graph: gs.Graph, tensors: list[str], template: onnx.ModelProto) -> onnx.ModelProto:
+    """A ModelProto of a copy of ``graph`` whose outputs are its own plus ``tensors`` (inputs excepted)."""
+    copy = graph.copy()
+    by_name = copy.tensors()
+    inputs = {t.name for t in copy.inputs}
+    extra = []
+    for name in tensors:
+        tensor = by_name[name]
+        if name in inputs or tensor in copy.outputs:
+            continue
+        if tensor.dtype is None:
+            tensor.dtype = np.float32
+        extra.append(tensor)
+    copy.outputs = list(copy.outputs) + extra
+    return export_model(copy, template)

@@ -25,7 +25,8 @@ import numpy as np
 
 from onnxdfq.config import CALIB_SOURCES, DEFAULT_SYNTH_SAMPLES, SAMPLE_SOURCES, CalibSpec
 from onnxdfq.graph import layers as graph_layers
-from onnxdfq.graph import surgery
+from onnxdfq.graph.patterns import tensors_after_layers, tensors_without_bn_downstream
+from onnxdfq.graph.surgery import model_with_outputs
 from onnxdfq.passes.base import ActRange, LayerRow, Pass, PassReport, Workspace
 from onnxdfq.quant.range_estimators import TensorObserver
 
@@ -36,50 +37,6 @@ logger = logging.getLogger(__name__)
 
 # collect(model with the tensors as outputs, tensor names, samples, histogram=..., channels=...) -> observers
 Collector = Callable[..., dict[str, TensorObserver]]
-
-
-def model_with_outputs(graph: Any, tensors: list[str], template: Any) -> Any:
-    """A ModelProto of a copy of ``graph`` whose outputs are its own plus ``tensors`` (inputs excepted)."""
-    copy = graph.copy()
-    by_name = copy.tensors()
-    inputs = {t.name for t in copy.inputs}
-    extra = []
-    for name in tensors:
-        tensor = by_name[name]
-        if name in inputs or tensor in copy.outputs:
-            continue
-        if tensor.dtype is None:
-            tensor.dtype = np.float32
-        extra.append(tensor)
-    copy.outputs = list(copy.outputs) + extra
-    return surgery.export_model(copy, template)
-
-
-def tensors_without_bn_downstream(graph: Any, bn_layers: set[str]) -> set[str]:
-    """Names of the tensors from which no layer in ``bn_layers`` (layer = node name) is reachable."""
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.nodes:
-        for tensor in node.inputs:
-            consumers.setdefault(tensor.name, []).append(node)
-    memo: dict[str, bool] = {}
-
-    def reaches_bn(name: str) -> bool:
-        if name not in memo:
-            memo[name] = False  # cycles cannot occur in ONNX; this also bounds the recursion
-            memo[name] = any(node.name in bn_layers or any(reaches_bn(out.name) for out in node.outputs)
-                             for node in consumers.get(name, []))
-        return memo[name]
-
-    return {name for name in graph.tensors() if not reaches_bn(name)}
-
-
-def tensors_after_layers(graph: Any, layer_nodes: set[str]) -> set[str]:
-    """Names of the outputs of the nodes in ``layer_nodes`` and of every tensor computed from them."""
-    found: set[str] = set()
-    for node in graph.nodes:  # imported graphs are in topological order
-        if node.name in layer_nodes or any(t.name in found for t in node.inputs):
-            found.update(t.name for t in node.outputs)
-    return found
 
 
 class SampleObserver:

@@ -24,12 +24,13 @@ Two additions to the paper, both measured on the shared MobileNet-V1 (W8A8 per-t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.graph import surgery
+from onnxdfq.graph.patterns import EqualizePair, find_pairs
 from onnxdfq.passes.act_ranges import DEFAULT_SIGMAS
 from onnxdfq.passes.base import ActRange, LayerRow, Pass, PassReport, PostconditionError, Workspace
 
@@ -44,8 +45,6 @@ logger = logging.getLogger(__name__)
 # BN statistics that claim std |gamma|; equalizing them would inflate those statistics (and the
 # activation ranges built on them) by 1/s, up to 1e7
 RANGE_EPS = 1e-5
-FIRST_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # layer 1: output channels on the canonical axis 0
-SECOND_OPS = ("Conv", "Gemm", "MatMul")  # layer 2: takes layer 1's (activated) output as its data input
 
 
 @dataclass(frozen=True)
@@ -189,109 +188,10 @@ def silence_dead_channels(w1: np.ndarray, b1: np.ndarray | None, w2: np.ndarray,
     return SilenceResult(new_w1, new_b1, new_w2, new_b2, dead)
 
 
-@dataclass
-class EqualizePair:
-    """layer1 -> [activation] -> [Min(per-channel upper)] -> layer2, with layer2 the only consumer."""
-
-    layer1: graph_layers.Layer
-    layer2: graph_layers.Layer
-    act_kind: str  # relu, relu6, clip (lower bound 0), leaky or none
-    upper: np.ndarray | None = None  # per-channel upper bound of the activation (Clip max or Min constant)
-    min_node: object | None = None  # the Min node that already carries a per-channel bound
-    cumulative: np.ndarray | None = field(default=None, repr=False)  # product of the applied scales
-
-    @property
-    def channels(self) -> int:
-        return self.layer1.out_channels
-
-
-def _min_bound(node, tensor, channels: int) -> np.ndarray | None:
-    """The per-channel constant of Min(tensor, const) when it broadcasts per channel, else None."""
-    if node is None or node.op != "Min" or len(node.inputs) != 2 or node.inputs[0] is not tensor:
-        return None
-    const = node.inputs[1]
-    if not hasattr(const, "values") or len(const.outputs) != 1:  # only an unshared initializer can follow
-        return None
-    value = np.asarray(const.values, np.float64)
-    if value.size == 1:
-        return np.full(channels, float(value.reshape(-1)[0]))
-    if value.ndim >= 3 and value.shape[-3] == channels and value.size == channels:
-        return value.reshape(-1)
-    return None
-
-
-def _pair_after(layer1: graph_layers.Layer, layer_of: dict[int, graph_layers.Layer],
-                outputs: set[str]) -> EqualizePair | None:
-    if layer1.op_type not in FIRST_OPS:
-        return None
-    act = layer1.act
-    channels = layer1.out_channels
-    upper = None
-    if act.kind in ("none", "relu", "leaky"):
-        pass
-    elif act.kind in ("relu6", "clip") and act.lo == 0.0 and 0.0 < act.hi < np.inf:
-        upper = np.full(channels, act.hi)
-    else:
-        return None
-    tensor = act.node.outputs[0] if act.node is not None else layer1.node.outputs[0]
-    consumer = graph_layers.single_consumer(tensor, outputs)
-    min_node = None
-    if act.kind == "relu" and consumer is not None and consumer.op == "Min":
-        upper = _min_bound(consumer, tensor, channels)
-        if upper is None or not np.all(upper > 0):
-            return None
-        min_node = consumer
-        tensor = consumer.outputs[0]
-        consumer = graph_layers.single_consumer(tensor, outputs)
-    layer2 = layer_of.get(id(consumer)) if consumer is not None else None
-    if layer2 is None or layer2.op_type not in SECOND_OPS or layer2.node.inputs[0] is not tensor:
-        return None
-    if layer2.weight.shape[1] * layer2.group != channels or layer2.out_channels % layer2.group:
-        return None
-    return EqualizePair(layer1, layer2, act.kind, upper, min_node)
-
-
-def find_pairs(graph, layers: list[graph_layers.Layer]) -> list[EqualizePair]:
-    """Every equalizable pair, in graph order.
-
-    Layer 1's output goes, through nothing, Relu, LeakyRelu, Clip(0, c) or Relu -> Min(per-channel
-    constant), to layer 2 (Conv, depthwise included, Gemm or MatMul) as its only consumer.
-    Residual joins, concatenations and pooling break pairs.
-    """
-    outputs = {t.name for t in graph.outputs}
-    layer_of = {id(layer.node): layer for layer in layers}
-    pairs = []
-    for layer in layers:
-        pair = _pair_after(layer, layer_of, outputs)
-        if pair is not None:
-            pairs.append(pair)
-    return pairs
-
-
 def set_channel_upper(ws: Workspace, pair: EqualizePair, upper: np.ndarray, *, sort: bool = True) -> None:
-    """Give the activation between the pair the per-channel upper bound `upper` (exact ReLU6 after CLE).
-
-    Clip(0, c) becomes Relu -> Min(upper[C,1,1]); an existing Min gets its constant replaced.
-    Records the bound in ws.act_upper[layer1] and keeps the graph in topological order (pass
-    sort=False when setting many bounds, then toposort once).
-    """
-    upper = np.asarray(upper, np.float64).reshape(-1)
-    if pair.min_node is not None:
-        const = pair.min_node.inputs[1]
-        old_shape = np.asarray(const.values).shape
-        rank = len(pair.layer1.node.outputs[0].shape or (0, 0, 0, 0))
-        shape = old_shape if np.prod(old_shape) == upper.size else (-1,) + (1,) * max(rank - 2, 0)
-        const.values = upper.astype(np.float32).reshape(shape)
-    else:
-        act_node = pair.layer1.act.node
-        surgery.replace_activation(act_node, "Relu")
-        tensor = act_node.outputs[0]
-        surgery.insert_channel_min(ws.graph, tensor, upper, f"{pair.layer1.name}_channel_min")
-        pair.min_node = tensor.outputs[0]
-        pair.act_kind = "relu"
-        if sort:
-            ws.graph.toposort()
-    pair.upper = upper
+    """Give the activation between the pair the per-channel upper bound `upper` (exact ReLU6 after CLE),
+    and record it in ws.act_upper[layer1] (see graph.surgery.set_channel_bound for the graph edit)."""
+    upper = surgery.set_channel_bound(ws.graph, pair, upper, sort=sort)
     ws.act_upper[pair.layer1.name] = upper.copy()
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxdfq.graph import layers as graph_layers
+from onnxdfq.graph import surgery
 from onnxdfq.passes.base import ChannelStats, LayerRow, Pass, PassReport, Workspace
 
 __all__ = ["FoldedLayer", "fold_batchnorm", "FoldBatchNormPass"]
@@ -71,11 +72,7 @@ class FoldBatchNormPass(Pass):
                                     float(bn.attrs.get("epsilon", 1e-5)))
             graph_layers.write_weight(layer, folded.weight)
             graph_layers.write_bias(layer, folded.bias)
-            # the layer now produces the BN's output tensor; the BN node is left dangling
-            bn_out = bn.outputs[0]
-            bn.outputs.clear()
-            bn.inputs.clear()
-            layer.node.outputs[0] = bn_out
+            surgery.bypass_node(bn, layer.node)  # the layer now produces the BN's output tensor
             ws.channel_stats[layer.name] = folded.stats
             report.rows.append(LayerRow(layer.name, {"bn": bn.name}))
         if report.rows:
