@@ -271,12 +271,14 @@ def _summary(report: dict, model: Path) -> str:
     rows = [
         ["model", str(model)],
         ["method", f"{cfg['method']}  W{cfg['bits']}{'/' + str(cfg['high_bits']) if cfg['high_bits'] else ''}"
-                   f"  A{cfg['act_bits'] or 'fp32'}  {'per-channel' if cfg['per_channel'] else 'per-tensor'}"],
+                   f"  A{cfg['act_bits'] or 'fp32'}  {'per-channel' if cfg['per_channel'] else 'per-tensor'}"
+                   f"{'  target ' + cfg['target'] if cfg.get('target', 'ort') != 'ort' else ''}"],
         ["layers quantized", f"{len(layers)}  (avg {report['average_weight_bits']:.2f} weight bits)"],
         ["layer inputs quantized", _coverage_line(report["layer_inputs"])],
         *_dfmpc_rows(report),
         ["layer statistics", _statistics_line(report["statistics"])],
         ["7-bit (reduce-range)", _names(report["reduced_range_layers"])],
+        ["steps not run", ", ".join(f"{k} ({v})" for k, v in report["skipped"]["steps"].items()) or "-"],
         ["weight SQNR dB", f"min {min(sqnrs):.1f}  median {float(np.median(sqnrs)):.1f}" if sqnrs else "-"],
         ["calibration", _calib_line(report.get("calibration", {}))],
         ["activation ranges", ", ".join(f"{k}: {v}" for k, v in sorted(report["activation_sources"].items()))
@@ -362,7 +364,8 @@ def _eval_options(func):
         click.option("--size", default=None, help="Resize images to N or H,W (default: the model's input size)."),
         click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1)),
         click.option("--limit", default=None, type=click.IntRange(1), help="Use only the first N samples."),
-        click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+                     help="onnxruntime execution provider; never falls back silently (an error instead)."),
     ]):
         func = option(func)
     return func
@@ -405,7 +408,8 @@ def eval_cmd(model: Path, data: Path, mean, std, size, batch_size, limit, provid
 @click.option("--size", default=None)
 @click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1))
 @click.option("--limit", default=None, type=click.IntRange(1))
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider; never falls back silently (an error instead).")
 @click.option("--json", "as_json", is_flag=True)
 @_friendly
 def compare(reference: Path, quantized: Path, data, random_n, mean, std, size, batch_size, limit, provider,

@@ -54,6 +54,10 @@ def build_passes(config: QuantConfig, template: Any, progress: Any = None) -> li
     """The passes of one run, in order. ``template`` is the prepared FP32 ModelProto (samples run
     through it; the output keeps its metadata); ``progress(step, total, loss)`` follows sample generation."""
     grids = config.act_bits is not None and config.fmt != "fakequant"
+    # TensorRT's explicit quantization takes float biases (it folds them into its own kernels) and has no
+    # int16-saturating x86 kernels to avoid: int32 biases and 7-bit weights are onnxruntime CPU's needs
+    int_bias = grids and config.target == "ort"
+    reduce_range = False if config.target == "trt" and config.reduce_range == "auto" else config.reduce_range
     passes: list[Pass] = [FoldBatchNormPass(), WeightRangesPass("folded"),
                           StatisticsStage(config, template, progress)]
     if config.step("cle"):
@@ -68,13 +72,13 @@ def build_passes(config: QuantConfig, template: Any, progress: Any = None) -> li
     if config.method == "dfmpc":
         passes.append(DFMPCPass(config.bits, config.high_bits, config.dfmpc))
     passes.append(WeightQuantPass(config.bits, per_channel=config.per_channel, method=config.rounder,
-                                  stages=config.squant.stages, reduce_range=config.reduce_range,
+                                  stages=config.squant.stages, reduce_range=reduce_range,
                                   act_bits=config.act_bits))
-    if grids:
+    if int_bias:
         passes.append(BiasSafeWeightsPass())
     if config.step("bias_correction"):
         passes.append(AnalyticBiasCorrectionPass())
-    if grids:
+    if int_bias:
         passes.append(BiasQParamsPass())
     passes.append(EmitPass(template, config.fmt))
     return passes
@@ -320,6 +324,20 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _skipped(ws: Workspace, config: QuantConfig) -> dict[str, Any]:
+    """Optional steps that did not run and why, and per pass the layers it left alone and why."""
+    steps = {}
+    for name in ("cle", "absorb_bias", "bias_correction"):
+        if not config.step(name):
+            steps[name] = "turned off" if getattr(config, name) is False else f"not part of {config.method}"
+    if config.act_bits is None:
+        steps["activation_quantization"] = "float activations asked for"
+    if config.target == "trt" and config.act_bits is not None:
+        steps["int32_bias"] = "TensorRT target: biases stay float"
+    per_pass = {r.name: dict(r.skipped) for r in ws.reports if r.skipped}
+    return {"steps": {**steps, **ws.skipped}, "layers": per_pass}
+
+
 def weight_storage(weight_quant: dict) -> tuple[float | None, int]:
     """Average weight bits over every quantized weight, and their packed size in bytes (the one formula)."""
     total_bits = sum(q.bits * q.w_int.size for q in weight_quant.values())
@@ -357,7 +375,7 @@ def _build_report(ws: Workspace, config: QuantConfig, source: str, timings: dict
         "weight_storage_bytes": storage,
         "statistics": _statistics_summary(ws, final_layers),
         "layer_inputs": _layer_input_coverage(ws, final_layers, config),
-        "skipped": ws.skipped,
+        "skipped": _skipped(ws, config),
         "passes": [r.to_json() for r in ws.reports],
         "warnings": ws.warnings + [w for r in ws.reports for w in r.warnings],
         "timings_s": {k: round(v, 6) for k, v in timings.items()},

@@ -28,6 +28,7 @@ from onnxdfq.errors import DataError, UnsupportedModelError
 from onnxdfq.eval.data import open_dataset
 from onnxdfq.eval.runner import sample_dims
 from onnxdfq.eval.session import make_session, run_session
+from onnxdfq.graph.io import model_input
 from onnxdfq.quant.range_estimators import TensorObserver
 from onnxdfq.synth.prior import InputSpace, prior_images
 
@@ -45,18 +46,12 @@ def input_shape(model: Any, size: tuple[int, int] | None = None) -> tuple[int, .
     Dynamic spatial dims of an image input [N, C, H, W] take ``size`` (``--size``) or
     DEFAULT_IMAGE_SIZE; any other dynamic dim is an error that says which.
     """
-    initializers = {init.name for init in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise UnsupportedModelError(f"calibration needs a model with exactly one input, got "
-                                    f"{[i.name for i in inputs]}")
-    dims = inputs[0].type.tensor_type.shape.dim
-    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+    name, shape = model_input(model, "calibration")
     resolved = tuple(sample_dims(shape, size))
     unknown = [axis for axis, d in enumerate(shape[1:], 1) if d is None and not (len(shape) == 4 and axis >= 2)]
     if unknown:
         raise UnsupportedModelError(f"calibration needs static input dims (batch and image size excepted); "
-                                    f"{inputs[0].name!r} has dynamic axes {unknown}")
+                                    f"{name!r} has dynamic axes {unknown}")
     return resolved
 
 

@@ -14,7 +14,7 @@ __all__ = ["PROVIDERS", "make_session", "available_providers", "check_loads", "f
 
 logger = logging.getLogger(__name__)
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
 def available_providers() -> list[str]:
@@ -46,7 +46,8 @@ def make_session(model: Any, provider: str = "cpu", *, threads: int | None = Non
         model = model.SerializeToString()
     elif isinstance(model, os.PathLike):
         model = str(model)
-    providers = [wanted] if provider == "cpu" else [wanted, "CPUExecutionProvider"]
+    providers = {"cpu": [wanted], "cuda": [wanted, "CPUExecutionProvider"],
+                 "tensorrt": [wanted, "CUDAExecutionProvider", "CPUExecutionProvider"]}[provider]
     try:
         session = ort.InferenceSession(model, options, providers=providers)
     except Exception as exc:

@@ -156,6 +156,16 @@ def _apply_umask(path: str) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def model_input(model: onnx.ModelProto, purpose: str) -> tuple[str, list[int | None]]:
+    """The name and dims (None where dynamic) of a model's one data input; ``purpose`` words the error."""
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise UnsupportedModelError(f"{purpose} needs a model with exactly one input, got {[i.name for i in inputs]}")
+    dims = inputs[0].type.tensor_type.shape.dim
+    return inputs[0].name, [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+
+
 def check_model(model: onnx.ModelProto) -> None:
     """The ONNX checker on an in-memory model (the same check save_model_atomic runs on the file)."""
     onnx.checker.check_model(model)

@@ -99,11 +99,12 @@ class PassReport:
     warnings: list[str] = field(default_factory=list)
     modified: bool = False
     seconds: float = 0.0
+    skipped: dict[str, str] = field(default_factory=dict)  # layer (or node) -> why this pass left it alone
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name, "params": self.params, "modified": self.modified,
-            "seconds": round(self.seconds, 6), "warnings": self.warnings,
+            "seconds": round(self.seconds, 6), "warnings": self.warnings, "skipped": self.skipped,
             "layers": {row.layer: row.values for row in self.rows},
         }
 

@@ -140,6 +140,8 @@ class BiasAbsorptionPass(Pass):
         if report.modified:
             ws.graph.toposort()
         report.params["absorbed_pairs"] = sum(1 for row in report.rows if row.values.get("absorbed"))
+        report.skipped.update({row.layer: row.values["absorb_skip"] for row in report.rows
+                               if "absorb_skip" in row.values})
         not_bn = sum(1 for row in report.rows if str(row.values.get("absorb_skip", "")).startswith("statistics from"))
         if not_bn:
             report.warnings.append(f"high-bias absorption skipped on {not_bn} pair(s): their statistics come from "

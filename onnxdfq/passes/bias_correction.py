@@ -76,6 +76,7 @@ class AnalyticBiasCorrectionPass(Pass):
             reason = self._skip_reason(layer, in_stats)
             if reason is not None:
                 report.rows.append(LayerRow(layer.name, {"bias_corrected": False, "bias_skip": reason}))
+                report.skipped[layer.name] = reason
                 continue
             in_mean = in_stats.moments()[0]
             w_q = ws.weight_quant[layer.name].dequantized()

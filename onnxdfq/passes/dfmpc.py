@@ -148,6 +148,7 @@ class DFMPCPass(Pass):
                 continue
             in_stats = stats.get(layer.input_name)
             if in_stats is None or in_stats.channels != layer.weight.shape[1] * layer.group:
+                report.skipped[layer.name] = "no input statistics: plain low-bit weights, uncompensated"
                 report.warnings.append(f"{layer.name}: no input statistics; plain low-bit weights, uncompensated")
                 in_mean = np.zeros(layer.weight.shape[1] * layer.group)
                 in_var = np.ones_like(in_mean)
@@ -193,5 +194,6 @@ class DFMPCPass(Pass):
         ws.bit_widths = plan.bitmap()  # the weight pass quantizes every layer DF-MPC left at the high width
         report.params["pairs"] = [[p.low, p.high] for p in plan.pairs]
         report.params["unpaired"] = dict(plan.unpaired)
+        report.skipped.update({name: f"not paired: {why}" for name, why in plan.unpaired.items()})
         report.modified = bool(updates)
         return report

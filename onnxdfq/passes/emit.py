@@ -40,6 +40,7 @@ class EmitPass(Pass):
         for name, quant in ws.weight_quant.items():
             layer = layers.get(name)
             if layer is None:
+                report.skipped[name] = "vanished before emission (left in float)"
                 report.warnings.append(f"{name}: layer vanished before emission; left in float")
                 continue
             row: dict[str, object] = {"bits": quant.bits}

@@ -59,10 +59,12 @@ class FoldBatchNormPass(Pass):
             if bn is None or bn.op != "BatchNormalization" or len(bn.outputs) != 1:
                 continue
             if layer.op_type == "MatMul":
+                report.skipped[bn.name] = "after a MatMul (left unfolded)"
                 report.warnings.append(f"{layer.name}: BatchNormalization after MatMul left unfolded")
                 continue
             params = [graph_layers.const_value(t) for t in bn.inputs[1:5]]
             if any(p is None for p in params):
+                report.skipped[bn.name] = "parameters are not constants (left unfolded)"
                 report.warnings.append(f"{bn.name}: BN parameters are not constants; left unfolded")
                 continue
             gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)

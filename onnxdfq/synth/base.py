@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from onnxdfq.errors import OptionError, UnsupportedModelError
+from onnxdfq.graph.io import model_input
 
 from .executor import TorchGraph
 from .stats import BNTarget, batch_moments, bn_targets, layer_alignment
@@ -170,14 +171,13 @@ def check_device(device: str) -> None:
 
 def input_sample_shape(model: Any) -> tuple[int, ...]:
     """The model input's shape without its batch axis, e.g. (3, 32, 32); must be static."""
-    initializers = {init.name for init in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise SynthInputError(f"synthetic data needs a model with exactly one input, got {[i.name for i in inputs]}")
-    dims = inputs[0].type.tensor_type.shape.dim
-    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in dims[1:])
+    try:
+        name, dims = model_input(model, "synthetic data")
+    except UnsupportedModelError as exc:
+        raise SynthInputError(str(exc)) from None
+    shape = tuple(-1 if d is None else d for d in dims[1:])
     if len(dims) < 2 or any(s <= 0 for s in shape):
-        raise SynthInputError(f"input {inputs[0].name!r} must have static non-batch dims, got {shape}")
+        raise SynthInputError(f"input {name!r} must have static non-batch dims, got {shape}")
     return shape
 
 
