@@ -178,14 +178,22 @@ def render(rows: list[dict], fp32: dict, meta: dict) -> str:
             "Before the Mins moved onto the integers they ran in float between DQ and Q: 0.69x.",
             "- Float activations (fp32-act rows) run DequantizeLinear + float Conv: no speedup; their point is the "
             "weight storage (see the packed size).",
-            "", "## CUDA execution provider", "",
-            "No GPU was lent to the task that produced this table, so there are no CUDA rows. `onnxdfq eval "
-            "--provider cuda` refuses to run when onnxruntime has no CUDA EP (it never falls back to the CPU "
-            "silently; tested). What to expect from onnxruntime's CUDA EP with these files: its default build "
-            "implements QuantizeLinear, DequantizeLinear and MatMulInteger but no QLinearConv, so a QDQ Conv runs "
-            "as DequantizeLinear -> FP32 cuDNN Conv -> QuantizeLinear: results match the CPU EP's QDQ semantics, "
-            "but there is no int8 speedup (expect FP32 speed or a little slower). For int8 speed on NVIDIA GPUs "
-            "use the TensorRT EP, which consumes QDQ models directly."]
+            "", "## CUDA and TensorRT execution providers", "",
+            "Measured with `tools/bench_providers.py` on a lent machine (NVIDIA H200, driver 580.159, "
+            "onnxruntime-gpu 1.31.1, 16 CPU cores), the same files as here: ResNet-56 on the first 5000 CIFAR-10 "
+            "test images, MobileNet-V1 on the first 500 of val1300. `w8a8_ort` is the default `--target ort` file, "
+            "`w8a8_trt` the `--target trt` one (symmetric int8 activations, float biases). Sessions are checked to "
+            "run on the provider asked for. On CUDA the accuracy matches the CPU EP within 0.2 (MobileNet: 1 image "
+            "in 500); there is no int8 speedup: onnxruntime's CUDA EP has no QLinearConv, so a QDQ Conv runs as "
+            "DequantizeLinear -> FP32 cuDNN Conv -> QuantizeLinear, 0.3-0.85x FP32 speed. The TensorRT EP is listed "
+            "by onnxruntime-gpu but the machine's image has no TensorRT libraries (libnvinfer), so its sessions "
+            "fall back to CUDA, which `make_session` refuses: TensorRT itself was not run. The CPU rows are that "
+            "machine's 16-core CPU (not this page's machine)."]
+    for name in ("providers_resnet56.md", "providers_mobilenet.md"):
+        path = ROOT / "tools" / "results" / name
+        if path.exists():
+            out += ["", f"### {name.removeprefix('providers_').removesuffix('.md')}", "",
+                    *path.read_text().strip().splitlines()]
     for extra in ("folded.md", "prior_study.md", "robustness.md"):  # tables other tools write, one page
         path = ROOT / "tools" / "results" / extra
         if path.exists():
