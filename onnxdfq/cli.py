@@ -20,6 +20,11 @@ from onnxdfq.errors import DataError, OnnxDfqError, OptionError
 logger = logging.getLogger("onnxdfq")
 
 
+PROVIDER_CHOICES = ["cpu", "cuda", "tensorrt", "openvino"]
+PROVIDER_HELP = ("onnxruntime execution provider: cpu, cuda or tensorrt (never a silent fallback to the CPU: an error "
+                 "instead), or openvino (OpenVINO's CPU runtime; pip install 'onnxdfq[openvino]').")
+
+
 def _terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C: atomic writers remove their temporary files
 
@@ -364,8 +369,8 @@ def _eval_options(func):
         click.option("--size", default=None, help="Resize images to N or H,W (default: the model's input size)."),
         click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1)),
         click.option("--limit", default=None, type=click.IntRange(1), help="Use only the first N samples."),
-        click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
-                     help="onnxruntime execution provider; never falls back silently (an error instead)."),
+        click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="cpu", show_default=True,
+                     help=PROVIDER_HELP),
     ]):
         func = option(func)
     return func
@@ -408,8 +413,7 @@ def eval_cmd(model: Path, data: Path, mean, std, size, batch_size, limit, provid
 @click.option("--size", default=None)
 @click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1))
 @click.option("--limit", default=None, type=click.IntRange(1))
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
-              help="onnxruntime execution provider; never falls back silently (an error instead).")
+@click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="cpu", show_default=True, help=PROVIDER_HELP)
 @click.option("--json", "as_json", is_flag=True)
 @_friendly
 def compare(reference: Path, quantized: Path, data, random_n, mean, std, size, batch_size, limit, provider,

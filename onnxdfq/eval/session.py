@@ -27,6 +27,10 @@ def make_session(model: Any, provider: str = "cpu", *, threads: int | None = Non
 
     `model` is a path, serialized bytes or an onnx.ModelProto.
     """
+    if provider == "openvino":  # not an onnxruntime provider: OpenVINO's own runtime, same session interface
+        from onnxdfq.eval.openvino_session import OpenVINOSession
+
+        return OpenVINOSession(model, threads=threads)
     if provider not in PROVIDERS:
         raise OptionError(f"--provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
     wanted = PROVIDERS[provider]
