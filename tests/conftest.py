@@ -1,4 +1,8 @@
-"""Shared fixtures: paths of the real assets (../shared/assets or $ONNXDFQ_ASSETS) and tiny models."""
+"""Shared fixtures: paths of the real assets (../shared/assets or $ONNXDFQ_ASSETS) and tiny models.
+
+The one place tests find the shared assets: take a fixture (resnet20, cifar_test, ...) or, in a
+parametrised test, pass the path relative to the assets folder and call ``asset()`` inside the test.
+A missing asset skips the test, or fails it where ONNXDFQ_REQUIRE_ASSETS is set (CI)."""
 
 from __future__ import annotations
 
@@ -22,9 +26,30 @@ def asset(relative: str) -> Path:
     return path
 
 
+def shared_tool(name: str) -> Path:
+    """A script of ../shared/tools: beside $ONNXDFQ_ASSETS if it is there, else beside the checkout;
+    skipped (failed under ONNXDFQ_REQUIRE_ASSETS) when neither has it."""
+    for folder in (ASSETS.parent / "tools", ROOT.parent / "shared" / "tools"):
+        if (folder / name).exists():
+            return folder / name
+    if os.environ.get("ONNXDFQ_REQUIRE_ASSETS"):
+        pytest.fail(f"shared tool {name} not present beside {ASSETS} (ONNXDFQ_REQUIRE_ASSETS is set)")
+    pytest.skip(f"shared tool {name} not present beside {ASSETS}")
+
+
 @pytest.fixture(scope="session")
 def resnet20() -> Path:
     return asset("cifar10/resnet20.onnx")
+
+
+@pytest.fixture(scope="session")
+def resnet32() -> Path:
+    return asset("cifar10/resnet32.onnx")
+
+
+@pytest.fixture(scope="session")
+def resnet44() -> Path:
+    return asset("cifar10/resnet44.onnx")
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +68,19 @@ def cifar_test() -> Path:
 
 
 @pytest.fixture(scope="session")
+def cifar_train() -> Path:
+    return asset("cifar10/train5000.npz")
+
+
+@pytest.fixture(scope="session")
 def val1300() -> Path:
     return asset("imagenet/val1300")
+
+
+@pytest.fixture(scope="session")
+def ref_eval() -> Path:
+    """The independent reference evaluator, ../shared/tools/ref_eval.py (next to the assets)."""
+    return shared_tool("ref_eval.py")
 
 
 SHARED_MODELS = ["cifar10/resnet20.onnx", "cifar10/resnet32.onnx", "cifar10/resnet44.onnx",

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ASSETS, CIFAR_MEAN, CIFAR_STD
+from conftest import CIFAR_MEAN, CIFAR_STD
 
 import onnxdfq
 
@@ -23,12 +23,9 @@ def imagenet_top1(model, val1300) -> float:
     return onnxdfq.evaluate(model, str(val1300), mean=MOBILENET_MEAN, std=MOBILENET_STD, batch_size=100).top1
 
 
-def test_eval_agrees_with_the_independent_reference(resnet20, cifar_test):
-    script = ASSETS.parent / "tools" / "ref_eval.py"
-    if not script.exists():
-        pytest.skip("ref_eval.py not present")
+def test_eval_agrees_with_the_independent_reference(resnet20, cifar_test, ref_eval):
     ours = cifar_top1(resnet20, cifar_test)
-    ref = subprocess.run([sys.executable, str(script), str(resnet20), "cifar", str(cifar_test),
+    ref = subprocess.run([sys.executable, str(ref_eval), str(resnet20), "cifar", str(cifar_test),
                           ",".join(map(str, CIFAR_MEAN)), ",".join(map(str, CIFAR_STD))],
                          capture_output=True, text=True, check=True).stdout.strip()
     assert ours == pytest.approx(float(ref), abs=0.01)

@@ -136,7 +136,36 @@ def test_unhandled_op_warns_once_by_name(tmp_path):
     assert len(warnings) == 1
 
 
-def test_demo_runs(tmp_path):
-    proc = cli("demo", "--out-dir", tmp_path, "--samples", "32")
+def test_demo_reports_real_top1_of_the_shipped_model(tmp_path, cifar_test):
+    """The demo's figures are real: its FP32 row is ResNet-20 on the shipped 1000 images, and every quantized
+    model it writes gives the top-1 it printed when evaluated again here."""
+    proc = cli("demo", "--out-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "nearest" in proc.stdout and "SQNR" in proc.stdout
+    table = {}
+    for line in proc.stdout.splitlines():
+        cells = line.split()
+        if cells and cells[0] in ("FP32", "nearest", "squant", "dfq", "dfmpc"):
+            table[(cells[0], cells[1])] = float(cells[3])
+    from onnxdfq.eval.runner import evaluate
+
+    shipped = Path(onnxdfq_data()) / "cifar10_test1000.npz"
+    fp32 = evaluate(str(Path(onnxdfq_data()) / "resnet20_cifar10.onnx"), str(shipped), mean=CIFAR_MEAN, std=CIFAR_STD)
+    assert table[("FP32", "-")] == round(fp32.top1, 2) and fp32.count == 1000
+    written = sorted(tmp_path.glob("resnet20.*.onnx"))
+    assert len(written) == 7 and len(table) == 8
+    w8 = evaluate(str(tmp_path / "resnet20.nearest.w8a8.onnx"), str(shipped), mean=CIFAR_MEAN, std=CIFAR_STD).top1
+    assert table[("nearest", "W8A8")] == round(w8, 2) and w8 > fp32.top1 - 1.5
+    assert table[("dfmpc", "W2/6Afp32")] > 70.0
+    assert "onnxdfq quantize model.onnx" in proc.stdout
+
+
+def onnxdfq_data() -> str:
+    from importlib.resources import files
+
+    return str(files("onnxdfq.data"))
+
+
+def test_demo_synthetic_part(tmp_path):
+    proc = cli("demo", "--out-dir", tmp_path, "--synthetic", "--samples", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert "SQNR" in proc.stdout

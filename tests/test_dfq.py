@@ -7,12 +7,11 @@ per-tensor regression on real ImageNet images (slow).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import asset
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,11 +34,8 @@ from onnxdfq.passes.fold_bn import FoldBatchNormPass
 from onnxdfq.passes.weight_quant import WeightQuantPass
 from onnxdfq.quant.scheme import BitWidthMap
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-RESNET20 = ASSETS / "cifar10" / "resnet20.onnx"
-MOBILENET = ASSETS / "imagenet" / "mobilenet_v1_0.75.onnx"
-CIFAR_TEST = ASSETS / "cifar10" / "test.npz"
-VAL1300 = ASSETS / "imagenet" / "val1300"
+RESNET20 = "cifar10/resnet20.onnx"  # shared models, relative to the assets folder (conftest.asset)
+MOBILENET = "imagenet/mobilenet_v1_0.75.onnx"
 CIFAR_MEAN, CIFAR_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 RTOL = 1e-4  # FP32 parity of an exact rewrite, relative to the largest logit
 
@@ -247,7 +243,7 @@ def _relative(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _cifar(count: int) -> np.ndarray:
-    data = np.load(CIFAR_TEST)
+    data = np.load(asset("cifar10/test.npz"))
     x = data["x"][:count].astype(np.float32) / 255.0
     return ((x - CIFAR_MEAN) / CIFAR_STD).transpose(0, 3, 1, 2).astype(np.float32)
 
@@ -265,13 +261,11 @@ def _generated(kind: str) -> onnx.ModelProto:
 
 MODELS = [pytest.param("relu", id="chain-relu"), pytest.param("relu6", id="chain-relu6"),
           pytest.param("demo", id="demo"),
-          pytest.param(RESNET20, id="resnet20", marks=pytest.mark.skipif(not RESNET20.exists(), reason="no asset")),
-          pytest.param(MOBILENET, id="mobilenet",
-                       marks=pytest.mark.skipif(not MOBILENET.exists(), reason="no asset"))]
+          pytest.param(RESNET20, id="resnet20"), pytest.param(MOBILENET, id="mobilenet")]
 
 
-def _load(which) -> onnx.ModelProto:
-    return onnx.load(str(which)) if isinstance(which, Path) else _generated(which)
+def _load(which: str) -> onnx.ModelProto:
+    return onnx.load(str(asset(which))) if which.endswith(".onnx") else _generated(which)
 
 
 def _inputs(model: onnx.ModelProto, count: int = 4) -> np.ndarray:
@@ -305,15 +299,14 @@ def test_cle_and_absorption_keep_fp32_function(which):
     model = _load(which)
     if which == RESNET20:
         x = _cifar(64)
-    elif isinstance(which, str):
+    elif which != MOBILENET:
         x = np.random.default_rng(0).standard_normal((32, 3, 16 if which != "demo" else 32,
                                                       16 if which != "demo" else 32)).astype(np.float32)
-    elif VAL1300.exists():
+    else:
         from onnxdfq.eval.data import open_dataset
 
-        x = next(open_dataset(VAL1300, mean=[0.5] * 3, std=[0.5] * 3, size=(224, 224)).batches(16, 16))[0]
-    else:
-        x = np.clip(_inputs(model, 8), -1, 1)
+        x = next(open_dataset(asset("imagenet/val1300"), mean=[0.5] * 3, std=[0.5] * 3,
+                              size=(224, 224)).batches(16, 16))[0]
     ws = _workspace(model)
     CrossLayerEqualizationPass()(ws)
     exact = surgery.export_model(ws.graph, model)
@@ -377,9 +370,8 @@ def test_cle_idempotent_and_pipeline_keys():
 # ---------------------------------------------------------------- bias correction on real data
 
 @pytest.mark.ort
-@pytest.mark.skipif(not (RESNET20.exists() and CIFAR_TEST.exists()), reason="no asset")
-def test_bias_correction_reduces_mean_shift_on_cifar():
-    model = onnx.load(str(RESNET20))
+def test_bias_correction_reduces_mean_shift_on_cifar(resnet20):
+    model = onnx.load(str(resnet20))
     ws = _workspace(model)
     CrossLayerEqualizationPass()(ws)
     BiasAbsorptionPass()(ws)
@@ -417,11 +409,10 @@ def test_bias_correction_reduces_mean_shift_on_cifar():
 # ---------------------------------------------------------------- regression: MobileNet-V1 per-tensor
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (MOBILENET.exists() and VAL1300.exists()), reason="no asset")
-def test_mobilenet_per_tensor_w8a8_dfq_recovers():
+def test_mobilenet_per_tensor_w8a8_dfq_recovers(mobilenet, val1300):
     from onnxdfq import evaluate, quantize_model
 
-    nearest = quantize_model(str(MOBILENET), method="nearest", bits=8, act_bits=8, granularity="tensor").model
-    assert evaluate(nearest, str(VAL1300), mean=[0.5] * 3, std=[0.5] * 3, limit=300).top1 < 5.0
-    dfq = quantize_model(str(MOBILENET), method="dfq", bits=8, act_bits=8, granularity="tensor").model
-    assert evaluate(dfq, str(VAL1300), mean=[0.5] * 3, std=[0.5] * 3).top1 >= 75.85
+    nearest = quantize_model(str(mobilenet), method="nearest", bits=8, act_bits=8, granularity="tensor").model
+    assert evaluate(nearest, str(val1300), mean=[0.5] * 3, std=[0.5] * 3, limit=300).top1 < 5.0
+    dfq = quantize_model(str(mobilenet), method="dfq", bits=8, act_bits=8, granularity="tensor").model
+    assert evaluate(dfq, str(val1300), mean=[0.5] * 3, std=[0.5] * 3).top1 >= 75.85

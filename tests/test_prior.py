@@ -9,8 +9,10 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import CIFAR_MEAN, CIFAR_STD
 
 import onnxdfq
+from models import ConvSpec, build_chain, calibrate_bn, demo_model, run
 from onnxdfq.cli import main
 from onnxdfq.errors import UnsupportedModelError
 from onnxdfq.eval.calibrate import collect_statistics
@@ -23,8 +25,6 @@ from onnxdfq.passes.calib_ranges import SampleObserver
 from onnxdfq.passes.channel_stats import MeasureChannelStatsPass
 from onnxdfq.passes.fold_bn import FoldBatchNormPass
 from onnxdfq.synth.prior import InputSpace, dead_leaves, pink_noise, prior_images
-from tests.conftest import CIFAR_MEAN, CIFAR_STD
-from tests.models import ConvSpec, build_chain, calibrate_bn, demo_model, run
 
 IMAGENET_HALF = [0.5, 0.5, 0.5]
 

@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import CIFAR_MEAN, CIFAR_STD
 
 import onnxdfq
+from models import demo_model
 from onnxdfq.cli import main
 from onnxdfq.eval.calibrate import input_shape
 from onnxdfq.eval.runner import DEFAULT_IMAGE_SIZE, sample_dims
-from tests.conftest import CIFAR_MEAN, CIFAR_STD
-from tests.models import demo_model
 
 MEAN, STD = ",".join(map(str, CIFAR_MEAN)), ",".join(map(str, CIFAR_STD))
 

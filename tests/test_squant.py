@@ -14,8 +14,6 @@ from hypothesis.extra import numpy as hnp
 from onnxdfq.passes.squant import SQUANT_STAGES, squant_quantize, squant_round
 from onnxdfq.quant.scheme import QuantScheme
 
-RESNET20 = Path(__file__).resolve().parents[2] / "shared" / "assets" / "cifar10" / "resnet20.onnx"
-
 
 def _in_working_precision(w_fp: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The weight and its [O] scale in the precision SQuant computes in: the weight's own, unless
@@ -332,10 +330,9 @@ def _conv_weights(path: Path) -> list[tuple[str, np.ndarray]]:
             for node in model.graph.node if node.op_type == "Conv" and node.input[1] in inits]
 
 
-@pytest.mark.skipif(not RESNET20.exists(), reason="shared ResNet-20 asset missing")
-def test_resnet20_weights_at_3_bits():
+def test_resnet20_weights_at_3_bits(resnet20):
     qmin, qmax = _grid(3)
-    convs = _conv_weights(RESNET20)
+    convs = _conv_weights(resnet20)
     assert len(convs) >= 19
     for name, w in convs:
         scale = _absmax_scale(w, qmax)

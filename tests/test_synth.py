@@ -18,6 +18,7 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
+from conftest import ROOT, asset  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from onnxdfq import synth  # noqa: E402
@@ -26,30 +27,23 @@ from onnxdfq.synth.stats import BNTarget  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-ASSETS = Path(os.environ.get("ONNXDFQ_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
-RESNET20 = ASSETS / "cifar10" / "resnet20.onnx"
-MOBILENET = ASSETS / "imagenet" / "mobilenet_v1_0.75.onnx"
 METHODS = ("zeroq", "dsg", "dffg")
 
-# Cheap settings per model: (path, batch size, steps, max fraction of noise's loss, options per method).
+# Cheap settings per model: (path relative to the shared assets, batch size, steps, max fraction of
+# noise's loss, options per method).
 # MobileNet-V1 takes inputs in [-1, 1]: ZeroQ's lr 0.5 overshoots there in the first tens of
 # steps, so the MobileNet case uses lr 0.2 / alpha 0.1 to show a clear drop within 24 steps
 # (measured: 0.14 / 0.13 / 0.15 of the noise loss for zeroq / dsg / dffg, batch 2, seed 0).
 CASES = {
-    "resnet20": (RESNET20, 16, 25, 0.1, {}),
-    "mobilenet_v1": (MOBILENET, 2, 24, 0.2, {"zeroq": {"lr": 0.2}, "dsg": {"lr": 0.2}, "dffg": {"alpha": 0.1}}),
+    "resnet20": ("cifar10/resnet20.onnx", 16, 25, 0.1, {}),
+    "mobilenet_v1": ("imagenet/mobilenet_v1_0.75.onnx", 2, 24, 0.2,
+                     {"zeroq": {"lr": 0.2}, "dsg": {"lr": 0.2}, "dffg": {"alpha": 0.1}}),
 }
 
 
-def _load(path: Path) -> onnx.ModelProto:
-    if not path.exists():
-        pytest.skip(f"shared asset {path} is missing")
-    return onnx.load(str(path))
-
-
 @pytest.fixture(scope="module")
-def resnet20_model() -> onnx.ModelProto:
-    return _load(RESNET20)
+def resnet20_model(resnet20: Path) -> onnx.ModelProto:
+    return onnx.load(str(resnet20))
 
 
 _NOISE_LOSS: dict[str, float] = {}
@@ -73,11 +67,15 @@ def _no_bn_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
+# MobileNet-V1 at 224 x 224 takes 55-105 s per method on two CPU cores: slow (the README's command runs it).
+CASE_PARAMS = [pytest.param(case, marks=pytest.mark.slow) if case == "mobilenet_v1" else case for case in sorted(CASES)]
+
+
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", CASE_PARAMS)
 def test_generator_beats_gaussian_noise(case: str, method: str) -> None:
-    path, batch, steps, max_fraction, options = CASES[case]
-    model = _load(path)
+    relative, batch, steps, max_fraction, options = CASES[case]
+    model = onnx.load(str(asset(relative)))
     size = 224 if case == "mobilenet_v1" else 32
     losses: list[float] = []
     x = synth.generate(model, method, batch, batch_size=batch, steps=steps, seed=0,
@@ -158,11 +156,9 @@ def test_unknown_method_or_option_is_an_option_error(resnet20_model: onnx.ModelP
             synth.generate(resnet20_model, "dffg", 4, device="cuda")
 
 
-def test_bn_loss_is_chunk_invariant_and_ranks_real_data_above_noise(resnet20_model: onnx.ModelProto) -> None:
-    data_path = ASSETS / "cifar10" / "test.npz"
-    if not data_path.exists():
-        pytest.skip("CIFAR-10 test set missing")
-    images = np.load(data_path)["x"][:32].astype(np.float32) / 255.0
+def test_bn_loss_is_chunk_invariant_and_ranks_real_data_above_noise(resnet20_model: onnx.ModelProto,
+                                                                     cifar_test: Path) -> None:
+    images = np.load(cifar_test)["x"][:32].astype(np.float32) / 255.0
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     real = ((images - mean) / std).transpose(0, 3, 1, 2).astype(np.float32)
     whole = synth.bn_statistics_loss(resnet20_model, real, batch_size=32)
@@ -186,6 +182,5 @@ def test_slack_margins_match_the_finite_sample_spread() -> None:
 
 def test_importing_synth_does_not_import_torch() -> None:
     code = "import sys, onnxdfq.synth; assert 'torch' not in sys.modules, 'torch imported eagerly'"
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,14 +11,14 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
+from conftest import asset  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from onnxdfq.synth.executor import TorchGraph, UnsupportedOpError  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-ASSETS = Path(os.environ.get("ONNXDFQ_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
-REAL_MODELS = {
+REAL_MODELS = {  # path relative to the shared assets (conftest.asset), input size
     "resnet20": ("cifar10/resnet20.onnx", 32),
     "resnet32": ("cifar10/resnet32.onnx", 32),
     "resnet44": ("cifar10/resnet44.onnx", 32),
@@ -194,11 +192,10 @@ def test_tiny_model_matches_onnxruntime(name: str) -> None:
 @pytest.mark.ort
 @pytest.mark.parametrize("name", sorted(REAL_MODELS))
 def test_real_model_matches_onnxruntime(name: str) -> None:
-    path, size = REAL_MODELS[name]
-    if not (ASSETS / path).exists():
-        pytest.skip(f"shared asset {ASSETS / path} is missing")
+    relative, size = REAL_MODELS[name]
+    path = asset(relative)
     x = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
-    _assert_matches_ort(onnx.load(str(ASSETS / path)), x)
+    _assert_matches_ort(onnx.load(str(path)), x)
 
 
 def test_bn_inputs_and_running_stats_are_exposed_in_graph_order() -> None:
