@@ -367,7 +367,8 @@ def _eval_options(func):
         click.option("--mean", default=None, help="Per-channel mean on the 0-1 scale, e.g. 0.485,0.456,0.406."),
         click.option("--std", default=None, help="Per-channel std on the 0-1 scale."),
         click.option("--size", default=None, help="Resize images to N or H,W (default: the model's input size)."),
-        click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1)),
+        click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1),
+                     help="Samples per inference call (a model with a fixed batch is run in its own chunks)."),
         click.option("--limit", default=None, type=click.IntRange(1), help="Use only the first N samples."),
         click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="cpu", show_default=True,
                      help=PROVIDER_HELP),
@@ -408,13 +409,14 @@ def eval_cmd(model: Path, data: Path, mean, std, size, batch_size, limit, provid
 @click.argument("quantized", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", default=None, type=click.Path(path_type=Path), help="Inputs to compare on.")
 @click.option("--random", "random_n", default=None, type=click.IntRange(1), help="Compare on N N(0,1) inputs.")
-@click.option("--mean", default=None)
-@click.option("--std", default=None)
-@click.option("--size", default=None)
-@click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--limit", default=None, type=click.IntRange(1))
+@click.option("--mean", default=None, help="Per-channel mean (0-1 scale) for --data images, e.g. 0.485,0.456,0.406.")
+@click.option("--std", default=None, help="Per-channel std on the 0-1 scale for --data images.")
+@click.option("--size", default=None, help="Resize --data images (or shape --random inputs) to N or H,W.")
+@click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1),
+              help="Samples per inference call.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Compare on the first N samples only.")
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="cpu", show_default=True, help=PROVIDER_HELP)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_friendly
 def compare(reference: Path, quantized: Path, data, random_n, mean, std, size, batch_size, limit, provider,
             as_json: bool) -> None:
@@ -458,8 +460,9 @@ def _generator_options(items: tuple[str, ...]) -> dict:
 @click.option("-n", "--samples", default=256, show_default=True, type=click.IntRange(1), help="Samples to write.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The .npz to write: x (float32 NCHW, preprocessed model inputs) and meta (JSON).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Torch device the generator runs on.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise (same seed, same samples).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Images optimised together (BN statistics are matched per batch).")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Steps per batch (default: the method's).")
@@ -537,7 +540,8 @@ def report(report_json: Path, output: Path) -> None:
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @_friendly
 def inspect(model: Path) -> None:
-    """A table of MODEL's quantizable layers: op, weight shape, BN, activation, channel range spread."""
+    """A table of MODEL's quantizable layers (op, weight shape, BN kept, activation, channel range spread),
+    with what each column means for quantization."""
     from onnxdfq.graph import layers as graph_layers
     from onnxdfq.graph import patterns, surgery
     from onnxdfq.graph.io import load_model, prepare_model
@@ -550,17 +554,28 @@ def inspect(model: Path) -> None:
     before = {layer.name: layer for layer in graph_layers.read_layers(graph)}
     ws = Workspace(graph=graph)
     FoldBatchNormPass()(ws)
-    rows = []
+    rows, wide = [], []
     for layer in graph_layers.read_layers(graph):
         ranges = channel_absmax(layer.weight)
         nonzero = ranges[ranges > 0]
-        spread = f"{nonzero.max() / nonzero.min():.1f}x" if nonzero.size else "-"
+        ratio = float(nonzero.max() / nonzero.min()) if nonzero.size else None
+        spread = "-" if ratio is None else f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.1f}x"
+        if ratio is not None and ratio > SPREAD_PER_TENSOR_LIMIT:
+            wide.append(layer.name)
         kind = "depthwise" if layer.is_depthwise else (f"group {layer.group}" if layer.group > 1 else "")
         rows.append([layer.name, f"{layer.op_type} {kind}".strip(), "x".join(map(str, before[layer.name].weight.shape)),
                      "yes" if layer.name in ws.channel_stats else "no", layer.act.kind, spread])
     click.echo(_table(rows, ["layer", "op", "weight (canonical)", "BN", "activation", "channel range spread"]))
     with_bn = sum(1 for layer in before if layer in ws.channel_stats)
     click.echo(f"BatchNormalization statistics: {with_bn} of {len(before)} layers")
+    click.echo("columns: weight (canonical) = [out, in/group, kh, kw] after BN folding; BN = a BatchNormalization "
+               "follows the layer, so its statistics are known without data; channel range spread = largest / "
+               "smallest max|w| over output channels (BN folded): with one per-tensor scale, a channel "
+               f"{SPREAD_PER_TENSOR_LIMIT:g}x narrower than the widest gets under 1 of 127 levels and rounds to ~0.")
+    if wide:
+        click.echo(f"{len(wide)} layer(s) spread over {SPREAD_PER_TENSOR_LIMIT:g}x ({_names(wide)}): keep per-channel "
+                   "weights (the default), or use --method dfq (cross-layer equalization) for --granularity "
+                   "per-tensor.")
     if not with_bn:
         from onnxdfq.pipeline import EXPORT_WITH_BN_HINT
 
@@ -569,6 +584,8 @@ def inspect(model: Path) -> None:
     if unhandled:
         click.echo("not handled (left in float): " + ", ".join(f"{k} x{v}" for k, v in sorted(unhandled.items())))
 
+
+SPREAD_PER_TENSOR_LIMIT = 127.0  # a channel this much narrower than the widest has < 1 level of a per-tensor 8-bit grid
 
 DEMO_MEAN, DEMO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # (method, bits, act_bits, granularity): each method at the widths where it is meant to be used
