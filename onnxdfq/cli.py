@@ -462,7 +462,8 @@ def _generator_options(items: tuple[str, ...]) -> dict:
               help="The .npz to write: x (float32 NCHW, preprocessed model inputs) and meta (JSON).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Torch device the generator runs on.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise (same seed, same samples).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the initial noise (same seed, same samples).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Images optimised together (BN statistics are matched per batch).")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Steps per batch (default: the method's).")
