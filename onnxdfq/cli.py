@@ -200,6 +200,8 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str, d
         for warning in report["warnings"]:
             click.echo(f"warning: {warning}", err=True)
         click.echo(_summary(report, model))
+        for note in report["speed_notes"]:
+            click.echo(f"speed: {note}", err=True)
         if report["statistics"].get("hint"):
             click.echo(f"note: {report['statistics']['hint']}", err=True)
 

@@ -222,6 +222,7 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
     for pass_report in ws.reports:
         timings[pass_report.name] = timings.get(pass_report.name, 0.0) + pass_report.seconds
     report = _build_report(ws, config, source, timings)
+    report["speed_notes"] = speed_notes(config, report)
     if check:
         from onnxdfq.eval.check import check_stage
 
@@ -322,6 +323,32 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return str(value)
     return value
+
+
+def speed_notes(config: QuantConfig, report: dict[str, Any]) -> list[str]:
+    """What a user who picked a slow layout for onnxruntime should know, and the faster equivalent.
+
+    Measured with onnxruntime 1.32 on CPU (BENCHMARKS.md): weight-only QDQ runs every DequantizeLinear at
+    every inference (0.15-0.5x FP32); the TensorRT layout has float biases, so onnxruntime fuses no
+    QLinearConv (0.2-0.6x); fake-quant files are plain FP32 graphs.
+    """
+    notes = []
+    if config.fmt == "fakequant":
+        notes.append("--format fakequant writes float weights already rounded: FP32 speed and size; it is for "
+                     "runtimes without QDQ support. For int8 kernels: --format qdq --act-bits 8")
+    elif config.act_bits is None:
+        notes.append("float activations (weight-only QDQ): onnxruntime dequantizes every weight at every inference, "
+                     "0.15-0.5x FP32 speed on CPU; this saves file size (see --format qdq-packed), not time. For "
+                     "int8 kernels add --act-bits 8 (W8A8 ran 1.2-2x FP32 on CPU here)")
+    if config.target == "trt" and config.act_bits is not None:
+        notes.append("--target trt lays the file out for TensorRT (float biases, int8 activations); onnxruntime's "
+                     "CPU EP fuses none of its convolutions (0.2-0.6x FP32). For onnxruntime or OpenVINO use "
+                     "--target ort")
+    if report.get("passes") and any(p["params"].get("integer_min_nodes") for p in report["passes"]):
+        notes.append("cross-layer equalization keeps ReLU6 exact with per-channel Min nodes, which onnxruntime "
+                     "runs unfused (MobileNet dfq W8A8: about FP32 speed vs 1.3-1.6x for nearest); use --method "
+                     "nearest or squant per-channel where 8-bit per-channel accuracy suffices")
+    return notes
 
 
 def _skipped(ws: Workspace, config: QuantConfig) -> dict[str, Any]:
