@@ -163,6 +163,9 @@ def render_report(report: dict[str, Any]) -> str:
         ["layer statistics", f"BN on {stats['bn_layers']} of {stats['layers']} layers; sources "
          + ", ".join(f"{k}: {v}" for k, v in stats.get("layer_sources", {}).items()) if stats else "-"],
         ["fidelity inputs", fidelity.get("inputs", "-")],
+        ["steps not run", ", ".join(f"{k} ({v})" for k, v in (report.get("skipped") or {}).get("steps", {}).items())
+         or "-"],
+        ["speed notes", " / ".join(report.get("speed_notes") or []) or "-"],
         ["quantize time s", report.get("timings_s", {}).get("total")],
         ["output", f"{report.get('output', '-')} ({report.get('output_bytes', 0) / 1e6:.2f} MB)"],
     ]
