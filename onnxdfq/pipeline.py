@@ -340,6 +340,11 @@ def speed_notes(config: QuantConfig, report: dict[str, Any]) -> list[str]:
         notes.append("float activations (weight-only QDQ): onnxruntime dequantizes every weight at every inference, "
                      "0.15-0.5x FP32 speed on CPU; this saves file size (see --format qdq-packed), not time. For "
                      "int8 kernels add --act-bits 8 (W8A8 ran 1.2-2x FP32 on CPU here)")
+    if config.fmt == "qdq-packed" and config.act_bits is not None and report.get("passes") and any(
+            p["params"].get("packed_layers") for p in report["passes"]):
+        notes.append("packed INT4 weights: onnxruntime's CPU QLinearConv takes int8 weights only, so it dequantizes "
+                     "the packed ones at every inference (ResNet-56 W4A8 ran 0.5x FP32; OpenVINO 0.7x); packing saves "
+                     "file size. For speed: --format qdq (the same 4-bit grid in int8 containers)")
     if config.target == "trt" and config.act_bits is not None:
         notes.append("--target trt lays the file out for TensorRT (float biases, int8 activations); onnxruntime's "
                      "CPU EP fuses none of its convolutions (0.2-0.6x FP32). For onnxruntime or OpenVINO use "
