@@ -133,7 +133,8 @@ def _methods() -> list[str]:
 @click.option("--calib-range", type=click.Choice(["mse", "percentile", "minmax"]), default="mse",
               show_default=True, help="Range estimator for --calib synth:/data: (MSE-optimal clipping at --act-bits).")
 @click.option("--calib-samples", type=click.IntRange(1), default=None,
-              help="Samples to generate (default 256) or to use from data: (default all).")
+              help="Samples to generate (default 256; dffg on the CPU: 128 in 60 steps, under a minute for "
+                   "ResNet-20) or to use from data: (default all).")
 @click.option("--calib-percentile", type=click.FloatRange(50, 100, min_open=True), default=99.99, show_default=True,
               help="Percentile of |x| per side for --calib-range percentile.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --calib synth:.")

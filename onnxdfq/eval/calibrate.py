@@ -130,13 +130,15 @@ def synthesize(model: Any, spec: CalibSpec, progress: SynthProgress | None = Non
         from onnxdfq import synth
 
         start = time.perf_counter()
-        x = synth.generate(model, spec.method, spec.sample_count(), batch_size=spec.batch_size, seed=spec.seed,
-                           device=spec.device, progress=progress, **spec.synth_options)
+        samples, options = spec.synth_run()
+        x = synth.generate(model, spec.method, samples, batch_size=spec.batch_size, seed=spec.seed,
+                           device=spec.device, progress=progress, **options)
     except ImportError as exc:
         raise UnsupportedModelError(f"--calib synth:{spec.method} needs torch: pip install -e \".[synth]\" "
                                     f"torch==2.13.0 ({exc})") from None
     seconds = time.perf_counter() - start
     return x, {"method": spec.method, "seconds": round(seconds, 3), "seed": spec.seed,
+               "steps": options.get("steps", synth.get_generator(spec.method).default_steps),
                "bn_loss": synth.bn_statistics_loss(model, x, device=spec.device)}
 
 
