@@ -190,6 +190,17 @@ def render(rows: list[dict], fp32: dict, meta: dict) -> str:
             "by onnxruntime-gpu but the machine's image has no TensorRT libraries (libnvinfer), so its sessions "
             "fall back to CUDA, which `make_session` refuses: TensorRT itself was not run. The CPU rows are that "
             "machine's 16-core CPU (not this page's machine)."]
+    out += ["", "## OpenVINO", "",
+            "The same QDQ files in OpenVINO's CPU runtime (`onnxdfq eval --provider openvino`, the `[openvino]` "
+            "extra), next to onnxruntime's CPU EP, full test sets, latencies interleaved in one run of "
+            "`tools/bench_providers.py --providers cpu,openvino` on this page's machine (2 cores, taken while "
+            "other jobs ran: load average 4-6, so the latency ratios are rough; the accuracies are exact). "
+            "Each provider's ratio is against FP32 on that provider."]
+    for name in ("openvino_resnet56.md", "openvino_mobilenet.md"):
+        path = ROOT / "tools" / "results" / name
+        if path.exists():
+            out += ["", f"### {name.removeprefix('openvino_').removesuffix('.md')}", "",
+                    *[line for line in path.read_text().strip().splitlines() if line.startswith("|")]]
     for name in ("providers_resnet56.md", "providers_mobilenet.md"):
         path = ROOT / "tools" / "results" / name
         if path.exists():
