@@ -100,7 +100,8 @@ def _methods() -> list[str]:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the quantized model (never the input).")
 @click.option("--method", default="nearest", show_default=True, type=click.Choice(_methods()),
-              help="Weight method.")
+              help="nearest (round to nearest), squant (SQuant rounding + bias correction), dfq (cross-layer "
+                   "equalization, high-bias absorption, bias correction), dfmpc (mixed precision --bits LOW/HIGH).")
 @click.option("--bits", default="8", show_default=True, help="Weight bits 2..8, or LOW/HIGH for dfmpc (e.g. 2/6).")
 @click.option("--act-bits", default="auto", show_default=True,
               help="Activation bits 2..8, 'none' (float), or auto: 8, and none (float) for dfmpc.")
@@ -113,7 +114,7 @@ def _methods() -> list[str]:
 @click.option("--cle/--no-cle", default=None, help="Cross-layer equalization (default: on for dfq).")
 @click.option("--absorb-bias/--no-absorb-bias", default=None, help="High-bias absorption (default: on for dfq).")
 @click.option("--bias-correction/--no-bias-correction", default=None,
-              help="Analytic bias correction from BN statistics (default: on for dfq).")
+              help="Analytic bias correction from the statistics (default: on for squant, dfq and dfmpc).")
 @click.option("--squant-stages", default=None, help="SQuant stages, e.g. e,k,c (default: all).")
 @click.option("--sigmas", type=click.FloatRange(0, min_open=True), default=None,
               help="Activation range = BN mean +- this many std (default 6; 4 below 6-bit activations).")
