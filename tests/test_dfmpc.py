@@ -26,12 +26,17 @@ from onnxdfq.graph import surgery
 from onnxdfq.passes.base import BNStats, Workspace
 from onnxdfq.passes.dfmpc import DFMPCPass, plan_pairs
 from onnxdfq.passes.dfmpc_math import (
+    activated_covariance,
     channel_correlation,
+    correct_next_layer,
     dfmpc_coefficients,
+    hermite_coefficients,
     high_layer_gain,
+    output_covariance,
     quantize_low,
     reestimate_bn,
     tap_variance,
+    ternarize_corr,
     ternarize_lsq,
 )
 from onnxdfq.passes.fold_bn import FoldBatchNormPass
@@ -166,6 +171,105 @@ def test_high_layer_gain_is_one_without_noise_and_grows_with_it():
     assert np.all(gains[0] > 1.0) and np.all(gains[1] > gains[0])
     w = rng.standard_normal((5, 4, 3, 3))
     np.testing.assert_allclose(channel_correlation(w, w, np.ones(4), 0.2), 1.0)
+
+
+def _tap_inputs(rng, n, in_mean, in_var, rho, taps=9):
+    """Samples [n, C * taps] of the tap model: channels independent, taps of a channel correlated rho."""
+    shared = rng.standard_normal((n, in_var.size, 1))
+    x = in_mean[None, :, None] + np.sqrt(in_var)[None, :, None] * (
+        np.sqrt(rho) * shared + np.sqrt(1 - rho) * rng.standard_normal((n, in_var.size, taps)))
+    return x.reshape(n, -1)
+
+
+def _reference_ternarize_corr(w, in_var, rho):
+    """Every support size k of the largest |w| per channel, scored by `channel_correlation` itself."""
+    flat = w.reshape(w.shape[0], -1)
+    best_int = np.zeros(flat.shape, np.int64)
+    for j, row in enumerate(flat):
+        order = np.argsort(-np.abs(row), kind="stable")
+        best = -np.inf
+        for k in range(1, row.size + 1):
+            cand = np.zeros(row.size, np.int64)
+            cand[order[:k]] = np.sign(row[order[:k]]).astype(np.int64)
+            r = channel_correlation(row.reshape((1,) + w.shape[1:]), cand.reshape((1,) + w.shape[1:]).astype(float),
+                                    in_var, rho)[0]
+            if r > best + 1e-12:
+                best, best_int[j] = r, cand
+    return best_int.reshape(w.shape)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), rho=st.sampled_from([0.0, 0.2, 0.6]),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_ternarize_corr_matches_its_brute_force_and_beats_lsq(seed, rho, dtype):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(dtype)
+    in_var = rng.uniform(0.05, 4.0, 3)
+    result = ternarize_corr(w, in_var, rho)
+    np.testing.assert_array_equal(result.w_int, _reference_ternarize_corr(w, in_var, rho))
+    corr = channel_correlation(w, result.dequantized(), in_var, rho)
+    lsq = channel_correlation(w, ternarize_lsq(w).dequantized(), in_var, rho)
+    assert np.all(corr >= lsq - 1e-12)
+    assert set(np.unique(result.w_int)) <= {-1, 0, 1} and np.all(result.scale > 0)
+    # equal variances and rho 0: the plain least-squares ternary, scale included
+    plain = ternarize_corr(w, np.ones(3), 0.0)
+    np.testing.assert_array_equal(plain.w_int, ternarize_lsq(w).w_int)
+    np.testing.assert_allclose(plain.scale, ternarize_lsq(w).scale, rtol=1e-6)
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, np.inf), (0.0, 1.5), (-np.inf, np.inf)])
+def test_activated_covariance_matches_a_simulation(lo, hi):
+    """Mehler series of clip(N) against sampled jointly Gaussian pre-activations with means."""
+    rng = np.random.default_rng(7)
+    mean, std = np.array([0.5, -1.0, 2.0]), np.array([1.0, 0.7, 1.5])
+    corr = np.array([[1, 0.8, -0.3], [0.8, 1, 0.2], [-0.3, 0.2, 1]])
+    z = rng.standard_normal((400_000, 3)) @ np.linalg.cholesky(corr).T * std + mean
+    simulated = np.cov(np.clip(z, lo, hi).T)
+    coef = hermite_coefficients(mean, std, lo, hi)
+    # the series converges slowest at r = 1 (the diagonal: 12 terms are within ~2 %)
+    np.testing.assert_allclose(activated_covariance(corr, coef, coef), simulated, atol=0.02 * simulated.max())
+    assert np.all(np.abs(activated_covariance(np.zeros((3, 3)), coef, coef)) == 0)
+
+
+def test_output_covariance_matches_tap_variance_and_a_simulation():
+    rng = np.random.default_rng(8)
+    w_a, w_b = rng.standard_normal((4, 3, 3, 3)), rng.standard_normal((5, 3, 3, 3))
+    in_var, rho = rng.uniform(0.5, 2, 3), 0.3
+    np.testing.assert_allclose(np.diag(output_covariance(w_a, w_a, in_var, rho)), tap_variance(w_a, in_var, rho))
+    x = _tap_inputs(rng, 200_000, np.zeros(3), in_var, rho)
+    simulated = np.cov(np.hstack([x @ w_a.reshape(4, -1).T, x @ w_b.reshape(5, -1).T]).T)[:4, 4:]
+    scale = np.abs(simulated).max()
+    np.testing.assert_allclose(output_covariance(w_a, w_b, in_var, rho), simulated, atol=0.02 * scale)
+
+
+def test_correct_next_layer_lowers_the_next_layers_error_where_its_model_holds():
+    """Inputs drawn from the tap model: the corrected next layer reaches the sampled least-squares optimum
+    (lstsq of y on [hq, 1]) and beats the uncorrected one; no quantization leaves it (almost) alone."""
+    rng = np.random.default_rng(9)
+    in_ch, mid, out = 6, 8, 5
+    w, b = rng.standard_normal((mid, in_ch, 3, 3)), rng.standard_normal(mid)
+    in_mean, in_var, rho = rng.uniform(0, 1, in_ch), rng.uniform(0.5, 2, in_ch), 0.2
+    x = _tap_inputs(rng, 100_000, in_mean, in_var, rho)
+    z = x @ w.reshape(mid, -1).T + b
+    stats = BNStats(z.mean(axis=0), z.std(axis=0))
+    w_q = ternarize_lsq(w).dequantized()
+    zq = x @ w_q.reshape(mid, -1).T
+    gain = stats.std / zq.std(axis=0)  # re-normalised: the float channel's mean and std
+    w_q = w_q * gain[:, None, None, None]
+    zq = (zq - zq.mean(axis=0)) * gain + stats.mean
+    w_next, b_next = rng.standard_normal((out, mid, 1, 1)), rng.standard_normal(out)
+    h, hq = np.maximum(z, 0), np.maximum(zq, 0)
+    y = h @ w_next.reshape(out, -1).T + b_next
+    new_w, new_b = correct_next_layer(w, w_q, stats, (0.0, np.inf), in_var, rho, w_next, b_next)
+    before = np.mean((hq @ w_next.reshape(out, -1).T + b_next - y) ** 2)
+    after = np.mean((hq @ new_w.reshape(out, -1).T + new_b - y) ** 2)
+    design = np.hstack([hq, np.ones((len(hq), 1))])
+    optimum = np.mean((design @ np.linalg.lstsq(design, y, rcond=None)[0] - y) ** 2)
+    assert after < 0.9 * before
+    assert after <= 1.01 * optimum
+    same_w, same_b = correct_next_layer(w, w, stats, (0.0, np.inf), in_var, rho, w_next, b_next)
+    np.testing.assert_allclose(same_w, w_next, atol=0.02 * np.abs(w_next).max())
+    np.testing.assert_allclose(same_b, b_next, atol=0.02 * np.abs(w_next).sum())
 
 
 # ---------------------------------------------------------------- graph: plan and exact folding

@@ -22,11 +22,13 @@ from onnxdfq.passes.dfmpc_math import (
     DEFAULT_LAMBDA1,
     DEFAULT_LAMBDA2,
     DEFAULT_RHO,
+    HIGH_CORRECTIONS,
     LOW_QUANTIZERS,
     REESTIMATE,
     SIGMA_MODELS,
     channel_correlation,
     compensate_mixed_precision,
+    correct_next_layer,
     high_layer_gain,
 )
 from onnxdfq.passes.statistics import tensor_statistics
@@ -123,11 +125,12 @@ class DFMPCPass(Pass):
 
     def __init__(self, low_bits: int, high_bits: int, *, quantizer: str = "lsq", reestimate: str = "mean+std",
                  rho: float | str = DEFAULT_RHO, compensate: bool = False, lambda1: float = DEFAULT_LAMBDA1,
-                 lambda2: float = DEFAULT_LAMBDA2, sigma_model: str = "blend", high_gain: bool = True) -> None:
+                 lambda2: float = DEFAULT_LAMBDA2, sigma_model: str = "blend", high_gain: bool = True,
+                 high_correction: str = "none") -> None:
         if not 2 <= low_bits < high_bits <= 8:
             raise ValueError(f"DF-MPC needs 2 <= LOW < HIGH <= 8, got {low_bits}/{high_bits}")
-        if quantizer not in LOW_QUANTIZERS or (quantizer == "twn" and low_bits != 2):
-            raise ValueError(f"quantizer must be one of {', '.join(LOW_QUANTIZERS)} (twn: 2 bits only), "
+        if quantizer not in LOW_QUANTIZERS or (quantizer in ("twn", "corr") and low_bits != 2):
+            raise ValueError(f"quantizer must be one of {', '.join(LOW_QUANTIZERS)} (twn, corr: 2 bits only), "
                              f"got {quantizer!r}")
         if reestimate not in REESTIMATE:
             raise ValueError(f"reestimate must be one of {', '.join(REESTIMATE)}, got {reestimate!r}")
@@ -135,11 +138,14 @@ class DFMPCPass(Pass):
             raise ValueError(f"sigma_model must be one of {', '.join(SIGMA_MODELS)}, got {sigma_model!r}")
         if rho != "fit" and not (isinstance(rho, (int, float)) and 0.0 <= rho < 1.0):
             raise ValueError(f"rho must be in [0, 1) or 'fit', got {rho!r}")
+        if high_correction not in HIGH_CORRECTIONS:
+            raise ValueError(f"high_correction must be one of {', '.join(HIGH_CORRECTIONS)}, got {high_correction!r}")
         rho = rho if rho == "fit" else float(rho)
         self.low_bits, self.high_bits = low_bits, high_bits
         self.options = {"quantizer": quantizer, "reestimate": reestimate, "rho": rho, "compensate": bool(compensate),
                         "lambda1": float(lambda1), "lambda2": float(lambda2), "sigma_model": sigma_model}
         self.high_gain = bool(high_gain)
+        self.high_correction = high_correction
         self.plan: MixedPrecisionPlan | None = None
 
     def ensures(self, ws: Workspace) -> None:
@@ -148,12 +154,39 @@ class DFMPCPass(Pass):
             if quant is None or not np.all(np.isfinite(quant.scale)) or np.any(quant.scale <= 0):
                 raise PostconditionError(f"{name}: DF-MPC left no valid low-bit weights")
 
+    def _high_update(self, layer, result, in_var, high, stats, ws) -> tuple | None:
+        """(high layer, new weight, new bias, report row) for the high layer of `layer`'s pair, or None."""
+        if not (self.high_gain or self.high_correction != "none"):
+            return None
+        if layer.group != 1 or high.group != 1 or high.op_type != "Conv" or stats.get(high.output_name) is None:
+            return None
+        rho = self.options["rho"] if isinstance(self.options["rho"], float) else DEFAULT_RHO
+        w_q = result.quant.dequantized()
+        weight = np.asarray(high.weight, np.float64)
+        bias = np.zeros(high.out_channels) if high.bias is None else high.bias.astype(np.float64)
+        row = {}
+        if self.high_correction == "lsq":
+            new_weight, bias = correct_next_layer(layer.weight, w_q, ws.channel_stats[layer.name],
+                                                  (layer.act.lo, layer.act.hi), in_var, rho, weight, bias)
+            row["lsq_weight_change"] = float(np.linalg.norm(new_weight - weight) / max(np.linalg.norm(weight), 1e-30))
+            weight = new_weight
+        if self.high_gain:
+            corr = channel_correlation(layer.weight, w_q, in_var, rho, layer.group)
+            out_mean, out_var = stats[high.output_name].moments()
+            gain = high_layer_gain(corr, ws.channel_stats[layer.name], (layer.act.lo, layer.act.hi), weight,
+                                   out_var**0.5)
+            weight = weight * gain.reshape((-1,) + (1,) * (weight.ndim - 1))
+            bias = gain * (bias - out_mean) + out_mean
+            row.update(high_gain_mean=float(np.mean(gain)), high_gain_min=float(np.min(gain)))
+        return high, weight, bias, row
+
     def call(self, ws: Workspace) -> PassReport:
         layers = graph_layers.read_layers(ws.graph)
         plan = plan_pairs(layers, ws.graph, ws.channel_stats, self.low_bits, self.high_bits)
         stats = tensor_statistics(ws)
         report = PassReport(self.name, params={"low_bits": self.low_bits, "high_bits": self.high_bits,
-                                               "high_gain": self.high_gain, **self.options})
+                                               "high_gain": self.high_gain,
+                                               "high_correction": self.high_correction, **self.options})
         updates = []
         for layer in layers:
             if layer.name not in plan.low_layers:
@@ -171,19 +204,9 @@ class DFMPCPass(Pass):
                                                 self.low_bits, group=layer.group, **options)
             updates.append((layer, result, in_var))
         by_name = {layer.name: layer for layer in layers}
-        high_updates = []
-        for layer, result, in_var in updates if self.high_gain else ():
-            high = by_name[next(p.high for p in plan.pairs if p.low == layer.name)]
-            if layer.group != 1 or high.group != 1 or high.op_type != "Conv" or stats.get(high.output_name) is None:
-                continue
-            rho = self.options["rho"] if isinstance(self.options["rho"], float) else DEFAULT_RHO
-            corr = channel_correlation(layer.weight, result.quant.dequantized(), in_var, rho, layer.group)
-            next_std = stats[high.output_name].moments()[1] ** 0.5
-            gain = high_layer_gain(corr, ws.channel_stats[layer.name], (layer.act.lo, layer.act.hi), high.weight,
-                                   next_std)
-            out_mean = stats[high.output_name].moments()[0]
-            bias = np.zeros(high.out_channels) if high.bias is None else high.bias.astype(np.float64)
-            high_updates.append((high, gain, gain * (bias - out_mean) + out_mean))
+        high_of = {p.low: by_name[p.high] for p in plan.pairs}
+        high_updates = [update for layer, result, in_var in updates
+                        if (update := self._high_update(layer, result, in_var, high_of[layer.name], stats, ws))]
         for layer, result, _ in updates:  # decide first, then write once
             quant = WeightQuant(self.low_bits, result.quant.scale, result.quant.w_int, True, "dfmpc")
             ws.weight_quant[layer.name] = quant
@@ -196,11 +219,10 @@ class DFMPCPass(Pass):
                 "mean_shift_max": float(np.max(np.abs(result.estimated.mean - stats_fp.mean))),
                 "c_mean": float(np.mean(result.c)), "c_min": float(np.min(result.c)),
             }))
-        for high, gain, bias in high_updates:
-            graph_layers.write_weight(high, high.weight * gain.reshape((-1,) + (1,) * (high.weight.ndim - 1)))
+        for high, weight, bias, row in high_updates:
+            graph_layers.write_weight(high, weight)
             graph_layers.write_bias(high, bias)
-            report.rows.append(LayerRow(high.name, {"high_gain_mean": float(np.mean(gain)),
-                                                    "high_gain_min": float(np.min(gain))}))
+            report.rows.append(LayerRow(high.name, row))
         self.plan = plan
         report.params["pairs"] = [[p.low, p.high] for p in plan.pairs]
         report.params["unpaired"] = dict(plan.unpaired)

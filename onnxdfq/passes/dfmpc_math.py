@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxdfq.passes.base import ChannelStats
-from onnxdfq.quant.gaussian import clipped_normal_moments
+from onnxdfq.quant.gaussian import clipped_normal_moments, normal_cdf, normal_pdf
 from onnxdfq.quant.qparams import TINY_SCALE, channel_absmax
 from onnxdfq.quant.scheme import QuantScheme
 from onnxdfq.quant.shift import output_shift
@@ -41,14 +41,17 @@ from onnxdfq.quant.shift import output_shift
 __all__ = ["DEFAULT_LAMBDA1", "DEFAULT_LAMBDA2", "DEFAULT_RHO", "RHO_GRID", "SCALE_GRID", "LOW_QUANTIZERS",
            "TWN_THRESHOLD", "REESTIMATE", "SIGMA_MODELS", "LowBitWeights", "Compensation", "ternarize_lsq",
            "quantize_low", "tap_variance", "fit_rho", "channel_correlation", "high_layer_gain", "reestimate_bn",
-           "dfmpc_coefficients", "compensate_mixed_precision"]
+           "dfmpc_coefficients", "compensate_mixed_precision", "ternarize_corr", "HERMITE_TERMS", "LSQ_RIDGE",
+           "HIGH_CORRECTIONS",
+           "output_covariance", "hermite_coefficients", "activated_covariance", "correct_next_layer"]
 
 DEFAULT_LAMBDA1 = 0.5  # weight of the bias term in the closed form (the paper's lambda1)
 DEFAULT_LAMBDA2 = 0.0  # ridge term on c (the paper's lambda2)
 DEFAULT_RHO = 0.2  # correlation between the kernel taps of one input channel in V(u)
 RHO_GRID = np.linspace(0.0, 0.9, 46)  # candidates for rho="fit"
 SCALE_GRID = np.linspace(0.2, 1.0, 81)  # clip ratios (of max|w|) searched for 3..8-bit low layers
-LOW_QUANTIZERS = ("lsq", "absmax", "twn")  # least-squares grid, max|w| grid, TWN ternary (0.7 mean|w|)
+LOW_QUANTIZERS = ("lsq", "absmax", "twn", "corr")  # least-squares grid, max|w| grid, TWN ternary (0.7 mean|w|),
+# ternary support of the largest |w| that maximises the output correlation under the tap model (`ternarize_corr`)
 TWN_THRESHOLD = 0.7  # Li et al. 2016: threshold 0.7 mean|w|
 REESTIMATE = ("none", "mean", "mean+std")  # which BN statistics of the low layer are re-estimated
 
@@ -85,6 +88,43 @@ def ternarize_lsq(w_fp: np.ndarray) -> LowBitWeights:
     return LowBitWeights(w_int, np.where(dead, TINY_SCALE, alpha))
 
 
+def ternarize_corr(w_fp: np.ndarray, in_var: np.ndarray, rho: float) -> LowBitWeights:
+    """Ternary {-1, 0, 1} * alpha_j whose output is most correlated with the float layer's, per channel j.
+
+    Canonical group-1 weights [O, C, *k]; inputs as in `tap_variance` (variance v_c, tap correlation
+    rho). For a support T of the k largest |w_j| with signs t, the squared correlation of W_j x and
+    t x is <W, t>^2 / (<W, W> <t, t>) with <u, u'> = sum_c v_c (rho S_c(u) S_c(u') + (1 - rho) sum_k u u'),
+    S_c the sum over taps; k maximises it (per channel: the thresholds differ). Both inner products
+    grow by one term per added element, so every k is scored with cumulative sums. alpha is the
+    v-weighted least-squares scale on that support. rho = 0 and equal v give `ternarize_lsq`.
+    """
+    w = np.asarray(w_fp, np.float64)
+    out_ch, in_ch = w.shape[0], w.shape[1]
+    flat = w.reshape(out_ch, -1)
+    channel = np.repeat(np.arange(in_ch), flat.shape[1] // in_ch)  # input channel of each element
+    var = np.asarray(in_var, np.float64).reshape(-1)[channel]
+    order = np.argsort(-np.abs(flat), axis=1, kind="stable")
+    w_sorted = np.take_along_axis(flat, order, axis=1)
+    sign, ch_sorted = np.sign(w_sorted), channel[order]
+    v_sorted = var[order]
+    tap_sum = w.reshape(out_ch, in_ch, -1).sum(axis=2)  # S_c(W) [O, C]
+    s_w = np.take_along_axis(tap_sum, ch_sorted, axis=1)
+    cross = np.cumsum(v_sorted * (rho * s_w * sign + (1.0 - rho) * np.abs(w_sorted)), axis=1)
+    onehot = sign[:, :, None] * (ch_sorted[:, :, None] == np.arange(in_ch))  # [O, n, C]
+    running = np.take_along_axis(np.cumsum(onehot, axis=1), ch_sorted[:, :, None], axis=2)[:, :, 0] - sign
+    auto = np.cumsum(v_sorted * (rho * (2.0 * running * sign + sign * sign) + (1.0 - rho) * sign * sign), axis=1)
+    score = np.where(auto > 0, np.maximum(cross, 0.0) ** 2 / np.where(auto > 0, auto, 1.0), -1.0)
+    best = np.argmax(score, axis=1)
+    keep_sorted = (np.arange(flat.shape[1])[None, :] <= best[:, None]) & (w_sorted != 0)
+    keep = np.zeros_like(keep_sorted)
+    np.put_along_axis(keep, order, keep_sorted, axis=1)
+    w_int = (np.sign(flat) * keep).astype(np.int64)
+    weighted = keep * var[None, :]
+    den = weighted.sum(axis=1)
+    alpha = np.where(den > 0, (weighted * np.abs(flat)).sum(axis=1) / np.where(den > 0, den, 1.0), 0.0)
+    return LowBitWeights(w_int.reshape(w.shape), np.where(alpha > 0, alpha, TINY_SCALE))
+
+
 def _ternarize_twn(w_fp: np.ndarray) -> LowBitWeights:
     flat = np.asarray(w_fp, np.float64).reshape(w_fp.shape[0], -1)
     keep = np.abs(flat) > TWN_THRESHOLD * np.abs(flat).mean(axis=1, keepdims=True)
@@ -103,6 +143,8 @@ def quantize_low(w_fp: np.ndarray, bits: int, method: str = "lsq") -> LowBitWeig
     scheme = QuantScheme(bits)
     if method not in LOW_QUANTIZERS:
         raise ValueError(f"unknown low-bit quantizer {method!r}; choose one of {', '.join(LOW_QUANTIZERS)}")
+    if method == "corr":
+        raise ValueError("the 'corr' ternary needs input statistics: call ternarize_corr")
     if method == "twn":
         if bits != 2:
             raise ValueError("the TWN quantizer is ternary (2 bits) only")
@@ -283,9 +325,14 @@ def compensate_mixed_precision(w_fp: np.ndarray, bias: np.ndarray | None, stats:
         raise ValueError(f"reestimate must be one of {', '.join(REESTIMATE)}, got {reestimate!r}")
     w = np.asarray(w_fp, np.float64)
     b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, np.float64)
-    quant = quantize_low(w, bits, quantizer)
-    w_q = quant.dequantized()
     rho_value = fit_rho(w, in_var, stats.std, group) if rho == "fit" else float(rho)
+    if quantizer == "corr":  # grouped layers: the plain least-squares ternary
+        if bits != 2:
+            raise ValueError("the 'corr' quantizer is ternary (2 bits) only")
+        quant = ternarize_corr(w, in_var, rho_value) if group == 1 else ternarize_lsq(w)
+    else:
+        quant = quantize_low(w, bits, quantizer)
+    w_q = quant.dequantized()
     estimated = reestimate_bn(w, w_q, stats, in_mean, in_var, rho_value, group, sigma_model)
     gain = np.ones(w.shape[0])
     if reestimate == "mean+std":
@@ -306,3 +353,99 @@ def compensate_mixed_precision(w_fp: np.ndarray, bias: np.ndarray | None, stats:
         w_int = np.where(off.reshape((-1,) + (1,) * (w.ndim - 1)), 0, w_int)
         scale = np.where(off, TINY_SCALE, scale)
     return Compensation(LowBitWeights(w_int, scale), new_bias, gain, c, estimated)
+
+
+# ---------------------------------------------------------------- the next layer's least-squares correction
+
+HERMITE_TERMS = 12  # terms of the Hermite series for the covariance of two activated Gaussians
+LSQ_RIDGE = 1e-3  # ridge on E[hq hq^T] (relative to its mean diagonal) in the next layer's regression
+HIGH_CORRECTIONS = ("none", "lsq")  # the next layer's weights: as they are, or least-squares corrected
+
+
+def output_covariance(w_a: np.ndarray, w_b: np.ndarray, in_var: np.ndarray, rho: float) -> np.ndarray:
+    """Cov(W_a x, W_b x) [O_a, O_b] at one position under the tap model of `tap_variance` (group 1).
+
+    sum_c v_c (rho S_a[i, c] S_b[j, c] + (1 - rho) sum_k W_a[i, c, k] W_b[j, c, k]), S = sum over taps.
+    """
+    a = np.asarray(w_a, np.float64).reshape(w_a.shape[0], w_a.shape[1], -1)
+    b = np.asarray(w_b, np.float64).reshape(w_b.shape[0], w_b.shape[1], -1)
+    var = np.asarray(in_var, np.float64).reshape(-1)
+    summed = np.einsum("ic,jc,c->ij", a.sum(axis=2), b.sum(axis=2), var)
+    taps = np.einsum("ick,jck,c->ij", a, b, var)
+    return rho * summed + (1.0 - rho) * taps
+
+
+def hermite_coefficients(mean: np.ndarray, std: np.ndarray, lo: float, hi: float,
+                         terms: int = HERMITE_TERMS) -> np.ndarray:
+    """f_n = E[clip(m + s u, lo, hi) He_n(u)] / sqrt(n!), n = 1..terms, per channel: [terms, C].
+
+    For u, w standard normal with correlation r, Cov(f(u), g(w)) = sum_n r^n f_n g_n (Mehler).
+    With a = (bound - m) / s: f_1 = s (Phi(a_hi) - Phi(a_lo)) and, for n >= 2,
+    n! ^ 1/2 f_n = s (He_{n-2}(a_lo) phi(a_lo) - He_{n-2}(a_hi) phi(a_hi)) (Gaussian integration by parts).
+    """
+    m, s = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    safe = np.where(s > 0, s, 1.0)
+    a_lo = (lo - m) / safe if np.isfinite(lo) else np.full(m.shape, -np.inf)
+    a_hi = (hi - m) / safe if np.isfinite(hi) else np.full(m.shape, np.inf)
+    coef = np.zeros((terms,) + m.shape)
+    coef[0] = s * (normal_cdf(a_hi) - normal_cdf(a_lo))
+    pdf = [np.where(np.isfinite(a), normal_pdf(a), 0.0) for a in (a_lo, a_hi)]
+    a_fin = [np.where(np.isfinite(a), a, 0.0) for a in (a_lo, a_hi)]
+    he_prev, he = [np.zeros(m.shape)] * 2, [np.ones(m.shape)] * 2  # He_{-1}, He_0
+    factorial = 1.0
+    for n in range(2, terms + 1):
+        factorial *= n
+        coef[n - 1] = s * (he[0] * pdf[0] - he[1] * pdf[1]) / np.sqrt(factorial)
+        k = n - 2  # He_{k+1} = a He_k - k He_{k-1}
+        he, he_prev = [a_fin[i] * he[i] - k * he_prev[i] for i in range(2)], he
+    return np.where(s > 0, coef, 0.0)
+
+
+def activated_covariance(corr: np.ndarray, coef_a: np.ndarray, coef_b: np.ndarray) -> np.ndarray:
+    """Cov(f(z_a), g(z_b)) [C_a, C_b] from the pre-activation correlation [C_a, C_b] (Mehler series)."""
+    corr = np.clip(np.asarray(corr, np.float64), -1.0, 1.0)
+    power = np.ones_like(corr)
+    out = np.zeros_like(corr)
+    for n in range(coef_a.shape[0]):  # over series terms, not weights
+        power = power * corr
+        out += power * np.outer(coef_a[n], coef_b[n])
+    return out
+
+
+def _correlation(cov: np.ndarray, var_a: np.ndarray, var_b: np.ndarray) -> np.ndarray:
+    norm = np.sqrt(np.outer(var_a, var_b))
+    return np.where(norm > 0, cov / np.where(norm > 0, norm, 1.0), 0.0)
+
+
+def correct_next_layer(w_fp: np.ndarray, w_q: np.ndarray, stats: ChannelStats, act: tuple[float, float],
+                       in_var: np.ndarray, rho: float, w_next: np.ndarray, b_next: np.ndarray | None,
+                       ridge: float = LSQ_RIDGE) -> tuple[np.ndarray, np.ndarray]:
+    """W_next', b_next' minimising E||W_next h + b_next - (W_next' hq + b_next')||^2, float64.
+
+    h = act(W x + b) is the float low layer's activated output, hq the re-normalised quantized one
+    (both with pre-activation mean beta_j and std gamma_j). Per kernel tap of the next layer, with
+    h and hq at one position, the minimiser is W_next'[:, :, k] = W_next[:, :, k] M,
+        M = E_c[h hq^T] E_c[hq hq^T]^-1    (centred second moments; the regression of h on hq),
+    b_next' = b_next + sum_k W_next[:, :, k] (E h - M E hq): the whole next layer compensates,
+    not one gain per channel. The pre-activation correlations come from the tap model
+    (`output_covariance` of W and Wq over the propagated input variance), their stds from the BN
+    statistics, and the activation maps them through `hermite_coefficients` (exact variances on the
+    diagonal). Group-1 layers; w_next canonical [O, C, *k].
+    """
+    cov_zz = output_covariance(w_fp, w_fp, in_var, rho)
+    cov_qq = output_covariance(w_q, w_q, in_var, rho)
+    cov_zq = output_covariance(w_fp, w_q, in_var, rho)
+    d_z, d_q = np.diag(cov_zz), np.diag(cov_qq)
+    mean, std = np.asarray(stats.mean, np.float64), np.asarray(stats.std, np.float64)
+    coef = hermite_coefficients(mean, std, act[0], act[1])
+    h_mean, h_var = clipped_normal_moments(mean, std, act[0], act[1])
+    cross = activated_covariance(_correlation(cov_zq, d_z, d_q), coef, coef)  # [h, hq]
+    auto = activated_covariance(_correlation(cov_qq, d_q, d_q), coef, coef)
+    auto[np.diag_indices_from(auto)] = h_var
+    auto += ridge * max(float(np.mean(h_var)), 1e-30) * np.eye(len(h_var))
+    mix = np.linalg.solve(auto, cross.T).T  # M = cross auto^-1 (auto symmetric)
+    w2 = np.asarray(w_next, np.float64)
+    w_new = np.einsum("oc...,cd->od...", w2, mix)
+    shift = h_mean - mix @ h_mean
+    base = np.zeros(w2.shape[0]) if b_next is None else np.asarray(b_next, np.float64)
+    return w_new, base + w2.reshape(w2.shape[0], w2.shape[1], -1).sum(axis=2) @ shift
