@@ -33,8 +33,10 @@ from onnxdfq.passes.dfmpc_math import (
     hermite_coefficients,
     high_layer_gain,
     output_covariance,
+    quantize_correlated,
     quantize_low,
     reestimate_bn,
+    refine_levels,
     tap_variance,
     ternarize_corr,
     ternarize_lsq,
@@ -217,6 +219,32 @@ def test_ternarize_corr_matches_its_brute_force_and_beats_lsq(seed, rho, dtype):
     np.testing.assert_allclose(plain.scale, ternarize_lsq(w).scale, rtol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+def test_refine_levels_reaches_a_local_optimum_of_the_correlation(bits):
+    """Every +-1 move of every element (plain loops) lowers the tap-model correlation at the result,
+    which is never below the start, and the levels stay on the grid."""
+    rng = np.random.default_rng(bits)
+    w, in_var, rho = rng.standard_normal((5, 3, 3, 3)), rng.uniform(0.1, 3.0, 3), 0.3
+    qmax = 2 ** (bits - 1) - 1
+    start = ternarize_corr(w, in_var, rho).w_int if bits == 2 else quantize_low(w, bits).w_int
+    refined = refine_levels(w, start, in_var, rho, qmax, steps=500)
+    assert np.abs(refined).max() <= qmax
+    corr = channel_correlation(w, refined.astype(float), in_var, rho)
+    assert np.all(corr >= channel_correlation(w, start.astype(float), in_var, rho) - 1e-12)
+    assert np.any(refined != start)  # it leaves the start (top-|w| supports) somewhere
+    for j, index in itertools.product(range(5), np.ndindex(w.shape[1:])):
+        for delta in (-1, 1):
+            moved = refined[j].copy()
+            moved[index] += delta
+            if abs(moved[index]) <= qmax:
+                r = channel_correlation(w[j:j + 1], moved[None].astype(float), in_var, rho)[0]
+                assert r <= corr[j] + 1e-12
+    quant = quantize_correlated(w, bits, in_var, rho, refine_steps=500)
+    np.testing.assert_array_equal(quant.w_int, refined)
+    grouped = quantize_correlated(w, bits, in_var, rho, refine_steps=500, group=3)
+    np.testing.assert_array_equal(grouped.w_int, quantize_low(w, bits).w_int)
+
+
 @pytest.mark.parametrize("lo, hi", [(0.0, np.inf), (0.0, 1.5), (-np.inf, np.inf)])
 def test_activated_covariance_matches_a_simulation(lo, hi):
     """Mehler series of clip(N) against sampled jointly Gaussian pre-activations with means."""
@@ -374,7 +402,9 @@ def test_options_are_checked():
 
     model = _pair_model()
     for bits, options in (("2", {}), ("6/2", {}), ("2/6", {"dfmpc": {"rho": 1.5}}),
-                          ("2/6", {"dfmpc": {"bogus": 1}}), ("3/6", {"dfmpc": {"quantizer": "twn"}})):
+                          ("2/6", {"dfmpc": {"bogus": 1}}), ("3/6", {"dfmpc": {"quantizer": "twn"}}),
+                          ("2/6", {"dfmpc": {"quantizer": "lsq", "refine_steps": 8}}),
+                          ("2/6", {"dfmpc": {"refine_steps": -1}}), ("2/6", {"dfmpc": {"high_correction": "gain"}})):
         with pytest.raises(OptionError):
             quantize_model(model, method="dfmpc", bits=bits, act_bits=None, **options)
     with pytest.raises(OptionError):

@@ -126,11 +126,11 @@ class DFMPCPass(Pass):
     def __init__(self, low_bits: int, high_bits: int, *, quantizer: str = "lsq", reestimate: str = "mean+std",
                  rho: float | str = DEFAULT_RHO, compensate: bool = False, lambda1: float = DEFAULT_LAMBDA1,
                  lambda2: float = DEFAULT_LAMBDA2, sigma_model: str = "blend", high_gain: bool = True,
-                 high_correction: str = "none") -> None:
+                 high_correction: str = "none", refine_steps: int = 0) -> None:
         if not 2 <= low_bits < high_bits <= 8:
             raise ValueError(f"DF-MPC needs 2 <= LOW < HIGH <= 8, got {low_bits}/{high_bits}")
-        if quantizer not in LOW_QUANTIZERS or (quantizer in ("twn", "corr") and low_bits != 2):
-            raise ValueError(f"quantizer must be one of {', '.join(LOW_QUANTIZERS)} (twn, corr: 2 bits only), "
+        if quantizer not in LOW_QUANTIZERS or (quantizer == "twn" and low_bits != 2):
+            raise ValueError(f"quantizer must be one of {', '.join(LOW_QUANTIZERS)} (twn: 2 bits only), "
                              f"got {quantizer!r}")
         if reestimate not in REESTIMATE:
             raise ValueError(f"reestimate must be one of {', '.join(REESTIMATE)}, got {reestimate!r}")
@@ -140,10 +140,15 @@ class DFMPCPass(Pass):
             raise ValueError(f"rho must be in [0, 1) or 'fit', got {rho!r}")
         if high_correction not in HIGH_CORRECTIONS:
             raise ValueError(f"high_correction must be one of {', '.join(HIGH_CORRECTIONS)}, got {high_correction!r}")
+        if not (isinstance(refine_steps, int) and refine_steps >= 0):
+            raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
+        if refine_steps and quantizer != "corr":
+            raise ValueError("refine_steps refines the 'corr' quantizer's grid; set quantizer='corr'")
         rho = rho if rho == "fit" else float(rho)
         self.low_bits, self.high_bits = low_bits, high_bits
         self.options = {"quantizer": quantizer, "reestimate": reestimate, "rho": rho, "compensate": bool(compensate),
-                        "lambda1": float(lambda1), "lambda2": float(lambda2), "sigma_model": sigma_model}
+                        "lambda1": float(lambda1), "lambda2": float(lambda2), "sigma_model": sigma_model,
+                        "refine_steps": refine_steps}
         self.high_gain = bool(high_gain)
         self.high_correction = high_correction
         self.plan: MixedPrecisionPlan | None = None

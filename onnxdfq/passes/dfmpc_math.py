@@ -41,7 +41,8 @@ from onnxdfq.quant.shift import output_shift
 __all__ = ["DEFAULT_LAMBDA1", "DEFAULT_LAMBDA2", "DEFAULT_RHO", "RHO_GRID", "SCALE_GRID", "LOW_QUANTIZERS",
            "TWN_THRESHOLD", "REESTIMATE", "SIGMA_MODELS", "LowBitWeights", "Compensation", "ternarize_lsq",
            "quantize_low", "tap_variance", "fit_rho", "channel_correlation", "high_layer_gain", "reestimate_bn",
-           "dfmpc_coefficients", "compensate_mixed_precision", "ternarize_corr", "HERMITE_TERMS", "LSQ_RIDGE",
+           "dfmpc_coefficients", "compensate_mixed_precision", "ternarize_corr", "refine_levels", "rescale_levels",
+           "quantize_correlated", "HERMITE_TERMS", "LSQ_RIDGE",
            "HIGH_CORRECTIONS",
            "output_covariance", "hermite_coefficients", "activated_covariance", "correct_next_layer"]
 
@@ -51,7 +52,7 @@ DEFAULT_RHO = 0.2  # correlation between the kernel taps of one input channel in
 RHO_GRID = np.linspace(0.0, 0.9, 46)  # candidates for rho="fit"
 SCALE_GRID = np.linspace(0.2, 1.0, 81)  # clip ratios (of max|w|) searched for 3..8-bit low layers
 LOW_QUANTIZERS = ("lsq", "absmax", "twn", "corr")  # least-squares grid, max|w| grid, TWN ternary (0.7 mean|w|),
-# ternary support of the largest |w| that maximises the output correlation under the tap model (`ternarize_corr`)
+# the grid most correlated with the float output under the tap model (`quantize_correlated`)
 TWN_THRESHOLD = 0.7  # Li et al. 2016: threshold 0.7 mean|w|
 REESTIMATE = ("none", "mean", "mean+std")  # which BN statistics of the low layer are re-estimated
 
@@ -125,6 +126,75 @@ def ternarize_corr(w_fp: np.ndarray, in_var: np.ndarray, rho: float) -> LowBitWe
     return LowBitWeights(w_int.reshape(w.shape), np.where(alpha > 0, alpha, TINY_SCALE))
 
 
+def refine_levels(w_fp: np.ndarray, w_int: np.ndarray, in_var: np.ndarray, rho: float, qmax: int,
+                  steps: int) -> np.ndarray:
+    """Coordinate ascent on the tap-model correlation <W, t>^2 / <t, t> of integer weights t (`ternarize_corr`).
+
+    Each step moves, in every output channel at once, the one element by +-1 (within [-qmax, qmax])
+    that raises the channel's score most, if any does; at most `steps` steps. The score is
+    scale-free, so any grid (top-|w| ternary, the least-squares grid) is a starting point; the
+    search leaves top-|w| supports. Group-1 canonical [O, C, *k] weights; returns the new w_int.
+    """
+    w = np.asarray(w_fp, np.float64)
+    out_ch, in_ch = w.shape[0], w.shape[1]
+    flat = w.reshape(out_ch, -1)
+    taps = flat.shape[1] // in_ch
+    t = np.asarray(w_int, np.float64).reshape(out_ch, -1).copy()
+    var = np.repeat(np.asarray(in_var, np.float64).reshape(-1), taps)[None, :]
+    lin = var * (rho * np.repeat(w.reshape(out_ch, in_ch, taps).sum(axis=2), taps, axis=1) + (1 - rho) * flat)
+    rows = np.arange(out_ch)
+    for _ in range(steps):
+        s_t = np.repeat(t.reshape(out_ch, in_ch, taps).sum(axis=2), taps, axis=1)
+        cross = np.sum(lin * t, axis=1, keepdims=True)
+        auto = np.sum(var * (rho * s_t * t + (1 - rho) * t * t), axis=1, keepdims=True)
+        base = _score(cross, auto)
+        best_gain, best_idx, best_step = np.zeros(out_ch), np.zeros(out_ch, np.int64), np.zeros(out_ch)
+        for delta in (-1.0, 1.0):  # over the two moves, not over weights
+            new_cross = cross + lin * delta
+            new_auto = auto + var * (rho * (2 * s_t * delta + 1.0) + (1 - rho) * (2 * t * delta + 1.0))
+            gain = np.where(np.abs(t + delta) <= qmax, _score(new_cross, new_auto) - base, -np.inf)
+            idx = np.argmax(gain, axis=1)
+            better = gain[rows, idx] > best_gain
+            best_gain = np.where(better, gain[rows, idx], best_gain)
+            best_idx, best_step = np.where(better, idx, best_idx), np.where(better, delta, best_step)
+        move = best_gain > 1e-12 * np.maximum(base[:, 0], 1e-30)
+        if not move.any():
+            break
+        t[rows[move], best_idx[move]] += best_step[move]
+    return t.astype(np.int64).reshape(w.shape)
+
+
+def _score(cross: np.ndarray, auto: np.ndarray) -> np.ndarray:
+    """max(<W, t>, 0)^2 / <t, t> (0 where <t, t> = 0)."""
+    return np.where(auto > 0, np.maximum(cross, 0.0) ** 2 / np.where(auto > 0, auto, 1.0), 0.0)
+
+
+def rescale_levels(w_fp: np.ndarray, w_int: np.ndarray, in_var: np.ndarray) -> LowBitWeights:
+    """Integer weights with their input-variance-weighted least-squares scale per output channel (group 1)."""
+    flat = np.asarray(w_fp, np.float64).reshape(w_fp.shape[0], -1)
+    t = np.asarray(w_int, np.float64).reshape(flat.shape)
+    var = np.repeat(np.asarray(in_var, np.float64).reshape(-1), flat.shape[1] // w_fp.shape[1])[None, :]
+    den = np.sum(var * t * t, axis=1)
+    alpha = np.where(den > 0, np.sum(var * t * flat, axis=1) / np.where(den > 0, den, 1.0), 0.0)
+    return LowBitWeights(np.asarray(w_int, np.int64), np.where(alpha > 0, alpha, TINY_SCALE))
+
+
+def quantize_correlated(w_fp: np.ndarray, bits: int, in_var: np.ndarray, rho: float, refine_steps: int = 0,
+                        group: int = 1) -> LowBitWeights:
+    """The "corr" quantizer: the grid whose output best correlates with the float layer's (tap model).
+
+    2 bits: `ternarize_corr`; 3..8 bits: the least-squares grid. Then `refine_steps` steps of
+    `refine_levels` and the v-weighted least-squares scale. Grouped layers: the least-squares grid.
+    """
+    if group != 1:
+        return quantize_low(w_fp, bits, "lsq")
+    start = ternarize_corr(w_fp, in_var, rho) if bits == 2 else quantize_low(w_fp, bits, "lsq")
+    if refine_steps <= 0:
+        return start
+    qmax = QuantScheme(bits).qmax
+    return rescale_levels(w_fp, refine_levels(w_fp, start.w_int, in_var, rho, qmax, refine_steps), in_var)
+
+
 def _ternarize_twn(w_fp: np.ndarray) -> LowBitWeights:
     flat = np.asarray(w_fp, np.float64).reshape(w_fp.shape[0], -1)
     keep = np.abs(flat) > TWN_THRESHOLD * np.abs(flat).mean(axis=1, keepdims=True)
@@ -144,7 +214,7 @@ def quantize_low(w_fp: np.ndarray, bits: int, method: str = "lsq") -> LowBitWeig
     if method not in LOW_QUANTIZERS:
         raise ValueError(f"unknown low-bit quantizer {method!r}; choose one of {', '.join(LOW_QUANTIZERS)}")
     if method == "corr":
-        raise ValueError("the 'corr' ternary needs input statistics: call ternarize_corr")
+        raise ValueError("the 'corr' quantizer needs input statistics: call quantize_correlated")
     if method == "twn":
         if bits != 2:
             raise ValueError("the TWN quantizer is ternary (2 bits) only")
@@ -315,21 +385,21 @@ def compensate_mixed_precision(w_fp: np.ndarray, bias: np.ndarray | None, stats:
                                in_var: np.ndarray, bits: int, *, group: int = 1, quantizer: str = "lsq",
                                reestimate: str = "mean+std", rho: float | str = DEFAULT_RHO,
                                compensate: bool = False, lambda1: float = DEFAULT_LAMBDA1,
-                               lambda2: float = DEFAULT_LAMBDA2, sigma_model: str = "blend") -> Compensation:
+                               lambda2: float = DEFAULT_LAMBDA2, sigma_model: str = "blend",
+                               refine_steps: int = 0) -> Compensation:
     """Quantize a BN-folded layer [O, ...] to `bits` and compensate it per channel (module doc).
 
     reestimate : "none", "mean" or "mean+std" (which BN statistics are re-estimated).
     rho : tap correlation for V, or "fit" (`fit_rho`).
+    refine_steps : coordinate-ascent steps of the "corr" quantizer (`quantize_correlated`).
     """
     if reestimate not in REESTIMATE:
         raise ValueError(f"reestimate must be one of {', '.join(REESTIMATE)}, got {reestimate!r}")
     w = np.asarray(w_fp, np.float64)
     b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, np.float64)
     rho_value = fit_rho(w, in_var, stats.std, group) if rho == "fit" else float(rho)
-    if quantizer == "corr":  # grouped layers: the plain least-squares ternary
-        if bits != 2:
-            raise ValueError("the 'corr' quantizer is ternary (2 bits) only")
-        quant = ternarize_corr(w, in_var, rho_value) if group == 1 else ternarize_lsq(w)
+    if quantizer == "corr":
+        quant = quantize_correlated(w, bits, in_var, rho_value, refine_steps, group)
     else:
         quant = quantize_low(w, bits, quantizer)
     w_q = quant.dequantized()
