@@ -34,15 +34,21 @@ from onnxdfq.passes.dfmpc_math import (
 from onnxdfq.passes.statistics import tensor_statistics
 from onnxdfq.quant.scheme import BitWidthMap
 
-__all__ = ["PairPlan", "MixedPrecisionPlan", "plan_pairs", "DFMPCPass"]
+__all__ = ["PairPlan", "MixedPrecisionPlan", "LOW_RULES", "plan_pairs", "DFMPCPass"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PairPlan:
+    """low is quantized at the low width, high at the high width. `high_reads_low`: high reads low's
+    (activated) output, possibly through `via` (a MaxPool), so it can compensate low; with
+    low_rule="last" the high layer comes first in the block instead and compensates nothing."""
+
     low: str
     high: str
+    via: str = ""
+    high_reads_low: bool = True
 
 
 @dataclass(frozen=True)
@@ -63,14 +69,14 @@ class MixedPrecisionPlan:
 
 
 LOW_ACTS = ("relu", "relu6", "none")  # activations a compensated pre-activation may feed
+LOW_RULES = ("first", "spatial", "last")  # which conv of a chain l -> l+1 is low (plan_pairs)
+POOLS_THROUGH = ("MaxPool",)  # channelwise, positively homogeneous: a pair may span one
 
 
-def _unpaired_reason(layer: graph_layers.Layer, next_layer: graph_layers.Layer | None, used: set[str],
-                     bn_stats: dict, graph_inputs: set[str]) -> str | None:
+def _low_reason(layer: graph_layers.Layer, bn_stats: dict, graph_inputs: set[str]) -> str | None:
+    """Why `layer` cannot be a low layer at all (None: it can)."""
     if layer.input_name in graph_inputs:
         return "stem (reads the network input)"
-    if layer.name in used:
-        return "high layer of the previous pair"
     if layer.op_type != "Conv":
         return f"{layer.op_type} (only convolutions are paired)"
     if layer.is_depthwise:
@@ -79,35 +85,70 @@ def _unpaired_reason(layer: graph_layers.Layer, next_layer: graph_layers.Layer |
         return "no output statistics (BN or prior)"
     if layer.act.kind not in LOW_ACTS:
         return f"{layer.act.kind} activation"
-    if next_layer is None:
-        return "its output does not feed a single layer (residual join, pooling, head)"
     return None
 
 
+def _next_layer(layer: graph_layers.Layer, by_node: dict, tensors: dict, outputs: set[str]
+                ) -> tuple[graph_layers.Layer | None, str]:
+    """The one layer that reads `layer`'s activated output, directly or through one MaxPool, and that pool's name."""
+    tensor, via = tensors.get(layer.act_output_name), ""
+    consumer = graph_layers.single_consumer(tensor, outputs) if tensor is not None else None
+    if consumer is not None and consumer.op in POOLS_THROUGH:
+        via, tensor = consumer.name, consumer.outputs[0]
+        consumer = graph_layers.single_consumer(tensor, outputs)
+    next_layer = by_node.get(id(consumer)) if consumer is not None else None
+    if next_layer is None or next_layer.input_name != tensor.name:
+        return None, ""
+    return next_layer, via
+
+
+def _is_pointwise(layer: graph_layers.Layer) -> bool:
+    return all(size == 1 for size in layer.weight.shape[2:])
+
+
 def plan_pairs(layers: list[graph_layers.Layer], graph, bn_stats: dict, low_bits: int,
-               high_bits: int) -> MixedPrecisionPlan:
-    """Greedy pairing in graph order: l is low when it is a non-depthwise conv with BN statistics
-    whose (activated) output is read by exactly one other layer, l+1, which becomes high.
-    Layers in no pair (stem, classifier, convs before residual joins, depthwise) stay high."""
+               high_bits: int, low_rule: str = "first") -> MixedPrecisionPlan:
+    """Greedy pairing in graph order along chains l -> l+1 (l's activated output, possibly after a
+    MaxPool, read by l+1 alone); `low_rule` says which of the two is low:
+    - "first": l low, l+1 high (l+1 compensates l);
+    - "spatial": the same, except that a 1x1 l whose l+1 is a spatial conv that can itself be low
+      with a partner stays high, so that the spatial conv is low (the paper's bottleneck rule:
+      1x1 high, 3x3 low);
+    - "last": where l+1 ends the chain (its output feeds a residual join, a pool or the head) and can
+      be low, l+1 is low and l high (which compensates nothing); else as "first".
+    Layers in no pair (stem, classifier, shortcut projections, depthwise) stay high."""
+    if low_rule not in LOW_RULES:
+        raise ValueError(f"low_rule must be one of {', '.join(LOW_RULES)}, got {low_rule!r}")
     by_node = {id(layer.node): layer for layer in layers}
     outputs = {t.name for t in graph.outputs}
     graph_inputs = {t.name for t in graph.inputs}
     tensors = graph.tensors()
+    chain = {layer.name: _next_layer(layer, by_node, tensors, outputs) for layer in layers}
+    can_low = {layer.name: _low_reason(layer, bn_stats, graph_inputs) is None for layer in layers}
     pairs: list[PairPlan] = []
     unpaired: dict[str, str] = {}
     used: set[str] = set()
     for layer in layers:
-        tensor = tensors.get(layer.act_output_name)
-        consumer = graph_layers.single_consumer(tensor, outputs) if tensor is not None else None
-        next_layer = by_node.get(id(consumer)) if consumer is not None else None
-        if next_layer is not None and next_layer.input_name != layer.act_output_name:
-            next_layer = None
-        reason = _unpaired_reason(layer, next_layer, used, bn_stats, graph_inputs)
-        if reason is None:
-            pairs.append(PairPlan(layer.name, next_layer.name))
+        if layer.name in used:
+            continue
+        next_layer, via = chain[layer.name]
+        reason = _low_reason(layer, bn_stats, graph_inputs)
+        if reason is None and next_layer is None:
+            reason = "its output does not feed a single layer (residual join, pooling, head)"
+        if reason is None and next_layer.name in used:
+            reason = "its next layer is already paired"
+        if reason is None and low_rule == "spatial" and _is_pointwise(layer) and not _is_pointwise(next_layer) \
+                and can_low[next_layer.name] and chain[next_layer.name][0] is not None:
+            reason = "1x1 before a spatial conv that is low (low_rule='spatial')"
+        if reason is None and low_rule == "last" and chain[next_layer.name][0] is None and can_low[next_layer.name]:
+            pairs.append(PairPlan(next_layer.name, layer.name, via, high_reads_low=False))
             used.update((layer.name, next_layer.name))
-        elif layer.name not in used:
+        elif reason is None:
+            pairs.append(PairPlan(layer.name, next_layer.name, via))
+            used.update((layer.name, next_layer.name))
+        else:
             unpaired[layer.name] = reason
+    unpaired = {name: why for name, why in unpaired.items() if name not in used}
     return MixedPrecisionPlan(low_bits, high_bits, tuple(pairs), unpaired)
 
 
@@ -126,7 +167,7 @@ class DFMPCPass(Pass):
     def __init__(self, low_bits: int, high_bits: int, *, quantizer: str = "lsq", reestimate: str = "mean+std",
                  rho: float | str = DEFAULT_RHO, compensate: bool = False, lambda1: float = DEFAULT_LAMBDA1,
                  lambda2: float = DEFAULT_LAMBDA2, sigma_model: str = "blend", high_gain: bool = True,
-                 high_correction: str = "none", refine_steps: int = 0) -> None:
+                 high_correction: str = "none", refine_steps: int = 0, low_rule: str = "first") -> None:
         if not 2 <= low_bits < high_bits <= 8:
             raise ValueError(f"DF-MPC needs 2 <= LOW < HIGH <= 8, got {low_bits}/{high_bits}")
         if quantizer not in LOW_QUANTIZERS or (quantizer == "twn" and low_bits != 2):
@@ -144,6 +185,8 @@ class DFMPCPass(Pass):
             raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
         if refine_steps and quantizer != "corr":
             raise ValueError("refine_steps refines the 'corr' quantizer's grid; set quantizer='corr'")
+        if low_rule not in LOW_RULES:
+            raise ValueError(f"low_rule must be one of {', '.join(LOW_RULES)}, got {low_rule!r}")
         rho = rho if rho == "fit" else float(rho)
         self.low_bits, self.high_bits = low_bits, high_bits
         self.options = {"quantizer": quantizer, "reestimate": reestimate, "rho": rho, "compensate": bool(compensate),
@@ -151,6 +194,7 @@ class DFMPCPass(Pass):
                         "refine_steps": refine_steps}
         self.high_gain = bool(high_gain)
         self.high_correction = high_correction
+        self.low_rule = low_rule
         self.plan: MixedPrecisionPlan | None = None
 
     def ensures(self, ws: Workspace) -> None:
@@ -159,7 +203,7 @@ class DFMPCPass(Pass):
             if quant is None or not np.all(np.isfinite(quant.scale)) or np.any(quant.scale <= 0):
                 raise PostconditionError(f"{name}: DF-MPC left no valid low-bit weights")
 
-    def _high_update(self, layer, result, in_var, high, stats, ws) -> tuple | None:
+    def _high_update(self, layer, result, in_var, high, stats, ws, pooled: bool = False) -> tuple | None:
         """(high layer, new weight, new bias, report row) for the high layer of `layer`'s pair, or None."""
         if not (self.high_gain or self.high_correction != "none"):
             return None
@@ -170,7 +214,7 @@ class DFMPCPass(Pass):
         weight = np.asarray(high.weight, np.float64)
         bias = np.zeros(high.out_channels) if high.bias is None else high.bias.astype(np.float64)
         row = {}
-        if self.high_correction == "lsq":
+        if self.high_correction == "lsq" and not pooled:  # its model is per position: no pool between
             new_weight, bias = correct_next_layer(layer.weight, w_q, ws.channel_stats[layer.name],
                                                   (layer.act.lo, layer.act.hi), in_var, rho, weight, bias)
             row["lsq_weight_change"] = float(np.linalg.norm(new_weight - weight) / max(np.linalg.norm(weight), 1e-30))
@@ -187,11 +231,12 @@ class DFMPCPass(Pass):
 
     def call(self, ws: Workspace) -> PassReport:
         layers = graph_layers.read_layers(ws.graph)
-        plan = plan_pairs(layers, ws.graph, ws.channel_stats, self.low_bits, self.high_bits)
+        plan = plan_pairs(layers, ws.graph, ws.channel_stats, self.low_bits, self.high_bits, self.low_rule)
         stats = tensor_statistics(ws)
         report = PassReport(self.name, params={"low_bits": self.low_bits, "high_bits": self.high_bits,
                                                "high_gain": self.high_gain,
-                                               "high_correction": self.high_correction, **self.options})
+                                               "high_correction": self.high_correction,
+                                               "low_rule": self.low_rule, **self.options})
         updates = []
         for layer in layers:
             if layer.name not in plan.low_layers:
@@ -209,9 +254,10 @@ class DFMPCPass(Pass):
                                                 self.low_bits, group=layer.group, **options)
             updates.append((layer, result, in_var))
         by_name = {layer.name: layer for layer in layers}
-        high_of = {p.low: by_name[p.high] for p in plan.pairs}
-        high_updates = [update for layer, result, in_var in updates
-                        if (update := self._high_update(layer, result, in_var, high_of[layer.name], stats, ws))]
+        pair_of = {p.low: p for p in plan.pairs}
+        high_updates = [update for layer, result, in_var in updates if pair_of[layer.name].high_reads_low
+                        and (update := self._high_update(layer, result, in_var, by_name[pair_of[layer.name].high],
+                                                         stats, ws, pooled=bool(pair_of[layer.name].via)))]
         for layer, result, _ in updates:  # decide first, then write once
             quant = WeightQuant(self.low_bits, result.quant.scale, result.quant.w_int, True, "dfmpc")
             ws.weight_quant[layer.name] = quant
@@ -230,6 +276,8 @@ class DFMPCPass(Pass):
             report.rows.append(LayerRow(high.name, row))
         self.plan = plan
         report.params["pairs"] = [[p.low, p.high] for p in plan.pairs]
+        report.params["pair_details"] = [{"low": p.low, "high": p.high, "via": p.via,
+                                          "high_reads_low": p.high_reads_low} for p in plan.pairs]
         report.params["unpaired"] = dict(plan.unpaired)
         sizes = {layer.name: layer.weight.size for layer in layers}
         bits = {name: self.low_bits if name in plan.low_layers else self.high_bits for name in sizes}
