@@ -123,6 +123,9 @@ def _config_from(method: str, bits: int | str, act_bits: int | str | None, granu
     granularity = granularity.removeprefix("per-")  # users type per-channel / per-tensor
     if granularity not in ("channel", "tensor"):
         raise OptionError(f"--granularity must be 'channel' or 'tensor', got {granularity!r}")
+    if method == "dfmpc" and granularity == "tensor":  # its gains live in the low layers' per-channel scales
+        raise OptionError("--method dfmpc quantizes per output channel: its compensation folds one gain per channel "
+                          "into the low layers' scales; --granularity tensor is not supported")
     options = dict(options)
     options["calib"] = _calib_spec(options)
     known = {f for f in QuantConfig.__dataclass_fields__} - {"method", "bits", "high_bits", "act_bits",

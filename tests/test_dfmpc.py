@@ -474,6 +474,11 @@ def test_options_are_checked():
             quantize_model(model, method="dfmpc", bits=bits, act_bits=None, **options)
     with pytest.raises(OptionError):
         quantize_model(model, method="nearest", bits="4", dfmpc={"rho": 0.1})
+    for granularity in ("tensor", "per-tensor"):  # rejected, not silently ignored for the low layers
+        with pytest.raises(OptionError, match="per output channel"):
+            quantize_model(model, method="dfmpc", bits="2/6", act_bits=None, granularity=granularity)
+    result = quantize_model(model, method="dfmpc", bits="2/6", act_bits=None, granularity="per-channel")
+    assert result.config.per_channel
 
 
 # ---------------------------------------------------------------- real models
