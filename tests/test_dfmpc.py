@@ -29,6 +29,7 @@ from onnxdfq.passes.dfmpc_math import (
     activated_covariance,
     channel_correlation,
     correct_next_layer,
+    correlated_sum_moments,
     dfmpc_coefficients,
     hermite_coefficients,
     high_layer_gain,
@@ -173,6 +174,19 @@ def test_high_layer_gain_is_one_without_noise_and_grows_with_it():
     assert np.all(gains[0] > 1.0) and np.all(gains[1] > gains[0])
     w = rng.standard_normal((5, 4, 3, 3))
     np.testing.assert_allclose(channel_correlation(w, w, np.ones(4), 0.2), 1.0)
+
+
+@pytest.mark.parametrize("corr", [-0.5, 0.0, 0.6])
+def test_correlated_sum_moments_match_a_simulation(corr):
+    rng = np.random.default_rng(11)
+    mean_a, var_a = rng.normal(0, 1, 4), rng.uniform(0.2, 2, 4)
+    mean_b, var_b = rng.uniform(0, 1, 4), rng.uniform(0.2, 2, 4)
+    u = rng.standard_normal((300_000, 4))
+    w = corr * u + np.sqrt(1 - corr**2) * rng.standard_normal((300_000, 4))
+    joined = np.maximum(mean_a + np.sqrt(var_a) * u + mean_b + np.sqrt(var_b) * w, 0.0)
+    mean, var = correlated_sum_moments(mean_a, var_a, mean_b, var_b, corr, 0.0, np.inf)
+    np.testing.assert_allclose(mean, joined.mean(axis=0), atol=0.01)
+    np.testing.assert_allclose(var, joined.var(axis=0), rtol=0.02)
 
 
 def _tap_inputs(rng, n, in_mean, in_var, rho, taps=9):
@@ -393,6 +407,19 @@ def test_built_architectures_quantize_and_compensation_helps(builder):
         assert set(np.unique(inits[f"{low}.weight_quantized"])) <= {-1, 0, 1}
     plain = quantize_model(model, method="dfmpc", bits="2/6", act_bits=None, dfmpc=PLAIN, bias_correction=False)
     assert _logit_sqnr(model, result.model) > _logit_sqnr(model, plain.model) + 1.0  # vgg 14.2 vs 12.3 dB
+
+
+def test_shortcut_corr_changes_only_low_layers_behind_a_residual_join():
+    """b2.conv1 reads relu(b1 branch + projection): its compensation moves with shortcut_corr;
+    b1.conv1 reads the stem's relu and must not."""
+    model = basic_block_model()
+    runs = {}
+    for corr in (0.0, 0.6):
+        ws = _folded(model)
+        DFMPCPass(2, 6, shortcut_corr=corr)(ws)
+        runs[corr] = ws.weight_quant
+    np.testing.assert_array_equal(runs[0.0]["b1.conv1"].scale, runs[0.6]["b1.conv1"].scale)
+    assert not np.allclose(runs[0.0]["b2.conv1"].scale, runs[0.6]["b2.conv1"].scale)
 
 
 def test_bottleneck_rule_beats_first_on_the_bottleneck_model():

@@ -29,6 +29,7 @@ from onnxdfq.passes.dfmpc_math import (
     channel_correlation,
     compensate_mixed_precision,
     correct_next_layer,
+    correlated_sum_moments,
     high_layer_gain,
 )
 from onnxdfq.passes.statistics import tensor_statistics
@@ -167,7 +168,8 @@ class DFMPCPass(Pass):
     def __init__(self, low_bits: int, high_bits: int, *, quantizer: str = "lsq", reestimate: str = "mean+std",
                  rho: float | str = DEFAULT_RHO, compensate: bool = False, lambda1: float = DEFAULT_LAMBDA1,
                  lambda2: float = DEFAULT_LAMBDA2, sigma_model: str = "blend", high_gain: bool = True,
-                 high_correction: str = "none", refine_steps: int = 0, low_rule: str = "first") -> None:
+                 high_correction: str = "none", refine_steps: int = 0, low_rule: str = "first",
+                 shortcut_corr: float = 0.0) -> None:
         if not 2 <= low_bits < high_bits <= 8:
             raise ValueError(f"DF-MPC needs 2 <= LOW < HIGH <= 8, got {low_bits}/{high_bits}")
         if quantizer not in LOW_QUANTIZERS or (quantizer == "twn" and low_bits != 2):
@@ -187,6 +189,8 @@ class DFMPCPass(Pass):
             raise ValueError("refine_steps refines the 'corr' quantizer's grid; set quantizer='corr'")
         if low_rule not in LOW_RULES:
             raise ValueError(f"low_rule must be one of {', '.join(LOW_RULES)}, got {low_rule!r}")
+        if not -1.0 <= shortcut_corr <= 1.0:
+            raise ValueError(f"shortcut_corr must be in [-1, 1], got {shortcut_corr!r}")
         rho = rho if rho == "fit" else float(rho)
         self.low_bits, self.high_bits = low_bits, high_bits
         self.options = {"quantizer": quantizer, "reestimate": reestimate, "rho": rho, "compensate": bool(compensate),
@@ -195,6 +199,7 @@ class DFMPCPass(Pass):
         self.high_gain = bool(high_gain)
         self.high_correction = high_correction
         self.low_rule = low_rule
+        self.shortcut_corr = float(shortcut_corr)
         self.plan: MixedPrecisionPlan | None = None
 
     def ensures(self, ws: Workspace) -> None:
@@ -202,6 +207,24 @@ class DFMPCPass(Pass):
             quant = ws.weight_quant.get(name)
             if quant is None or not np.all(np.isfinite(quant.scale)) or np.any(quant.scale <= 0):
                 raise PostconditionError(f"{name}: DF-MPC left no valid low-bit weights")
+
+    def _input_moments(self, layer, in_stats, stats, graph) -> tuple[np.ndarray, np.ndarray]:
+        """The low layer's input moments; with shortcut_corr, a residual join act(a + b) feeding it
+        is re-summed with that correlation between a and b (`correlated_sum_moments`)."""
+        moments = in_stats.moments()
+        if self.shortcut_corr == 0.0:
+            return moments
+        act = graph_layers.producer(graph.tensors()[layer.input_name])
+        if act is None or act.op not in ("Relu", "Clip"):
+            return moments
+        join = graph_layers.producer(act.inputs[0])
+        if join is None or join.op != "Add" or len(join.inputs) != 2:
+            return moments
+        a, b = (stats.get(t.name) for t in join.inputs)
+        if a is None or b is None or a.channels != in_stats.channels or b.channels != in_stats.channels:
+            return moments
+        (mean_a, var_a), (mean_b, var_b) = a.moments(), b.moments()
+        return correlated_sum_moments(mean_a, var_a, mean_b, var_b, self.shortcut_corr, in_stats.lo, in_stats.hi)
 
     def _high_update(self, layer, result, in_var, high, stats, ws, pooled: bool = False) -> tuple | None:
         """(high layer, new weight, new bias, report row) for the high layer of `layer`'s pair, or None."""
@@ -236,7 +259,8 @@ class DFMPCPass(Pass):
         report = PassReport(self.name, params={"low_bits": self.low_bits, "high_bits": self.high_bits,
                                                "high_gain": self.high_gain,
                                                "high_correction": self.high_correction,
-                                               "low_rule": self.low_rule, **self.options})
+                                               "low_rule": self.low_rule, "shortcut_corr": self.shortcut_corr,
+                                               **self.options})
         updates = []
         for layer in layers:
             if layer.name not in plan.low_layers:
@@ -248,7 +272,7 @@ class DFMPCPass(Pass):
                 in_var = np.ones_like(in_mean)
                 options = {**self.options, "reestimate": "none"}
             else:
-                in_mean, in_var = in_stats.moments()
+                in_mean, in_var = self._input_moments(layer, in_stats, stats, ws.graph)
                 options = self.options
             result = compensate_mixed_precision(layer.weight, layer.bias, ws.channel_stats[layer.name], in_mean, in_var,
                                                 self.low_bits, group=layer.group, **options)

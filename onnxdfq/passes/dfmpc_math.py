@@ -44,7 +44,8 @@ __all__ = ["DEFAULT_LAMBDA1", "DEFAULT_LAMBDA2", "DEFAULT_RHO", "RHO_GRID", "SCA
            "dfmpc_coefficients", "compensate_mixed_precision", "ternarize_corr", "refine_levels", "rescale_levels",
            "quantize_correlated", "HERMITE_TERMS", "LSQ_RIDGE",
            "HIGH_CORRECTIONS",
-           "output_covariance", "hermite_coefficients", "activated_covariance", "correct_next_layer"]
+           "output_covariance", "hermite_coefficients", "activated_covariance", "correct_next_layer",
+           "correlated_sum_moments"]
 
 DEFAULT_LAMBDA1 = 0.5  # weight of the bias term in the closed form (the paper's lambda1)
 DEFAULT_LAMBDA2 = 0.0  # ridge term on c (the paper's lambda2)
@@ -519,3 +520,16 @@ def correct_next_layer(w_fp: np.ndarray, w_q: np.ndarray, stats: ChannelStats, a
     shift = h_mean - mix @ h_mean
     base = np.zeros(w2.shape[0]) if b_next is None else np.asarray(b_next, np.float64)
     return w_new, base + w2.reshape(w2.shape[0], w2.shape[1], -1).sum(axis=2) @ shift
+
+
+def correlated_sum_moments(mean_a: np.ndarray, var_a: np.ndarray, mean_b: np.ndarray, var_b: np.ndarray,
+                           corr: float, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of clip(a + b, lo, hi), a + b ~ N(m_a + m_b, v_a + v_b + 2 corr sqrt(v_a v_b)).
+
+    The residual join of a block, a + b with a the branch and b the shortcut, with a correlation
+    between them per channel (the statistics engine takes them as independent, corr = 0).
+    """
+    var = np.asarray(var_a, np.float64) + np.asarray(var_b, np.float64) \
+        + 2.0 * corr * np.sqrt(np.asarray(var_a, np.float64) * np.asarray(var_b, np.float64))
+    mean = np.asarray(mean_a, np.float64) + np.asarray(mean_b, np.float64)
+    return clipped_normal_moments(mean, np.sqrt(np.maximum(var, 0.0)), lo, hi)
