@@ -45,7 +45,7 @@ from onnxdfq.passes.dfmpc_math import (
 from onnxdfq.passes.fold_bn import FoldBatchNormPass
 from onnxdfq.pipeline import quantize_model
 
-PLAIN = {"reestimate": "none", "high_gain": False}
+PLAIN = {"reestimate": "none", "high_gain": False, "quantizer": "lsq"}  # the plain least-squares ternary
 
 
 # ---------------------------------------------------------------- references

@@ -1,8 +1,9 @@
 """DF-MPC: data-free mixed-precision compensation (Chen et al., Pattern Recognition 2023, arXiv 2307.00498).
 
-Layers are paired (l, l+1) along plain chains conv -> BN -> ReLU -> conv (`plan_pairs`): l is
-quantized at the low width (2 bits = exact least-squares ternary {-1, 0, 1} * alpha_j per output
-channel), l+1 and every unpaired layer at the high width. No data is used anywhere.
+Layers are paired (l, l+1) along plain chains conv -> BN -> ReLU [-> MaxPool] -> conv (`plan_pairs`;
+in a bottleneck the 3x3 is low, the 1x1s high): the low layer is quantized at the low width (2 bits =
+ternary {-1, 0, 1} * alpha_j per output channel, its support chosen for the output correlation),
+its partner and every unpaired layer at the high width. No data is used anywhere.
 
 The per-layer math (BN re-estimation of the quantized layer, the next layer's gain, the paper's
 closed form) is the numpy core `onnxdfq.passes.dfmpc_math`; this module plans the pairs and reads
@@ -35,7 +36,7 @@ from onnxdfq.passes.dfmpc_math import (
 from onnxdfq.passes.statistics import tensor_statistics
 from onnxdfq.quant.scheme import BitWidthMap
 
-__all__ = ["PairPlan", "MixedPrecisionPlan", "LOW_RULES", "plan_pairs", "DFMPCPass"]
+__all__ = ["PairPlan", "MixedPrecisionPlan", "LOW_RULES", "DEFAULT_REFINE_STEPS", "plan_pairs", "DFMPCPass"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class MixedPrecisionPlan:
 
 LOW_ACTS = ("relu", "relu6", "none")  # activations a compensated pre-activation may feed
 LOW_RULES = ("first", "spatial", "last")  # which conv of a chain l -> l+1 is low (plan_pairs)
+DEFAULT_REFINE_STEPS = 64  # coordinate-ascent steps of the ternary "corr" grid (converged on ResNet-56: 64 = 400)
 POOLS_THROUGH = ("MaxPool",)  # channelwise, positively homogeneous: a pair may span one
 
 
@@ -160,15 +162,26 @@ class DFMPCPass(Pass):
     weights and new biases into the graph (so bias correction sees no residual error in them);
     `plan` is left on the pass for the pipeline, which quantizes the remaining layers at the high width.
 
+    Options (defaults are the measured best, tools/results/dfmpc_ablation.md):
+    quantizer : "corr" (default; ternary: the top-|w| support most correlated with the float output
+        under the tap model; wider: the least-squares grid), "lsq" (the 0.1 default), "absmax", "twn".
+    refine_steps : coordinate-ascent steps on that correlation for the "corr" grid; None (default)
+        is DEFAULT_REFINE_STEPS for ternary low layers and 0 for wider ones.
+    high_correction : "none" (default) or "lsq", the next layer's weights by least squares on the
+        modelled second moments of the low layer's activated output (`correct_next_layer`).
+    low_rule : "spatial" (default: the bottleneck rule, 1x1 high / 3x3 low), "first", "last" (`plan_pairs`).
+    shortcut_corr : branch/shortcut correlation at a residual join feeding a low layer (default 0).
+
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2 quantizer "corr", refine_steps, high_correction, low_rule, shortcut_corr.
     """
 
     name = "dfmpc"
 
-    def __init__(self, low_bits: int, high_bits: int, *, quantizer: str = "lsq", reestimate: str = "mean+std",
+    def __init__(self, low_bits: int, high_bits: int, *, quantizer: str = "corr", reestimate: str = "mean+std",
                  rho: float | str = DEFAULT_RHO, compensate: bool = False, lambda1: float = DEFAULT_LAMBDA1,
                  lambda2: float = DEFAULT_LAMBDA2, sigma_model: str = "blend", high_gain: bool = True,
-                 high_correction: str = "none", refine_steps: int = 0, low_rule: str = "first",
+                 high_correction: str = "none", refine_steps: int | None = None, low_rule: str = "spatial",
                  shortcut_corr: float = 0.0) -> None:
         if not 2 <= low_bits < high_bits <= 8:
             raise ValueError(f"DF-MPC needs 2 <= LOW < HIGH <= 8, got {low_bits}/{high_bits}")
@@ -183,8 +196,10 @@ class DFMPCPass(Pass):
             raise ValueError(f"rho must be in [0, 1) or 'fit', got {rho!r}")
         if high_correction not in HIGH_CORRECTIONS:
             raise ValueError(f"high_correction must be one of {', '.join(HIGH_CORRECTIONS)}, got {high_correction!r}")
+        if refine_steps is None:  # measured: +0.7 on ResNet-56 2/6, -1.8 on MobileNet-V1 4/8 (ablation)
+            refine_steps = DEFAULT_REFINE_STEPS if quantizer == "corr" and low_bits == 2 else 0
         if not (isinstance(refine_steps, int) and refine_steps >= 0):
-            raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
+            raise ValueError(f"refine_steps must be an integer >= 0 or None, got {refine_steps!r}")
         if refine_steps and quantizer != "corr":
             raise ValueError("refine_steps refines the 'corr' quantizer's grid; set quantizer='corr'")
         if low_rule not in LOW_RULES:
