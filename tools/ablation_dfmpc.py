@@ -61,7 +61,9 @@ ABLATION = [
     ("0.1 default, low_rule last (block's 2nd conv low)", "resnet56", "2/6", None,
      {"dfmpc": {**V01, "low_rule": "last"}}),
     ("0.1 default + corr ternary support (per-channel threshold)", "resnet56", "2/6", None, {"dfmpc": CORR}),
-    ("  + coordinate ascent, 64 steps = new default", "resnet56", "2/6", None, {}),
+    ("  + coordinate ascent, 64 steps (sigma blend)", "resnet56", "2/6", None, {"dfmpc": {"sigma_model": "blend"}}),
+    ("  + sigma regression (auto after the ascent) = new default", "resnet56", "2/6", None, {}),
+    ("new default, sigma tap", "resnet56", "2/6", None, {"dfmpc": {"sigma_model": "tap"}}),
     ("new default, 400 ascent steps", "resnet56", "2/6", None, {"dfmpc": {"refine_steps": 400}}),
     ("new default, rho 0.35", "resnet56", "2/6", None, {"dfmpc": {"rho": 0.35}}),
     ("new default - high-layer gain", "resnet56", "2/6", None, {"dfmpc": {"high_gain": False}}),
@@ -74,7 +76,9 @@ ABLATION = [
     ("new default + paper c (lambda1 0.5)", "resnet56", "2/6", None, {"dfmpc": {"compensate": True}}),
     ("resnet56 3/6 0.1 default", "resnet56", "3/6", None, {"dfmpc": V01}),
     ("resnet56 3/6 new default (lsq grid, no ascent)", "resnet56", "3/6", None, {}),
-    ("resnet56 3/6 corr + 64 ascent steps", "resnet56", "3/6", None, {"dfmpc": {"refine_steps": 64}}),
+    ("resnet56 3/6 corr + 64 ascent steps, sigma blend", "resnet56", "3/6", None,
+     {"dfmpc": {"refine_steps": 64, "sigma_model": "blend"}}),
+    ("resnet56 3/6 corr + 64 ascent steps, sigma regression", "resnet56", "3/6", None, {"dfmpc": {"refine_steps": 64}}),
 ]
 RESULTS = [
     *[(f"{name} {bits} A{act or 'fp32'}", name, bits, act, {})
@@ -83,11 +87,15 @@ RESULTS = [
     ("resnet20 2/6 Afp32 plain LSQ ternary", "resnet20", "2/6", None, {"dfmpc": PLAIN, "bias_correction": False}),
     ("resnet56 2/6 Afp32 plain LSQ ternary", "resnet56", "2/6", None, {"dfmpc": PLAIN, "bias_correction": False}),
     ("resnet56 2/6 Afp32 0.1 default", "resnet56", "2/6", None, {"dfmpc": V01}),
+    ("resnet56 2/6 Afp32 new default, sigma blend", "resnet56", "2/6", None, {"dfmpc": {"sigma_model": "blend"}}),
+    ("resnet20 2/6 Afp32 new default, sigma blend", "resnet20", "2/6", None, {"dfmpc": {"sigma_model": "blend"}}),
     ("mobilenet 6/8 Afp32", "mobilenet_v1_0.75", "6/8", None, {}),
     ("mobilenet 4/8 Afp32", "mobilenet_v1_0.75", "4/8", None, {}),
     ("mobilenet 4/8 Afp32 corr + 64 ascent steps", "mobilenet_v1_0.75", "4/8", None, {"dfmpc": {"refine_steps": 64}}),
     ("mobilenet 4/8 Afp32 corr + 8 ascent steps", "mobilenet_v1_0.75", "4/8", None, {"dfmpc": {"refine_steps": 8}}),
     ("mobilenet 4/8 Afp32 sigma tap", "mobilenet_v1_0.75", "4/8", None, {"dfmpc": {"sigma_model": "tap"}}),
+    ("mobilenet 4/8 Afp32 sigma regression", "mobilenet_v1_0.75", "4/8", None,
+     {"dfmpc": {"sigma_model": "regression"}}),
     ("mobilenet 4/8 Afp32 plain", "mobilenet_v1_0.75", "4/8", None, {"dfmpc": PLAIN, "bias_correction": False}),
 ]
 
