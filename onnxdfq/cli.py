@@ -106,8 +106,10 @@ def _methods() -> list[str]:
 @click.option("--act-bits", default="auto", show_default=True,
               help="Activation bits 2..8, 'none' (float), or auto: 8, and none (float) for dfmpc.")
 @click.option("--dfmpc-opt", "dfmpc_opts", multiple=True, metavar="KEY=VALUE",
-              help="DF-MPC option, repeatable: lambda1, lambda2, rho (number or fit), compensate, reestimate "
-                   "(none|mean|mean+std), sigma_model (tap|regression|blend), quantizer (lsq|absmax|twn), high_gain.")
+              help="DF-MPC option, repeatable: quantizer (corr|lsq|absmax|twn), refine_steps, sigma_model "
+                   "(tap|regression|blend), low_rule (first|spatial|last), reestimate (none|mean|mean+std), rho "
+                   "(number or fit), high_gain, high_correction (none|lsq), shortcut_corr, compensate, lambda1, "
+                   "lambda2; defaults in onnxdfq.config.DFMPCOptions.")
 @click.option("--granularity", type=click.Choice(["channel", "tensor", "per-channel", "per-tensor"]),
               default="channel", show_default=True,
               help="Weight scales per output channel or per tensor.")

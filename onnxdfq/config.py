@@ -163,47 +163,33 @@ class SQuantOptions:
         object.__setattr__(self, "stages", stages)
 
 
-DFMPC_QUANTIZERS = ("lsq", "absmax", "twn")  # least-squares grid, max|w| grid, TWN ternary (0.7 mean|w|)
-DFMPC_REESTIMATE = ("none", "mean", "mean+std")  # which BN statistics of the low layer are re-estimated
-DFMPC_SIGMA_MODELS = ("tap", "regression", "blend")
-
-
 @dataclass(frozen=True)
 class DFMPCOptions:
-    """DF-MPC's knobs (see passes/dfmpc.py and passes/dfmpc_math.py for what each does)."""
+    """DF-MPC's knobs and their defaults (the one place for them; passes/dfmpc.py validates the values and
+    passes/dfmpc_math.py says what each does). Measured: tools/results/dfmpc_ablation.md."""
 
-    quantizer: str = "lsq"
-    reestimate: str = "mean+std"
+    quantizer: str = "corr"  # ternary keeping the |w| with the best modelled output correlation; lsq, absmax, twn
+    reestimate: str = "mean+std"  # which BN statistics of the low layer are re-estimated: none, mean, mean+std
     rho: float | str = 0.2  # correlation between the kernel taps of one input channel in V(u), or "fit"
     compensate: bool = False  # the paper's closed-form c on top of the re-estimation
     lambda1: float = 0.5  # weight of the bias term in the closed form (the paper's lambda1)
     lambda2: float = 0.0  # ridge term on c (the paper's lambda2)
-    sigma_model: str = "blend"
-    high_gain: bool = True
-
-    def __post_init__(self) -> None:
-        if self.quantizer not in DFMPC_QUANTIZERS:
-            raise OptionError(f"DF-MPC quantizer must be one of {', '.join(DFMPC_QUANTIZERS)}, got {self.quantizer!r}")
-        if self.reestimate not in DFMPC_REESTIMATE:
-            raise OptionError(f"DF-MPC reestimate must be one of {', '.join(DFMPC_REESTIMATE)}, "
-                              f"got {self.reestimate!r}")
-        if self.sigma_model not in DFMPC_SIGMA_MODELS:
-            raise OptionError(f"DF-MPC sigma_model must be one of {', '.join(DFMPC_SIGMA_MODELS)}, "
-                              f"got {self.sigma_model!r}")
-        if self.rho != "fit" and not (isinstance(self.rho, (int, float)) and 0.0 <= self.rho < 1.0):
-            raise OptionError(f"DF-MPC rho must be in [0, 1) or 'fit', got {self.rho!r}")
-        for name in ("compensate", "high_gain"):
-            object.__setattr__(self, name, bool(getattr(self, name)))
-        for name in ("lambda1", "lambda2"):
-            object.__setattr__(self, name, float(getattr(self, name)))
-        if self.rho != "fit":
-            object.__setattr__(self, "rho", float(self.rho))
+    sigma_model: str | None = None  # tap, regression, blend; None: regression after the ascent, else blend
+    high_gain: bool = True  # the next layer's per-channel gain restoring its output std
+    high_correction: str = "none"  # "lsq": least-squares rewrite of the next layer (measured worse: off)
+    refine_steps: int | None = None  # coordinate ascent of the corr grid; None: 64 for ternary layers, else 0
+    low_rule: str = "spatial"  # which conv of a pair is low: first, spatial (1x1 high, 3x3 low), last
+    shortcut_corr: float = 0.0  # branch/shortcut correlation at a residual join feeding a low layer
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | DFMPCOptions | None) -> DFMPCOptions:
         if isinstance(values, DFMPCOptions):
             return values
-        return cls(**_known(dict(values or {}), cls, "DF-MPC option (--dfmpc-opt KEY=VALUE)"))
+        values = dict(values or {})
+        _known(values, cls, "DF-MPC option (--dfmpc-opt KEY=VALUE)")
+        if isinstance(values.get("refine_steps"), float) and float(values["refine_steps"]).is_integer():
+            values["refine_steps"] = int(values["refine_steps"])  # --dfmpc-opt parses numbers as floats
+        return cls(**values)
 
 
 # --- the run -------------------------------------------------------------------------------------------------
@@ -303,6 +289,10 @@ def make_config(method: str = "nearest", bits: int | str = 8, act_bits: int | st
         raise OptionError(f"--method dfmpc takes --bits LOW/HIGH (e.g. 2/6), got {bits}")
     if method == "dfmpc" and not 2 <= low < high <= 8:
         raise OptionError(f"--bits {bits}: DF-MPC needs 2 <= LOW < HIGH <= 8")
+    if method == "dfmpc" and str(granularity).removeprefix("per-") == "tensor":
+        # its compensation folds one gain per output channel into the low layers' scales
+        raise OptionError("--method dfmpc quantizes per output channel: its compensation folds one gain per channel "
+                          "into the low layers' scales; --granularity tensor is not supported")
     if options.get("dfmpc") and method != "dfmpc":
         raise OptionError(f"DF-MPC options apply to --method dfmpc, not {method}")
     if options.get("squant_stages") and METHODS[method]["rounder"] != "squant":

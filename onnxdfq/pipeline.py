@@ -70,7 +70,10 @@ def build_passes(config: QuantConfig, template: Any, progress: Any = None) -> li
     if grids:
         passes.append(ActivationQParamsPass(config.act_bits, config.target))
     if config.method == "dfmpc":
-        passes.append(DFMPCPass(config.bits, config.high_bits, config.dfmpc))
+        try:
+            passes.append(DFMPCPass(config.bits, config.high_bits, config.dfmpc))
+        except ValueError as exc:
+            raise OptionError(f"DF-MPC options: {exc}") from None
     passes.append(WeightQuantPass(config.bits, per_channel=config.per_channel, method=config.rounder,
                                   stages=config.squant.stages, reduce_range=reduce_range,
                                   act_bits=config.act_bits))

@@ -6,6 +6,7 @@ Real data is used only to evaluate (full CIFAR-10 test set, ImageNet val1300); t
 Results are appended to the JSON as they come, and rows already there are skipped (--fresh redoes them).
 
 usage: python tools/ablation_dfmpc.py [--set ablation|results|all] [--only SUBSTRING ...] [--limit N] [--fresh]
+(--fresh redoes the selected runs and keeps every other row of the JSON)
        [--out tools/results/dfmpc_ablation]
 """
 
@@ -28,8 +29,10 @@ CIFAR = {"data": ASSETS / "cifar10/test.npz", "mean": [0.485, 0.456, 0.406], "st
 IMAGENET = {"data": ASSETS / "imagenet/val1300", "mean": [0.5] * 3, "std": [0.5] * 3}
 FP32 = {"resnet20": 91.73, "resnet32": 92.63, "resnet44": 93.10, "resnet56": 93.39, "mobilenet_v1_0.75": 76.85}
 
-PLAIN = {"reestimate": "none", "high_gain": False}  # quantized at the plan's widths, nothing compensated
-RECIPE = {"sigma_model": "tap", "high_gain": False}  # the issue's recipe: tap-model BN re-estimation
+V01 = {"quantizer": "lsq", "low_rule": "first"}  # the 0.1 defaults (least-squares ternary), pinned
+PLAIN = {**V01, "reestimate": "none", "high_gain": False}  # quantized at the plan's widths, nothing compensated
+RECIPE = {**V01, "sigma_model": "tap", "high_gain": False}  # the issue's recipe: tap-model BN re-estimation
+CORR = {"quantizer": "corr", "refine_steps": 0}  # correlation-maximising top-|w| ternary support, no ascent
 # (label, model, bits, act_bits, options): options are quantize_model keywords, "dfmpc" -> DFMPCPass options
 ABLATION = [
     ("plain uniform ternary (max abs w)", "resnet56", "2/6", None,
@@ -42,12 +45,40 @@ ABLATION = [
      {"dfmpc": {**RECIPE, "reestimate": "mean"}, "bias_correction": False}),
     ("LSQ + mean+std (tap model, rho 0.2)", "resnet56", "2/6", None, {"dfmpc": RECIPE, "bias_correction": False}),
     ("  + bias correction (issue recipe)", "resnet56", "2/6", None, {"dfmpc": RECIPE}),
-    ("  + sigma blend (tap x regression)", "resnet56", "2/6", None, {"dfmpc": {"high_gain": False}}),
-    ("  + high-layer gain = default", "resnet56", "2/6", None, {}),
-    ("default - bias correction", "resnet56", "2/6", None, {"bias_correction": False}),
-    ("default, rho fit per layer", "resnet56", "2/6", None, {"dfmpc": {"rho": "fit"}}),
-    ("default + paper c (lambda1 0.5)", "resnet56", "2/6", None, {"dfmpc": {"compensate": True}}),
-    ("default + CLE before", "resnet56", "2/6", None, {"cle": True}),
+    ("  + sigma blend (tap x regression)", "resnet56", "2/6", None, {"dfmpc": {**V01, "high_gain": False}}),
+    ("  + high-layer gain = 0.1 default", "resnet56", "2/6", None, {"dfmpc": V01}),
+    ("0.1 default - bias correction", "resnet56", "2/6", None, {"dfmpc": V01, "bias_correction": False}),
+    ("0.1 default, rho fit per layer", "resnet56", "2/6", None, {"dfmpc": {**V01, "rho": "fit"}}),
+    ("0.1 default + paper c (lambda1 0.5)", "resnet56", "2/6", None, {"dfmpc": {**V01, "compensate": True}}),
+    ("0.1 default + CLE before", "resnet56", "2/6", None, {"dfmpc": V01, "cle": True}),
+    # issue 15 candidates, each on the 0.1 default, then the new default (quantizer corr, refine_steps 64,
+    # low_rule spatial) with each one added or removed
+    ("0.1 default + next-layer least squares (high_correction lsq)", "resnet56", "2/6", None,
+     {"dfmpc": {**V01, "high_correction": "lsq"}}),
+    ("0.1 default, next-layer least squares instead of the gain", "resnet56", "2/6", None,
+     {"dfmpc": {**V01, "high_correction": "lsq", "high_gain": False}}),
+    ("0.1 default + shortcut correlation 0.3", "resnet56", "2/6", None, {"dfmpc": {**V01, "shortcut_corr": 0.3}}),
+    ("0.1 default, low_rule last (block's 2nd conv low)", "resnet56", "2/6", None,
+     {"dfmpc": {**V01, "low_rule": "last"}}),
+    ("0.1 default + corr ternary support (per-channel threshold)", "resnet56", "2/6", None, {"dfmpc": CORR}),
+    ("  + coordinate ascent, 64 steps (sigma blend)", "resnet56", "2/6", None, {"dfmpc": {"sigma_model": "blend"}}),
+    ("  + sigma regression (auto after the ascent) = new default", "resnet56", "2/6", None, {}),
+    ("new default, sigma tap", "resnet56", "2/6", None, {"dfmpc": {"sigma_model": "tap"}}),
+    ("new default, 400 ascent steps", "resnet56", "2/6", None, {"dfmpc": {"refine_steps": 400}}),
+    ("new default, rho 0.35", "resnet56", "2/6", None, {"dfmpc": {"rho": 0.35}}),
+    ("new default - high-layer gain", "resnet56", "2/6", None, {"dfmpc": {"high_gain": False}}),
+    ("new default - bias correction", "resnet56", "2/6", None, {"bias_correction": False}),
+    ("new default + next-layer least squares", "resnet56", "2/6", None, {"dfmpc": {"high_correction": "lsq"}}),
+    ("new default + shortcut correlation 0.3", "resnet56", "2/6", None, {"dfmpc": {"shortcut_corr": 0.3}}),
+    ("new default + shortcut correlation -0.3", "resnet56", "2/6", None, {"dfmpc": {"shortcut_corr": -0.3}}),
+    ("new default + shortcut correlation 0.6", "resnet56", "2/6", None, {"dfmpc": {"shortcut_corr": 0.6}}),
+    ("new default, low_rule last", "resnet56", "2/6", None, {"dfmpc": {"low_rule": "last"}}),
+    ("new default + paper c (lambda1 0.5)", "resnet56", "2/6", None, {"dfmpc": {"compensate": True}}),
+    ("resnet56 3/6 0.1 default", "resnet56", "3/6", None, {"dfmpc": V01}),
+    ("resnet56 3/6 new default (lsq grid, no ascent)", "resnet56", "3/6", None, {}),
+    ("resnet56 3/6 corr + 64 ascent steps, sigma blend", "resnet56", "3/6", None,
+     {"dfmpc": {"refine_steps": 64, "sigma_model": "blend"}}),
+    ("resnet56 3/6 corr + 64 ascent steps, sigma regression", "resnet56", "3/6", None, {"dfmpc": {"refine_steps": 64}}),
 ]
 RESULTS = [
     *[(f"{name} {bits} A{act or 'fp32'}", name, bits, act, {})
@@ -55,8 +86,16 @@ RESULTS = [
       for bits, act in (("2/6", None), ("2/6", 8), ("3/6", None))],
     ("resnet20 2/6 Afp32 plain LSQ ternary", "resnet20", "2/6", None, {"dfmpc": PLAIN, "bias_correction": False}),
     ("resnet56 2/6 Afp32 plain LSQ ternary", "resnet56", "2/6", None, {"dfmpc": PLAIN, "bias_correction": False}),
+    ("resnet56 2/6 Afp32 0.1 default", "resnet56", "2/6", None, {"dfmpc": V01}),
+    ("resnet56 2/6 Afp32 new default, sigma blend", "resnet56", "2/6", None, {"dfmpc": {"sigma_model": "blend"}}),
+    ("resnet20 2/6 Afp32 new default, sigma blend", "resnet20", "2/6", None, {"dfmpc": {"sigma_model": "blend"}}),
     ("mobilenet 6/8 Afp32", "mobilenet_v1_0.75", "6/8", None, {}),
     ("mobilenet 4/8 Afp32", "mobilenet_v1_0.75", "4/8", None, {}),
+    ("mobilenet 4/8 Afp32 corr + 64 ascent steps", "mobilenet_v1_0.75", "4/8", None, {"dfmpc": {"refine_steps": 64}}),
+    ("mobilenet 4/8 Afp32 corr + 8 ascent steps", "mobilenet_v1_0.75", "4/8", None, {"dfmpc": {"refine_steps": 8}}),
+    ("mobilenet 4/8 Afp32 sigma tap", "mobilenet_v1_0.75", "4/8", None, {"dfmpc": {"sigma_model": "tap"}}),
+    ("mobilenet 4/8 Afp32 sigma regression", "mobilenet_v1_0.75", "4/8", None,
+     {"dfmpc": {"sigma_model": "regression"}}),
     ("mobilenet 4/8 Afp32 plain", "mobilenet_v1_0.75", "4/8", None, {"dfmpc": PLAIN, "bias_correction": False}),
 ]
 
@@ -92,7 +131,8 @@ def write_markdown(rows: list[dict], path: Path) -> None:
              "on the full test set (10 000) and ImageNet val1300; the images column says which.", "",
              "| run | model | bits | acts | top-1 | FP32 | pairs | avg bits | weights KiB | images |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
+    order = {run[0]: index for index, run in enumerate(ABLATION + RESULTS)}
+    for row in sorted(rows, key=lambda r: order.get(r["label"], len(order))):
         lines.append(f"| {row['label']} | {row['model']} | {row['bits']} | {row['act_bits']} | {row['top1']:.2f} | "
                      f"{row['fp32']:.2f} | {row['pairs']} | {row['average_weight_bits']:.2f} | "
                      f"{row['weight_storage_kb']} | {row['count']} |")
@@ -104,19 +144,19 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="keep runs whose label contains one of these")
     parser.add_argument("--set", choices=["ablation", "results", "all"], default="all", help="which runs")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N images only")
-    parser.add_argument("--fresh", action="store_true", help="ignore rows already in the JSON")
+    parser.add_argument("--fresh", action="store_true", help="redo the selected runs even if the JSON has them")
     parser.add_argument("--out", default="tools/results/dfmpc_ablation")
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path = out.with_suffix(".json")
-    done = {} if args.fresh or not json_path.exists() else {r["label"]: r for r in json.loads(json_path.read_text())}
+    done = {} if not json_path.exists() else {r["label"]: r for r in json.loads(json_path.read_text())}
     rows, datasets = [], {}
     runs = {"ablation": ABLATION, "results": RESULTS, "all": ABLATION + RESULTS}[args.set]
     for label, name, bits, act, options in runs:
         if args.only and not any(key in label for key in args.only):
             continue
-        if label in done and done[label]["count"] == (args.limit or done[label]["count"]):
+        if not args.fresh and label in done and done[label]["count"] == (args.limit or done[label]["count"]):
             rows.append(done[label])
             continue
         row = run_one(label, name, bits, act, options, args.limit, datasets)

@@ -3,7 +3,9 @@ gain and the paper's compensation coefficients (Chen et al., Pattern Recognition
 
 Pure functions over numpy arrays; the graph side (pairing, reading and writing layers) is
 `onnxdfq.passes.dfmpc`. The low layer l of a pair (l, l+1) is quantized at the low width (2 bits =
-exact least-squares ternary {-1, 0, 1} * alpha_j per output channel, `quantize_low`).
+ternary {-1, 0, 1} * alpha_j per output channel: `ternarize_lsq`, the exact least-squares one, or
+`quantize_correlated`, the one whose output is most correlated with the float layer's under the
+tap model of `tap_variance`, then refined by coordinate ascent; measured +1.8 points on ResNet-56 2/6).
 
 Everything works on BN-folded weights: channel j of l has pre-activation N(beta_j, gamma_j^2) with
 its float weights W (the statistics kept by FoldBatchNormPass). With quantized weights Wq they
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxdfq.passes.base import ChannelStats
-from onnxdfq.quant.gaussian import clipped_normal_moments
+from onnxdfq.quant.gaussian import clipped_normal_moments, normal_cdf, normal_pdf
 from onnxdfq.quant.qparams import TINY_SCALE, channel_absmax
 from onnxdfq.quant.scheme import QuantScheme
 from onnxdfq.quant.shift import output_shift
@@ -41,14 +43,19 @@ from onnxdfq.quant.shift import output_shift
 __all__ = ["DEFAULT_LAMBDA1", "DEFAULT_LAMBDA2", "DEFAULT_RHO", "RHO_GRID", "SCALE_GRID", "LOW_QUANTIZERS",
            "TWN_THRESHOLD", "REESTIMATE", "SIGMA_MODELS", "LowBitWeights", "Compensation", "ternarize_lsq",
            "quantize_low", "tap_variance", "fit_rho", "channel_correlation", "high_layer_gain", "reestimate_bn",
-           "dfmpc_coefficients", "compensate_mixed_precision"]
+           "dfmpc_coefficients", "compensate_mixed_precision", "ternarize_corr", "refine_levels", "rescale_levels",
+           "quantize_correlated", "HERMITE_TERMS", "LSQ_RIDGE",
+           "HIGH_CORRECTIONS",
+           "output_covariance", "hermite_coefficients", "activated_covariance", "correct_next_layer",
+           "correlated_sum_moments"]
 
 DEFAULT_LAMBDA1 = 0.5  # weight of the bias term in the closed form (the paper's lambda1)
 DEFAULT_LAMBDA2 = 0.0  # ridge term on c (the paper's lambda2)
 DEFAULT_RHO = 0.2  # correlation between the kernel taps of one input channel in V(u)
 RHO_GRID = np.linspace(0.0, 0.9, 46)  # candidates for rho="fit"
 SCALE_GRID = np.linspace(0.2, 1.0, 81)  # clip ratios (of max|w|) searched for 3..8-bit low layers
-LOW_QUANTIZERS = ("lsq", "absmax", "twn")  # least-squares grid, max|w| grid, TWN ternary (0.7 mean|w|)
+LOW_QUANTIZERS = ("lsq", "absmax", "twn", "corr")  # least-squares grid, max|w| grid, TWN ternary (0.7 mean|w|),
+# the grid most correlated with the float output under the tap model (`quantize_correlated`)
 TWN_THRESHOLD = 0.7  # Li et al. 2016: threshold 0.7 mean|w|
 REESTIMATE = ("none", "mean", "mean+std")  # which BN statistics of the low layer are re-estimated
 
@@ -85,6 +92,112 @@ def ternarize_lsq(w_fp: np.ndarray) -> LowBitWeights:
     return LowBitWeights(w_int, np.where(dead, TINY_SCALE, alpha))
 
 
+def ternarize_corr(w_fp: np.ndarray, in_var: np.ndarray, rho: float) -> LowBitWeights:
+    """Ternary {-1, 0, 1} * alpha_j whose output is most correlated with the float layer's, per channel j.
+
+    Canonical group-1 weights [O, C, *k]; inputs as in `tap_variance` (variance v_c, tap correlation
+    rho). For a support T of the k largest |w_j| with signs t, the squared correlation of W_j x and
+    t x is <W, t>^2 / (<W, W> <t, t>) with <u, u'> = sum_c v_c (rho S_c(u) S_c(u') + (1 - rho) sum_k u u'),
+    S_c the sum over taps; k maximises it (per channel: the thresholds differ). Both inner products
+    grow by one term per added element, so every k is scored with cumulative sums. alpha is the
+    v-weighted least-squares scale on that support. rho = 0 and equal v give `ternarize_lsq`.
+    """
+    w = np.asarray(w_fp, np.float64)
+    out_ch, in_ch = w.shape[0], w.shape[1]
+    flat = w.reshape(out_ch, -1)
+    channel = np.repeat(np.arange(in_ch), flat.shape[1] // in_ch)  # input channel of each element
+    var = np.asarray(in_var, np.float64).reshape(-1)[channel]
+    order = np.argsort(-np.abs(flat), axis=1, kind="stable")
+    w_sorted = np.take_along_axis(flat, order, axis=1)
+    sign, ch_sorted = np.sign(w_sorted), channel[order]
+    v_sorted = var[order]
+    tap_sum = w.reshape(out_ch, in_ch, -1).sum(axis=2)  # S_c(W) [O, C]
+    s_w = np.take_along_axis(tap_sum, ch_sorted, axis=1)
+    cross = np.cumsum(v_sorted * (rho * s_w * sign + (1.0 - rho) * np.abs(w_sorted)), axis=1)
+    onehot = sign[:, :, None] * (ch_sorted[:, :, None] == np.arange(in_ch))  # [O, n, C]
+    running = np.take_along_axis(np.cumsum(onehot, axis=1), ch_sorted[:, :, None], axis=2)[:, :, 0] - sign
+    auto = np.cumsum(v_sorted * (rho * (2.0 * running * sign + sign * sign) + (1.0 - rho) * sign * sign), axis=1)
+    score = np.where(auto > 0, np.maximum(cross, 0.0) ** 2 / np.where(auto > 0, auto, 1.0), -1.0)
+    best = np.argmax(score, axis=1)
+    keep_sorted = (np.arange(flat.shape[1])[None, :] <= best[:, None]) & (w_sorted != 0)
+    keep = np.zeros_like(keep_sorted)
+    np.put_along_axis(keep, order, keep_sorted, axis=1)
+    w_int = (np.sign(flat) * keep).astype(np.int64)
+    weighted = keep * var[None, :]
+    den = weighted.sum(axis=1)
+    alpha = np.where(den > 0, (weighted * np.abs(flat)).sum(axis=1) / np.where(den > 0, den, 1.0), 0.0)
+    return LowBitWeights(w_int.reshape(w.shape), np.where(alpha > 0, alpha, TINY_SCALE))
+
+
+def refine_levels(w_fp: np.ndarray, w_int: np.ndarray, in_var: np.ndarray, rho: float, qmax: int,
+                  steps: int) -> np.ndarray:
+    """Coordinate ascent on the tap-model correlation <W, t>^2 / <t, t> of integer weights t (`ternarize_corr`).
+
+    Each step moves, in every output channel at once, the one element by +-1 (within [-qmax, qmax])
+    that raises the channel's score most, if any does; at most `steps` steps. The score is
+    scale-free, so any grid (top-|w| ternary, the least-squares grid) is a starting point; the
+    search leaves top-|w| supports. Group-1 canonical [O, C, *k] weights; returns the new w_int.
+    """
+    w = np.asarray(w_fp, np.float64)
+    out_ch, in_ch = w.shape[0], w.shape[1]
+    flat = w.reshape(out_ch, -1)
+    taps = flat.shape[1] // in_ch
+    t = np.asarray(w_int, np.float64).reshape(out_ch, -1).copy()
+    var = np.repeat(np.asarray(in_var, np.float64).reshape(-1), taps)[None, :]
+    lin = var * (rho * np.repeat(w.reshape(out_ch, in_ch, taps).sum(axis=2), taps, axis=1) + (1 - rho) * flat)
+    rows = np.arange(out_ch)
+    for _ in range(steps):
+        s_t = np.repeat(t.reshape(out_ch, in_ch, taps).sum(axis=2), taps, axis=1)
+        cross = np.sum(lin * t, axis=1, keepdims=True)
+        auto = np.sum(var * (rho * s_t * t + (1 - rho) * t * t), axis=1, keepdims=True)
+        base = _score(cross, auto)
+        best_gain, best_idx, best_step = np.zeros(out_ch), np.zeros(out_ch, np.int64), np.zeros(out_ch)
+        for delta in (-1.0, 1.0):  # over the two moves, not over weights
+            new_cross = cross + lin * delta
+            new_auto = auto + var * (rho * (2 * s_t * delta + 1.0) + (1 - rho) * (2 * t * delta + 1.0))
+            gain = np.where(np.abs(t + delta) <= qmax, _score(new_cross, new_auto) - base, -np.inf)
+            idx = np.argmax(gain, axis=1)
+            better = gain[rows, idx] > best_gain
+            best_gain = np.where(better, gain[rows, idx], best_gain)
+            best_idx, best_step = np.where(better, idx, best_idx), np.where(better, delta, best_step)
+        move = best_gain > 1e-12 * np.maximum(base[:, 0], 1e-30)
+        if not move.any():
+            break
+        t[rows[move], best_idx[move]] += best_step[move]
+    return t.astype(np.int64).reshape(w.shape)
+
+
+def _score(cross: np.ndarray, auto: np.ndarray) -> np.ndarray:
+    """max(<W, t>, 0)^2 / <t, t> (0 where <t, t> = 0)."""
+    return np.where(auto > 0, np.maximum(cross, 0.0) ** 2 / np.where(auto > 0, auto, 1.0), 0.0)
+
+
+def rescale_levels(w_fp: np.ndarray, w_int: np.ndarray, in_var: np.ndarray) -> LowBitWeights:
+    """Integer weights with their input-variance-weighted least-squares scale per output channel (group 1)."""
+    flat = np.asarray(w_fp, np.float64).reshape(w_fp.shape[0], -1)
+    t = np.asarray(w_int, np.float64).reshape(flat.shape)
+    var = np.repeat(np.asarray(in_var, np.float64).reshape(-1), flat.shape[1] // w_fp.shape[1])[None, :]
+    den = np.sum(var * t * t, axis=1)
+    alpha = np.where(den > 0, np.sum(var * t * flat, axis=1) / np.where(den > 0, den, 1.0), 0.0)
+    return LowBitWeights(np.asarray(w_int, np.int64), np.where(alpha > 0, alpha, TINY_SCALE))
+
+
+def quantize_correlated(w_fp: np.ndarray, bits: int, in_var: np.ndarray, rho: float, refine_steps: int = 0,
+                        group: int = 1) -> LowBitWeights:
+    """The "corr" quantizer: the grid whose output best correlates with the float layer's (tap model).
+
+    2 bits: `ternarize_corr`; 3..8 bits: the least-squares grid. Then `refine_steps` steps of
+    `refine_levels` and the v-weighted least-squares scale. Grouped layers: the least-squares grid.
+    """
+    if group != 1:
+        return quantize_low(w_fp, bits, "lsq")
+    start = ternarize_corr(w_fp, in_var, rho) if bits == 2 else quantize_low(w_fp, bits, "lsq")
+    if refine_steps <= 0:
+        return start
+    qmax = QuantScheme(bits).qmax
+    return rescale_levels(w_fp, refine_levels(w_fp, start.w_int, in_var, rho, qmax, refine_steps), in_var)
+
+
 def _ternarize_twn(w_fp: np.ndarray) -> LowBitWeights:
     flat = np.asarray(w_fp, np.float64).reshape(w_fp.shape[0], -1)
     keep = np.abs(flat) > TWN_THRESHOLD * np.abs(flat).mean(axis=1, keepdims=True)
@@ -103,6 +216,8 @@ def quantize_low(w_fp: np.ndarray, bits: int, method: str = "lsq") -> LowBitWeig
     scheme = QuantScheme(bits)
     if method not in LOW_QUANTIZERS:
         raise ValueError(f"unknown low-bit quantizer {method!r}; choose one of {', '.join(LOW_QUANTIZERS)}")
+    if method == "corr":
+        raise ValueError("the 'corr' quantizer needs input statistics: call quantize_correlated")
     if method == "twn":
         if bits != 2:
             raise ValueError("the TWN quantizer is ternary (2 bits) only")
@@ -273,19 +388,24 @@ def compensate_mixed_precision(w_fp: np.ndarray, bias: np.ndarray | None, stats:
                                in_var: np.ndarray, bits: int, *, group: int = 1, quantizer: str = "lsq",
                                reestimate: str = "mean+std", rho: float | str = DEFAULT_RHO,
                                compensate: bool = False, lambda1: float = DEFAULT_LAMBDA1,
-                               lambda2: float = DEFAULT_LAMBDA2, sigma_model: str = "blend") -> Compensation:
+                               lambda2: float = DEFAULT_LAMBDA2, sigma_model: str = "blend",
+                               refine_steps: int = 0) -> Compensation:
     """Quantize a BN-folded layer [O, ...] to `bits` and compensate it per channel (module doc).
 
     reestimate : "none", "mean" or "mean+std" (which BN statistics are re-estimated).
     rho : tap correlation for V, or "fit" (`fit_rho`).
+    refine_steps : coordinate-ascent steps of the "corr" quantizer (`quantize_correlated`).
     """
     if reestimate not in REESTIMATE:
         raise ValueError(f"reestimate must be one of {', '.join(REESTIMATE)}, got {reestimate!r}")
     w = np.asarray(w_fp, np.float64)
     b = np.zeros(w.shape[0]) if bias is None else np.asarray(bias, np.float64)
-    quant = quantize_low(w, bits, quantizer)
-    w_q = quant.dequantized()
     rho_value = fit_rho(w, in_var, stats.std, group) if rho == "fit" else float(rho)
+    if quantizer == "corr":
+        quant = quantize_correlated(w, bits, in_var, rho_value, refine_steps, group)
+    else:
+        quant = quantize_low(w, bits, quantizer)
+    w_q = quant.dequantized()
     estimated = reestimate_bn(w, w_q, stats, in_mean, in_var, rho_value, group, sigma_model)
     gain = np.ones(w.shape[0])
     if reestimate == "mean+std":
@@ -306,3 +426,112 @@ def compensate_mixed_precision(w_fp: np.ndarray, bias: np.ndarray | None, stats:
         w_int = np.where(off.reshape((-1,) + (1,) * (w.ndim - 1)), 0, w_int)
         scale = np.where(off, TINY_SCALE, scale)
     return Compensation(LowBitWeights(w_int, scale), new_bias, gain, c, estimated)
+
+
+# ---------------------------------------------------------------- the next layer's least-squares correction
+
+HERMITE_TERMS = 12  # terms of the Hermite series for the covariance of two activated Gaussians
+LSQ_RIDGE = 1e-3  # ridge on E[hq hq^T] (relative to its mean diagonal) in the next layer's regression
+HIGH_CORRECTIONS = ("none", "lsq")  # the next layer's weights: as they are, or least-squares corrected
+
+
+def output_covariance(w_a: np.ndarray, w_b: np.ndarray, in_var: np.ndarray, rho: float) -> np.ndarray:
+    """Cov(W_a x, W_b x) [O_a, O_b] at one position under the tap model of `tap_variance` (group 1).
+
+    sum_c v_c (rho S_a[i, c] S_b[j, c] + (1 - rho) sum_k W_a[i, c, k] W_b[j, c, k]), S = sum over taps.
+    """
+    a = np.asarray(w_a, np.float64).reshape(w_a.shape[0], w_a.shape[1], -1)
+    b = np.asarray(w_b, np.float64).reshape(w_b.shape[0], w_b.shape[1], -1)
+    var = np.asarray(in_var, np.float64).reshape(-1)
+    summed = np.einsum("ic,jc,c->ij", a.sum(axis=2), b.sum(axis=2), var)
+    taps = np.einsum("ick,jck,c->ij", a, b, var)
+    return rho * summed + (1.0 - rho) * taps
+
+
+def hermite_coefficients(mean: np.ndarray, std: np.ndarray, lo: float, hi: float,
+                         terms: int = HERMITE_TERMS) -> np.ndarray:
+    """f_n = E[clip(m + s u, lo, hi) He_n(u)] / sqrt(n!), n = 1..terms, per channel: [terms, C].
+
+    For u, w standard normal with correlation r, Cov(f(u), g(w)) = sum_n r^n f_n g_n (Mehler).
+    With a = (bound - m) / s: f_1 = s (Phi(a_hi) - Phi(a_lo)) and, for n >= 2,
+    n! ^ 1/2 f_n = s (He_{n-2}(a_lo) phi(a_lo) - He_{n-2}(a_hi) phi(a_hi)) (Gaussian integration by parts).
+    """
+    m, s = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    safe = np.where(s > 0, s, 1.0)
+    a_lo = (lo - m) / safe if np.isfinite(lo) else np.full(m.shape, -np.inf)
+    a_hi = (hi - m) / safe if np.isfinite(hi) else np.full(m.shape, np.inf)
+    coef = np.zeros((terms,) + m.shape)
+    coef[0] = s * (normal_cdf(a_hi) - normal_cdf(a_lo))
+    pdf = [np.where(np.isfinite(a), normal_pdf(a), 0.0) for a in (a_lo, a_hi)]
+    a_fin = [np.where(np.isfinite(a), a, 0.0) for a in (a_lo, a_hi)]
+    he_prev, he = [np.zeros(m.shape)] * 2, [np.ones(m.shape)] * 2  # He_{-1}, He_0
+    factorial = 1.0
+    for n in range(2, terms + 1):
+        factorial *= n
+        coef[n - 1] = s * (he[0] * pdf[0] - he[1] * pdf[1]) / np.sqrt(factorial)
+        k = n - 2  # He_{k+1} = a He_k - k He_{k-1}
+        he, he_prev = [a_fin[i] * he[i] - k * he_prev[i] for i in range(2)], he
+    return np.where(s > 0, coef, 0.0)
+
+
+def activated_covariance(corr: np.ndarray, coef_a: np.ndarray, coef_b: np.ndarray) -> np.ndarray:
+    """Cov(f(z_a), g(z_b)) [C_a, C_b] from the pre-activation correlation [C_a, C_b] (Mehler series)."""
+    corr = np.clip(np.asarray(corr, np.float64), -1.0, 1.0)
+    power = np.ones_like(corr)
+    out = np.zeros_like(corr)
+    for n in range(coef_a.shape[0]):  # over series terms, not weights
+        power = power * corr
+        out += power * np.outer(coef_a[n], coef_b[n])
+    return out
+
+
+def _correlation(cov: np.ndarray, var_a: np.ndarray, var_b: np.ndarray) -> np.ndarray:
+    norm = np.sqrt(np.outer(var_a, var_b))
+    return np.where(norm > 0, cov / np.where(norm > 0, norm, 1.0), 0.0)
+
+
+def correct_next_layer(w_fp: np.ndarray, w_q: np.ndarray, stats: ChannelStats, act: tuple[float, float],
+                       in_var: np.ndarray, rho: float, w_next: np.ndarray, b_next: np.ndarray | None,
+                       ridge: float = LSQ_RIDGE) -> tuple[np.ndarray, np.ndarray]:
+    """W_next', b_next' minimising E||W_next h + b_next - (W_next' hq + b_next')||^2, float64.
+
+    h = act(W x + b) is the float low layer's activated output, hq the re-normalised quantized one
+    (both with pre-activation mean beta_j and std gamma_j). Per kernel tap of the next layer, with
+    h and hq at one position, the minimiser is W_next'[:, :, k] = W_next[:, :, k] M,
+        M = E_c[h hq^T] E_c[hq hq^T]^-1    (centred second moments; the regression of h on hq),
+    b_next' = b_next + sum_k W_next[:, :, k] (E h - M E hq): the whole next layer compensates,
+    not one gain per channel. The pre-activation correlations come from the tap model
+    (`output_covariance` of W and Wq over the propagated input variance), their stds from the BN
+    statistics, and the activation maps them through `hermite_coefficients` (exact variances on the
+    diagonal). Group-1 layers; w_next canonical [O, C, *k].
+    """
+    cov_zz = output_covariance(w_fp, w_fp, in_var, rho)
+    cov_qq = output_covariance(w_q, w_q, in_var, rho)
+    cov_zq = output_covariance(w_fp, w_q, in_var, rho)
+    d_z, d_q = np.diag(cov_zz), np.diag(cov_qq)
+    mean, std = np.asarray(stats.mean, np.float64), np.asarray(stats.std, np.float64)
+    coef = hermite_coefficients(mean, std, act[0], act[1])
+    h_mean, h_var = clipped_normal_moments(mean, std, act[0], act[1])
+    cross = activated_covariance(_correlation(cov_zq, d_z, d_q), coef, coef)  # [h, hq]
+    auto = activated_covariance(_correlation(cov_qq, d_q, d_q), coef, coef)
+    auto[np.diag_indices_from(auto)] = h_var
+    auto += ridge * max(float(np.mean(h_var)), 1e-30) * np.eye(len(h_var))
+    mix = np.linalg.solve(auto, cross.T).T  # M = cross auto^-1 (auto symmetric)
+    w2 = np.asarray(w_next, np.float64)
+    w_new = np.einsum("oc...,cd->od...", w2, mix)
+    shift = h_mean - mix @ h_mean
+    base = np.zeros(w2.shape[0]) if b_next is None else np.asarray(b_next, np.float64)
+    return w_new, base + w2.reshape(w2.shape[0], w2.shape[1], -1).sum(axis=2) @ shift
+
+
+def correlated_sum_moments(mean_a: np.ndarray, var_a: np.ndarray, mean_b: np.ndarray, var_b: np.ndarray,
+                           corr: float, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of clip(a + b, lo, hi), a + b ~ N(m_a + m_b, v_a + v_b + 2 corr sqrt(v_a v_b)).
+
+    The residual join of a block, a + b with a the branch and b the shortcut, with a correlation
+    between them per channel (the statistics engine takes them as independent, corr = 0).
+    """
+    var = np.asarray(var_a, np.float64) + np.asarray(var_b, np.float64) \
+        + 2.0 * corr * np.sqrt(np.asarray(var_a, np.float64) * np.asarray(var_b, np.float64))
+    mean = np.asarray(mean_a, np.float64) + np.asarray(mean_b, np.float64)
+    return clipped_normal_moments(mean, np.sqrt(np.maximum(var, 0.0)), lo, hi)
