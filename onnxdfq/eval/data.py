@@ -70,9 +70,11 @@ class Dataset:
         except OSError as exc:
             raise DataError(f"{path}: cannot read image ({exc})") from None
 
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        total = self.count if limit is None else min(limit, self.count)
-        for start in range(0, total, batch_size):
+    def batches(self, batch_size: int, limit: int | None = None,
+                offset: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Samples [offset, offset + limit) (to the end when limit is None) in batches of batch_size."""
+        total = self.count if limit is None else min(offset + limit, self.count)
+        for start in range(offset, total, batch_size):
             stop = min(start + batch_size, total)
             if self._arrays is not None:
                 x, y = self._arrays
