@@ -254,7 +254,8 @@ def _init_ray(ray, address: str | None, workers: int | None) -> bool:
             raise OptionError("--workers sizes a local Ray; a cluster (--address) has the CPUs it was started with")
         ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=workers, include_dashboard=False, **quiet)
+        # "local": always a fresh Ray on this machine, never a cluster some `ray start` left running here
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, **quiet)
     return True
 
 

@@ -188,7 +188,7 @@ def ray_head(tmp_path):
     finally:
         os.killpg(head.pid, 15)  # the head and every process it started (they stay in its group)
         try:
-            head.wait(timeout=10)  # it drains for up to 30 s otherwise
+            head.wait(timeout=45)  # it drains for up to 30 s, then removes its /tmp/ray/ray_current_cluster
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, 9)
             head.wait()
