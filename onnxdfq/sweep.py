@@ -160,9 +160,12 @@ def write_results(out_dir: Path, results: dict[str, Any]) -> None:
 # --- the tasks (plain functions; run_sweep wraps them with ray.remote) -----------------------------------------
 
 def _error(exc: BaseException) -> str:
+    """One line for a row: onnxdfq's own errors as they are, anything else with the line that raised."""
     if isinstance(exc, OnnxDfqError):
         return f"{type(exc).__name__}: {exc}"
-    return f"{type(exc).__name__}: {exc} ({traceback.format_exc(limit=-1).strip().splitlines()[-2].strip()})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{where}"
 
 
 def quantize_task(config: SweepConfig, path: str, mean: list[float] | None, std: list[float] | None) -> dict:
@@ -181,8 +184,11 @@ def quantize_task(config: SweepConfig, path: str, mean: list[float] | None, std:
         widths = {name: width for name, width in widths.items() if width is not None}
         packed = None
         if widths:  # what --format qdq-packed writes for the same quantization (the file stays plain qdq)
-            packed_model, done = packing.pack_weights(result.model, widths)
-            packed = len(packed_model.SerializeToString()) if done else None
+            try:
+                packed_model, done = packing.pack_weights(result.model, widths)
+                packed = len(packed_model.SerializeToString()) if done else None
+            except ValueError as exc:  # a grid outside the packed range: no packed size, the row stands
+                logger.warning("%s: not packed (%s)", config.key, exc)
         return {"path": path, "quantize_s": round(seconds, 3), "bytes": size, "packed_bytes": packed,
                 "avg_weight_bits": result.report.get("average_weight_bits"),
                 "warnings": len(result.report.get("warnings", []))}
@@ -392,7 +398,10 @@ def _run_jobs(ray, todo: list[SweepConfig], fp32_models: dict[str, str], ranges:
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         job, part, index = pending.pop(ready[0])
-        value = ray.get(ready[0])
+        try:
+            value = ray.get(ready[0])
+        except Exception as exc:  # the task's worker died (killed, out of memory): this config fails, not the sweep
+            value = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"}
         if part == "shard":
             job.shards[index] = value
         else:
