@@ -9,6 +9,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -193,6 +194,9 @@ def ray_head(tmp_path):
             os.killpg(head.pid, 9)
             head.wait()
         log.close()
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # left behind: a plain ray.init()
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):  # would try the dead head
+            current.unlink()
 
 
 @pytest.mark.slow
