@@ -22,7 +22,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -250,11 +250,16 @@ def _import_ray():
     return ray
 
 
-def _init_ray(ray, address: str | None, workers: int | None) -> bool:
-    """Connect (cluster) or start (local) Ray; False when the caller had already initialised it."""
+def _init_ray(ray, address: str | None, workers: int | None, scratch: str) -> bool:
+    """Connect (cluster) or start (local) Ray; False when the caller had already initialised it.
+
+    Ray puts the driver's current directory first on its workers' sys.path unless the job has a
+    working_dir: run from a checkout (or any folder with an ``onnxdfq/``), the workers would import
+    that copy instead of the driver's. An empty working_dir (`scratch`) keeps them on the installed one.
+    """
     if ray.is_initialized():
         return False
-    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False, "runtime_env": {"working_dir": scratch}}
     if address:
         if workers:
             raise OptionError("--workers sizes a local Ray; a cluster (--address) has the CPUs it was started with")
@@ -334,7 +339,9 @@ def run_sweep(configs: Sequence[SweepConfig], spec: EvalSpec, out_dir: str | os.
     reference. Rows already in DIR are kept (failed ones too, unless `retry_failed`).
     `on_start(todo, reused)` is called once the work is known, `on_row(row)` as each config finishes.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # the tasks run elsewhere (another cwd, another node): absolute paths only
+    configs = [replace(config, model=str(Path(config.model).resolve())) for config in configs]
+    spec = replace(spec, data=str(Path(spec.data).resolve()))
     results = load_results(out_dir)
     signature = spec.signature()
     if results["rows"] and results["meta"].get("eval") != signature:
@@ -358,13 +365,14 @@ def run_sweep(configs: Sequence[SweepConfig], spec: EvalSpec, out_dir: str | os.
     ray = _import_ray()
     (out_dir / "models").mkdir(parents=True, exist_ok=True)
     ranges = shard_ranges(_sample_count(spec), spec.shard_size, spec.batch_size)
-    started = _init_ray(ray, address, workers)
-    try:
-        _run_jobs(ray, todo, {name: models[name] for name in missing_fp32}, ranges, spec, out_dir, results,
-                  latency_runs, on_row)
-    finally:
-        if started:
-            ray.shutdown()
+    with tempfile.TemporaryDirectory(prefix="onnxdfq-sweep-") as scratch:
+        started = _init_ray(ray, address, workers, scratch)
+        try:
+            _run_jobs(ray, todo, {name: models[name] for name in missing_fp32}, ranges, spec, out_dir, results,
+                      latency_runs, on_row)
+        finally:
+            if started:
+                ray.shutdown()
     order = {config.key: index for index, config in enumerate(configs)}
     results["rows"].sort(key=lambda row: order.get(row["key"], len(order)))
     results["meta"]["ray"] = {"address": address or "local", "workers": workers}

@@ -96,9 +96,11 @@ def test_evaluation_shards_sum_to_the_whole_run(resnet20, cifar_test):
 
 # --- on Ray ------------------------------------------------------------------------------------------------------
 
-def sweep_cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onnxdfq.cli", "sweep", *map(str, args)], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}, timeout=600)
+def sweep_cli(*args, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The installed command (not `python -m`, which would import an onnxdfq in `cwd` in the driver too)."""
+    return subprocess.run([str(Path(sys.executable).parent / "onnxdfq"), "sweep", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +146,14 @@ def test_a_second_run_recomputes_nothing(two_config_sweep):
 @pytest.mark.slow
 def test_a_failing_config_is_a_row_and_the_sweep_goes_on(resnet20, cifar_test, tmp_path):
     pytest.importorskip("ray")
-    broken = tmp_path / "broken.onnx"
-    broken.write_bytes(b"not an onnx file")
+    (tmp_path / "broken.onnx").write_bytes(b"not an onnx file")
+    decoy = tmp_path / "onnxdfq"  # run from a folder with another onnxdfq: the workers must not import it
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy onnxdfq in the current directory')\n")
     out = tmp_path / "out"
-    proc = sweep_cli(broken, resnet20, "--method", "nearest", "--bits", "8", "--data", cifar_test, "--mean", MEAN,
-                     "--std", STD, "--limit", 100, "--latency-runs", 0, "--workers", 2, "-o", out)
+    proc = sweep_cli("broken.onnx", resnet20, "--method", "nearest", "--bits", "8", "--data", cifar_test, "--mean",
+                     MEAN, "--std", STD, "--limit", 100, "--latency-runs", 0, "--workers", 2, "-o", "out",
+                     cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = {row["model"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
     assert rows["broken"]["error"] and "top1" not in rows["broken"]
