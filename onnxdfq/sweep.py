@@ -29,8 +29,8 @@ from typing import Any
 from onnxdfq.config import make_config
 from onnxdfq.errors import OnnxDfqError, OptionError
 
-__all__ = ["SweepConfig", "ShardCounts", "expand_grid", "shard_ranges", "combine_shards", "load_results",
-           "run_sweep", "RAY_MISSING"]
+__all__ = ["SweepConfig", "ShardCounts", "EvalSpec", "expand_grid", "shard_ranges", "combine_shards", "load_results",
+           "write_results", "run_sweep", "RAY_MISSING"]
 
 logger = logging.getLogger(__name__)
 

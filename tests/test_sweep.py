@@ -143,8 +143,8 @@ def test_a_second_run_recomputes_nothing(two_config_sweep):
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "models").iterdir()}
 
 
-@pytest.mark.slow
 def test_a_failing_config_is_a_row_and_the_sweep_goes_on(resnet20, cifar_test, tmp_path):
+    """(11-14 s here, most of it Ray starting and stopping: not marked slow.)"""
     pytest.importorskip("ray")
     (tmp_path / "broken.onnx").write_bytes(b"not an onnx file")
     decoy = tmp_path / "onnxdfq"  # run from a folder with another onnxdfq: the workers must not import it
