@@ -691,5 +691,69 @@ def _synthetic_demo(work: Path, samples: int) -> None:
     click.echo(f"(fidelity against the FP32 model on {samples} N(0,1) inputs)")
 
 
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--method", "methods", default="nearest,squant", show_default=True,
+              help="Comma-separated methods (nearest, squant, dfq, dfmpc).")
+@click.option("--bits", default="8,4", show_default=True, help="Comma-separated weight widths; LOW/HIGH for dfmpc.")
+@click.option("--act-bits", default="8", show_default=True, help="Comma-separated activation widths, or none.")
+@click.option("--granularity", default="channel", show_default=True, help="Comma-separated: channel, tensor.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Labelled data to score every config on.")
+@click.option("--mean", default=None, help="Per-channel mean on the 0-1 scale (also the models' input range).")
+@click.option("--std", default=None, help="Per-channel std on the 0-1 scale.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Score on the first N samples only.")
+@click.option("--batch-size", default=100, show_default=True, type=click.IntRange(1),
+              help="Samples per inference call.")
+@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1),
+              help="Samples per evaluation task (rounded up to a multiple of --batch-size).")
+@click.option("--latency-runs", default=20, show_default=True, type=click.IntRange(0),
+              help="Timed runs per round of the FP32-vs-quantized latency task (0: no latency).")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for results.json/.md/.html and the models; rows already there are kept.")
+@click.option("--address", default=None, help="Ray cluster address (e.g. 10.0.0.5:6379); default: a local Ray.")
+@click.option("--workers", default=None, type=click.IntRange(1), help="CPUs of the local Ray (default: all).")
+@click.option("--retry-failed", is_flag=True, help="Run again the configs whose rows hold an error.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@_friendly
+def sweep(models, methods, bits, act_bits, granularity, data, mean, std, limit, batch_size, shard_size, latency_runs,
+          out_dir, address, workers, retry_failed, quiet) -> None:
+    """Quantize and score every MODEL x --method x --bits x --act-bits on Ray (pip install -e ".[sweep]");
+    writes OUT/results.json, results.md and results.html (top-1 vs size, Pareto front)."""
+    from tqdm import tqdm
+
+    from onnxdfq.sweep import EvalSpec, expand_grid, run_sweep
+
+    def split(text: str) -> list[str]:
+        return [item.strip() for item in text.split(",") if item.strip()]
+
+    configs, skipped = expand_grid([str(m) for m in models], split(methods), split(bits), split(act_bits),
+                                   split(granularity))
+    for key, reason in skipped:
+        click.echo(f"skipped {key}: {reason}", err=True)
+    if not configs:
+        raise OptionError("no valid config in the grid (see the skipped lines above)")
+    spec = EvalSpec(str(data), _floats(mean, "--mean"), _floats(std, "--std"), limit, batch_size, shard_size)
+    bar = tqdm(total=0, desc="sweep", unit="config", disable=True if quiet else None, file=sys.stderr)
+
+    def start(todo: int, reused: int) -> None:
+        bar.total = todo
+        bar.refresh()
+        if reused and not quiet:
+            click.echo(f"{reused} config(s) already in {out_dir}, kept", err=True)
+
+    def finished(row: dict) -> None:
+        bar.set_postfix_str(f"{row['key']}: " + ("error" if row["error"] else f"top1 {row['top1']:.2f}"))
+        bar.update(1)
+
+    with bar:
+        results = run_sweep(configs, spec, out_dir, address=address, workers=workers, latency_runs=latency_runs,
+                            retry_failed=retry_failed, on_start=start, on_row=finished)
+    if not quiet:
+        click.echo((out_dir / "results.md").read_text())
+    failed = [row for row in results["rows"] if row.get("error")]
+    click.echo(f"{len(results['rows'])} rows in {out_dir / 'results.json'}"
+               + (f"; {len(failed)} failed" if failed else ""), err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ uint8 pixels are scaled to [0, 1]; then (x - mean) / std per channel; images are
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 from collections.abc import Iterator
@@ -70,9 +71,11 @@ class Dataset:
         except OSError as exc:
             raise DataError(f"{path}: cannot read image ({exc})") from None
 
-    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        total = self.count if limit is None else min(limit, self.count)
-        for start in range(0, total, batch_size):
+    def batches(self, batch_size: int, limit: int | None = None,
+                offset: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Samples [offset, offset + limit) (to the end when limit is None) in batches of batch_size."""
+        total = self.count if limit is None else min(offset + limit, self.count)
+        for start in range(offset, total, batch_size):
             stop = min(start + batch_size, total)
             if self._arrays is not None:
                 x, y = self._arrays
@@ -91,6 +94,13 @@ class Dataset:
 
 
 def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    stat = path.stat()
+    return _read_npz(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)  # a sweep's evaluation shards open the same file again and again in one worker
+def _read_npz(path: Path, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The arrays of an .npz, read once per process while the file is unchanged (read-only: callers slice them)."""
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as exc:
@@ -107,6 +117,9 @@ def _from_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if x.dtype != np.uint8 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         raise DataError(f"{path}: float 'x' of shape {list(x.shape)} looks channels-last; float samples must be "
                         "NCHW and preprocessed (raw images: uint8 NHWC, with --mean/--std)")
+    for array in (x, y):
+        if array is not None:
+            array.setflags(write=False)
     return x, y
 
 

@@ -29,6 +29,8 @@ class EvalResult:
     count: int
     seconds: float
     provider: str
+    correct1: int = 0  # the exact counts behind top1/top5 (a sharded evaluation sums these)
+    correct5: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,22 +99,24 @@ def _open(data: str | Dataset, session, mean, std, size) -> Dataset:
 def evaluate(model: Any, data: str | Dataset, *, mean: list[float] | None = None, std: list[float] | None = None,
              size: tuple[int, int] | None = None, batch_size: int = 100, limit: int | None = None,
              provider: str = "cpu", progress: Progress | None = None,
-             on_count: Progress | None = None) -> EvalResult:
+             on_count: Progress | None = None, offset: int = 0, threads: int | None = None) -> EvalResult:
     """Top-1 / top-5 accuracy (percent) of a classifier (path or ModelProto) on labelled data.
 
     `on_count` is told how many samples will be evaluated once the data is open (for a progress
-    bar's total); `progress` after each batch.
+    bar's total); `progress` after each batch. `offset` skips the first samples (then `limit` counts
+    from there): a shard of the set whose batches, with `offset` a multiple of `batch_size`, are the
+    same as a whole run's. `threads`: onnxruntime's intra-op threads (default: its own choice).
     """
-    session = make_session(model, provider)
+    session = make_session(model, provider, threads=threads)
     name, shape = input_spec(session)
     dataset = _open(data, session, mean, std, size)
     if not dataset.has_labels:
         raise DataError(f"{dataset.name}: has no labels ('y'); evaluation needs labelled data")
     if on_count:
-        on_count(dataset.count if limit is None else min(dataset.count, limit))
+        on_count(max(0, (dataset.count if limit is None else min(dataset.count, offset + limit)) - offset))
     correct1 = correct5 = seen = 0
     start = time.perf_counter()
-    for x, y in dataset.batches(batch_size, limit):
+    for x, y in dataset.batches(batch_size, limit, offset):
         _check_batch(x, shape, dataset.name)
         logits = run_batched(session, name, x)[0].reshape(len(x), -1)
         if not np.all(np.isfinite(logits)):
@@ -130,7 +134,7 @@ def evaluate(model: Any, data: str | Dataset, *, mean: list[float] | None = None
     if seen == 0:
         raise DataError(f"{dataset.name}: no samples")
     return EvalResult(100.0 * correct1 / seen, 100.0 * correct5 / seen, seen, time.perf_counter() - start,
-                      session.get_providers()[0])
+                      session.get_providers()[0], int(correct1), int(correct5))
 
 
 def random_inputs(shape: list, count: int, seed: int = 0, size: tuple[int, int] | None = None) -> np.ndarray:

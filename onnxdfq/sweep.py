@@ -1,0 +1,439 @@
+"""`onnxdfq sweep`: models x methods x widths, each quantization and each evaluation shard a Ray task.
+
+The pure parts need no Ray and are tested directly: `expand_grid` (the configs, and the invalid
+combinations with the reason `make_config` gives), `shard_ranges` (evaluation shards aligned to the
+batch size, so a shard runs exactly the batches a whole `evaluate` would) and `combine_shards` (sums
+the correct counts: the combined top-1 is the whole run's, not an average of percentages). The
+tables and the HTML page are `onnxdfq.sweep_report`'s.
+
+`run_sweep` imports Ray (the optional ``[sweep]`` extra) and runs the tasks on a local Ray
+(``ray.init()``) or a cluster (``address``). Each finished config is written to DIR/results.json at
+once, so a cut-off sweep resumes where it stopped; a config whose quantization or evaluation raises
+becomes a row with its error. MODEL, --data and DIR are read (and DIR written) by the tasks at the
+same paths, so on a multi-machine cluster they must sit on a shared file system.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from onnxdfq.config import make_config
+from onnxdfq.errors import OnnxDfqError, OptionError
+
+__all__ = ["SweepConfig", "ShardCounts", "EvalSpec", "expand_grid", "shard_ranges", "combine_shards", "load_results",
+           "write_results", "run_sweep", "RAY_MISSING"]
+
+logger = logging.getLogger(__name__)
+
+RAY_MISSING = 'onnxdfq sweep needs Ray: pip install -e ".[sweep]" (or pip install "onnxdfq[sweep]")'
+DEFAULT_SHARD = 1000  # samples per evaluation task (rounded up to a multiple of the batch size)
+RESULTS_JSON = "results.json"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One row of the sweep: a model file and the keywords `quantize_model` gets."""
+
+    model: str  # path of the FP32 .onnx
+    method: str
+    bits: str  # "8", or "LOW/HIGH" for dfmpc
+    act_bits: str  # "8", "none", ...
+    granularity: str  # "channel" or "tensor"
+
+    @property
+    def name(self) -> str:
+        return Path(self.model).stem
+
+    @property
+    def key(self) -> str:
+        """The row's identity in results.json (what a resumed sweep matches on)."""
+        return f"{self.name} {self.method} W{self.bits}A{self.act_bits} {self.granularity}"
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.name}.{self.method}.w{self.bits.replace('/', '-')}a{self.act_bits}.{self.granularity}.onnx"
+
+
+@dataclass(frozen=True)
+class ShardCounts:
+    """What one evaluation shard found: exact counts, never percentages."""
+
+    correct1: int
+    correct5: int
+    count: int
+
+
+def expand_grid(models: Sequence[str], methods: Sequence[str], bits: Sequence[str], act_bits: Sequence[str],
+                granularities: Sequence[str] = ("channel",)) -> tuple[list[SweepConfig], list[tuple[str, str]]]:
+    """Every valid config of the grid, in grid order, and the skipped combinations with the reason.
+
+    Validity is `onnxdfq.config.make_config`'s (dfmpc needs LOW/HIGH, the others a single width, ...);
+    the same combination given twice is one config. Two models with the same file stem are refused
+    (rows and files are named by it).
+    """
+    stems: dict[str, str] = {}
+    for model in models:
+        other = stems.setdefault(Path(model).stem, str(model))
+        if other != str(model):
+            raise OptionError(f"two models named {Path(model).stem!r} ({other}, {model}); rename one")
+    configs: dict[str, SweepConfig] = {}
+    skipped: list[tuple[str, str]] = []
+    for model in models:
+        for method in methods:
+            for width in bits:
+                for act in act_bits:
+                    for granularity in granularities:
+                        config = SweepConfig(str(model), method, str(width), str(act).lower(), granularity)
+                        try:
+                            make_config(method, config.bits, config.act_bits, granularity)
+                        except OptionError as exc:
+                            skipped.append((config.key, str(exc)))
+                            continue
+                        configs.setdefault(config.key, config)
+    return list(configs.values()), skipped
+
+
+def shard_ranges(count: int, shard_size: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering 0..count, each start a multiple of batch_size.
+
+    `shard_size` is rounded up to a multiple of `batch_size`, so every shard's batches are exactly
+    the batches an unsharded `evaluate(..., batch_size=batch_size)` runs (same inputs, same logits).
+    """
+    if count <= 0:
+        return []
+    if shard_size < 1 or batch_size < 1:
+        raise OptionError(f"shard size and batch size must be >= 1, got {shard_size} and {batch_size}")
+    step = -(-shard_size // batch_size) * batch_size
+    return [(start, min(start + step, count)) for start in range(0, count, step)]
+
+
+def combine_shards(shards: Sequence[ShardCounts]) -> dict[str, float | int]:
+    """top1/top5 (percent) of the union of the shards: summed counts, divided once."""
+    correct1 = sum(s.correct1 for s in shards)
+    correct5 = sum(s.correct5 for s in shards)
+    count = sum(s.count for s in shards)
+    if count == 0:
+        raise OnnxDfqError("no samples were evaluated")
+    return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "correct1": correct1,
+            "correct5": correct5, "samples": count}
+
+
+# --- results on disk ------------------------------------------------------------------------------------------
+
+def load_results(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """DIR/results.json as written by a sweep, or an empty one."""
+    path = Path(out_dir) / RESULTS_JSON
+    if not path.exists():
+        return {"meta": {}, "fp32": {}, "rows": []}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise OnnxDfqError(f"{path}: not a sweep's results.json ({exc}); use another -o") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def write_results(out_dir: Path, results: dict[str, Any]) -> None:
+    """results.json, results.md and results.html, each replaced atomically."""
+    from onnxdfq.sweep_report import render_html, render_markdown
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / RESULTS_JSON, json.dumps(results, indent=1))
+    _write_atomic(out_dir / "results.md", render_markdown(results))
+    _write_atomic(out_dir / "results.html", render_html(results))
+
+
+# --- the tasks (plain functions; run_sweep wraps them with ray.remote) -----------------------------------------
+
+def _error(exc: BaseException) -> str:
+    """One line for a row: onnxdfq's own errors as they are, anything else with the line that raised."""
+    if isinstance(exc, OnnxDfqError):
+        return f"{type(exc).__name__}: {exc}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{where}"
+
+
+def quantize_task(config: SweepConfig, path: str, mean: list[float] | None, std: list[float] | None) -> dict:
+    """Quantize, write the file (checked), measure its packed size; an exception becomes {"error": ...}."""
+    from onnxdfq.graph import packing
+    from onnxdfq.pipeline import quantize_model, save_quantized
+
+    try:
+        start = time.perf_counter()
+        result = quantize_model(config.model, method=config.method, bits=config.bits, act_bits=config.act_bits,
+                                granularity=config.granularity, mean=mean, std=std)
+        seconds = time.perf_counter() - start
+        size = save_quantized(result, path)
+        widths = {f"{name}.weight_quantized": packing.packed_type(layer["bits"])
+                  for name, layer in result.report["layers"].items() if "bits" in layer}
+        widths = {name: width for name, width in widths.items() if width is not None}
+        packed = None
+        if widths:  # what --format qdq-packed writes for the same quantization (the file stays plain qdq)
+            try:
+                packed_model, done = packing.pack_weights(result.model, widths)
+                packed = len(packed_model.SerializeToString()) if done else None
+            except ValueError as exc:  # a grid outside the packed range: no packed size, the row stands
+                logger.warning("%s: not packed (%s)", config.key, exc)
+        return {"path": path, "quantize_s": round(seconds, 3), "bytes": size, "packed_bytes": packed,
+                "avg_weight_bits": result.report.get("average_weight_bits"),
+                "warnings": len(result.report.get("warnings", []))}
+    except Exception as exc:  # the sweep goes on: this config's row carries the error
+        return {"error": _error(exc)}
+
+
+def eval_task(quantized: dict | str, data: str, mean, std, start: int, stop: int, batch_size: int) -> dict:
+    """Counts on samples [start, stop) of a model file (or of the quantize task's result)."""
+    from onnxdfq.eval.runner import evaluate
+
+    if isinstance(quantized, dict) and "error" in quantized:
+        return {"error": quantized["error"]}
+    path = quantized["path"] if isinstance(quantized, dict) else quantized
+    try:
+        result = evaluate(path, data, mean=mean, std=std, batch_size=batch_size, limit=stop - start, offset=start,
+                          threads=1)
+        return asdict(ShardCounts(result.correct1, result.correct5, result.count))
+    except Exception as exc:
+        return {"error": _error(exc)}
+
+
+def latency_task(quantized: dict | None, fp32_path: str, runs: int) -> dict:
+    """Median ms of FP32 and quantized, taking turns in one process (their ratio survives load)."""
+    from onnxdfq.eval.latency import measure_latency
+
+    if quantized is not None and "error" in quantized:
+        return {"error": quantized["error"]}
+    models = {"fp32": fp32_path} if quantized is None else {"fp32": fp32_path, "q": quantized["path"]}
+    try:
+        return measure_latency(models, runs=runs, threads=1)
+    except Exception as exc:
+        return {"error": _error(exc)}
+
+
+# --- the driver ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The labelled data every config is scored on, and how it is cut into tasks."""
+
+    data: str
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    limit: int | None = None
+    batch_size: int = 100
+    shard_size: int = DEFAULT_SHARD
+
+    def signature(self) -> dict[str, Any]:
+        """What makes two sweeps' top-1 comparable (a resumed sweep must match it)."""
+        return {"data": str(Path(self.data).resolve()), "mean": self.mean, "std": self.std, "limit": self.limit}
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise OptionError(RAY_MISSING) from None
+    return ray
+
+
+def _init_ray(ray, address: str | None, workers: int | None, scratch: str) -> bool:
+    """Connect (cluster) or start (local) Ray; False when the caller had already initialised it.
+
+    Ray puts the driver's current directory first on its workers' sys.path unless the job has a
+    working_dir: run from a checkout (or any folder with an ``onnxdfq/``), the workers would import
+    that copy instead of the driver's. An empty working_dir (`scratch`) keeps them on the installed one.
+    """
+    if ray.is_initialized():
+        return False
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False, "runtime_env": {"working_dir": scratch}}
+    if address:
+        if workers:
+            raise OptionError("--workers sizes a local Ray; a cluster (--address) has the CPUs it was started with")
+        ray.init(address=address, **quiet)
+    else:
+        # "local": always a fresh Ray on this machine, never a cluster some `ray start` left running here
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, **quiet)
+    return True
+
+
+def _sample_count(spec: EvalSpec) -> int:
+    from onnxdfq.eval.data import open_dataset
+
+    count = open_dataset(spec.data, mean=spec.mean, std=spec.std).count
+    return count if spec.limit is None else min(count, spec.limit)
+
+
+@dataclass
+class _Job:
+    """One config (or a model's FP32 reference, config None) while its tasks run."""
+
+    key: str
+    config: SweepConfig | None
+    fp32_path: str
+    shards: list[dict | None]
+    quantized: dict | None = None
+    latency: dict | None = None
+    latency_wanted: bool = True
+
+    def finished(self) -> bool:
+        return (all(s is not None for s in self.shards) and (self.config is None or self.quantized is not None)
+                and (not self.latency_wanted or self.latency is not None))
+
+    def error(self) -> str | None:
+        for part in [self.quantized, *self.shards, self.latency]:
+            if part is not None and "error" in part:
+                return part["error"]
+        return None
+
+
+def _fp32_entry(job: _Job, path: str) -> dict[str, Any]:
+    error = job.error()
+    entry: dict[str, Any] = {"model_path": path, "bytes": Path(path).stat().st_size if Path(path).exists() else None,
+                             "error": error}
+    if error is None:
+        entry.update(combine_shards([ShardCounts(**s) for s in job.shards]))
+    return entry
+
+
+def _row(job: _Job, fp32: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    config = job.config
+    row: dict[str, Any] = {"key": config.key, "model": config.name, "model_path": config.model,
+                           "method": config.method, "bits": config.bits, "act_bits": config.act_bits,
+                           "granularity": config.granularity, "error": job.error()}
+    if row["error"] is None:
+        quantized, latency = job.quantized, job.latency or {}
+        row.update(combine_shards([ShardCounts(**s) for s in job.shards]))
+        row.update({"fp32_top1": fp32.get("top1"), "file": os.path.relpath(quantized["path"], out_dir),
+                    "quantize_s": quantized["quantize_s"], "bytes": quantized["bytes"],
+                    "packed_bytes": quantized["packed_bytes"], "fp32_bytes": fp32.get("bytes"),
+                    "avg_weight_bits": quantized["avg_weight_bits"],
+                    "latency_ms": latency.get("q"), "fp32_latency_ms": latency.get("fp32"),
+                    # quantized / FP32 median latency at batch 1: below 1 is faster than FP32
+                    "latency_ratio": latency["q"] / latency["fp32"] if "q" in latency else None})
+    row["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return row
+
+
+def run_sweep(configs: Sequence[SweepConfig], spec: EvalSpec, out_dir: str | os.PathLike, *,
+              address: str | None = None, workers: int | None = None, latency_runs: int = 20,
+              retry_failed: bool = False, on_start: Callable[[int, int], None] | None = None,
+              on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Run every config not already in DIR/results.json on Ray; returns the results (also written).
+
+    Tasks: one quantization per config, then its evaluation shards and one latency measurement
+    (FP32 and quantized taking turns; `latency_runs` 0 skips it), plus the shards of each model's FP32
+    reference. Rows already in DIR are kept (failed ones too, unless `retry_failed`).
+    `on_start(todo, reused)` is called once the work is known, `on_row(row)` as each config finishes.
+    """
+    out_dir = Path(out_dir).resolve()  # the tasks run elsewhere (another cwd, another node): absolute paths only
+    configs = [replace(config, model=str(Path(config.model).resolve())) for config in configs]
+    spec = replace(spec, data=str(Path(spec.data).resolve()))
+    results = load_results(out_dir)
+    signature = spec.signature()
+    if results["rows"] and results["meta"].get("eval") != signature:
+        raise OptionError(f"{out_dir} holds a sweep scored on other data or --limit ({results['meta'].get('eval')}); "
+                          "use another -o to keep both")
+    kept = [row for row in results["rows"] if not (retry_failed and row.get("error"))]
+    done = {row["key"] for row in kept}
+    todo = [config for config in configs if config.key not in done]
+    models = {config.name: config.model for config in configs}
+    missing_fp32 = [name for name in dict.fromkeys(c.name for c in todo)
+                    if name not in results["fp32"] or results["fp32"][name].get("error")]
+    for name in missing_fp32:
+        results["fp32"].pop(name, None)  # a failed reference is measured again
+    if on_start:
+        on_start(len(todo), len(configs) - len(todo))
+    results.update(meta={"eval": signature, "batch_size": spec.batch_size, "latency_runs": latency_runs},
+                   rows=kept)
+    if not todo:
+        write_results(out_dir, results)
+        return results
+    ray = _import_ray()
+    (out_dir / "models").mkdir(parents=True, exist_ok=True)
+    ranges = shard_ranges(_sample_count(spec), spec.shard_size, spec.batch_size)
+    with tempfile.TemporaryDirectory(prefix="onnxdfq-sweep-") as scratch:
+        started = _init_ray(ray, address, workers, scratch)
+        try:
+            _run_jobs(ray, todo, {name: models[name] for name in missing_fp32}, ranges, spec, out_dir, results,
+                      latency_runs, on_row)
+        finally:
+            if started:
+                ray.shutdown()
+    order = {config.key: index for index, config in enumerate(configs)}
+    results["rows"].sort(key=lambda row: order.get(row["key"], len(order)))
+    results["meta"]["ray"] = {"address": address or "local", "workers": workers}
+    write_results(out_dir, results)
+    return results
+
+
+def _run_jobs(ray, todo: list[SweepConfig], fp32_models: dict[str, str], ranges: list[tuple[int, int]],
+              spec: EvalSpec, out_dir: Path, results: dict, latency_runs: int,
+              on_row: Callable[[dict], None] | None) -> None:
+    remote = {name: ray.remote(num_cpus=1, max_retries=0)(func) for name, func in
+              (("quantize", quantize_task), ("eval", eval_task), ("latency", latency_task))}
+    args = (spec.data, spec.mean, spec.std)
+    pending: dict[Any, tuple[_Job, str, int]] = {}
+    jobs: list[_Job] = []
+    for name, path in fp32_models.items():
+        job = _Job(f"fp32 {name}", None, path, [None] * len(ranges), latency_wanted=False)
+        for index, (start, stop) in enumerate(ranges):
+            pending[remote["eval"].remote(path, *args, start, stop, spec.batch_size)] = (job, "shard", index)
+        jobs.append(job)
+    for config in todo:
+        job = _Job(config.key, config, config.model, [None] * len(ranges), latency_wanted=latency_runs > 0)
+        quantized = remote["quantize"].remote(config, str(out_dir / "models" / config.file_name), spec.mean, spec.std)
+        pending[quantized] = (job, "quantize", 0)
+        for index, (start, stop) in enumerate(ranges):  # Ray starts them once the file is written
+            pending[remote["eval"].remote(quantized, *args, start, stop, spec.batch_size)] = (job, "shard", index)
+        if latency_runs > 0:
+            pending[remote["latency"].remote(quantized, config.model, latency_runs)] = (job, "latency", 0)
+        jobs.append(job)
+    waiting = {id(job): job for job in jobs}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        job, part, index = pending.pop(ready[0])
+        try:
+            value = ray.get(ready[0])
+        except Exception as exc:  # the task's worker died (killed, out of memory): this config fails, not the sweep
+            value = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"}
+        if part == "shard":
+            job.shards[index] = value
+        else:
+            setattr(job, "quantized" if part == "quantize" else "latency", value)
+        if id(job) in waiting and job.finished() and _fp32_ready(job, results, fp32_models):
+            _finish(job, results, out_dir, on_row)
+            del waiting[id(job)]
+            for other in [j for j in waiting.values() if j.finished() and _fp32_ready(j, results, fp32_models)]:
+                _finish(other, results, out_dir, on_row)  # rows that waited for their FP32 reference
+                del waiting[id(other)]
+
+
+def _fp32_ready(job: _Job, results: dict, fp32_models: dict[str, str]) -> bool:
+    return job.config is None or job.config.name not in fp32_models or job.config.name in results["fp32"]
+
+
+def _finish(job: _Job, results: dict, out_dir: Path, on_row: Callable[[dict], None] | None) -> None:
+    if job.config is None:
+        name = job.key.removeprefix("fp32 ")
+        results["fp32"][name] = _fp32_entry(job, job.fp32_path)
+        write_results(out_dir, results)
+        return
+    row = _row(job, results["fp32"].get(job.config.name, {}), out_dir)
+    results["rows"].append(row)
+    write_results(out_dir, results)
+    if on_row:
+        on_row(row)
