@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -88,17 +91,20 @@ def test_narrow_activation_grid_uses_only_its_levels(act_bits):
     result = onnxdfq.quantize_model(varied_chain(1), bits=8, act_bits=act_bits)
     model = result.model
     emitted = next(p for p in result.report["passes"] if p["name"] == "act_qparams")["layers"]
-    signed = {n.output[0]: emitted[n.input[0].removesuffix("_clipped")]["act_signed_grid"]
-              for n in model.graph.node if n.op_type == "QuantizeLinear"}
-    quant_outputs = [n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    initializers = {i.name for i in model.graph.initializer}
+    # what each activation DequantizeLinear reads: the stored levels after the integer Clip of a narrow grid
+    quant_outputs = [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"
+                     and n.input[0] not in initializers]
+    base = {name: name.removesuffix("_on_grid").removesuffix("_quantized") for name in quant_outputs}
+    signed = {name: emitted[base[name]]["act_signed_grid"] for name in quant_outputs}
     probe = onnx.ModelProto.FromString(model.SerializeToString())
     for name in quant_outputs:
         probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     x = (3 * np.random.default_rng(0).standard_normal((8, 3, 17, 17))).astype(np.float32)
     values = session.run(quant_outputs, {"input": x})
-    zps = {n.output[0]: numpy_helper.to_array([i for i in model.graph.initializer if i.name == n.input[2]][0])
-           for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    zps = {n.input[0]: numpy_helper.to_array([i for i in model.graph.initializer if i.name == n.input[2]][0])
+           for n in model.graph.node if n.op_type == "DequantizeLinear"}
     for name, value in zip(quant_outputs, values, strict=True):
         zero = int(zps[name])
         assert value.dtype == np.uint8  # activations are stored as uint8 (signed grids shifted by 128)
@@ -226,3 +232,40 @@ def test_per_tensor_scale_grows_until_every_bias_fits():
     np.testing.assert_allclose(bias, b, rtol=1e-3, atol=1e-3)
     assert values["gemm.weight_scale"].size == 1 and values["gemm.weight_scale"] > 10 * np.abs(w).max() / 127
     assert not [w for w in result.report["warnings"] if "saturate" in w]
+
+
+def _float_clip_layout(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with each narrow grid's integer Clip (Q -> Clip -> DQ) moved in front of its
+    QuantizeLinear as a float Clip at the grid's edge values (the layout the emitter used to write)."""
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    producer = {o: n for n in out.graph.node for o in n.output}
+    for clip in [n for n in out.graph.node if n.op_type == "Clip" and n.input[0] in producer
+                 and producer[n.input[0]].op_type == "QuantizeLinear"]:
+        q = producer[clip.input[0]]
+        scale, zp = float(inits[q.input[1]]), int(inits[q.input[2]])
+        lo, hi = ((int(inits[name]) - zp) * scale for name in clip.input[1:3])
+        bounds = [numpy_helper.from_array(np.array(v, np.float32), f"{clip.name}_f{i}") for i, v in enumerate((lo, hi))]
+        out.graph.initializer.extend(bounds)
+        float_clip = onnx.helper.make_node("Clip", [q.input[0], bounds[0].name, bounds[1].name], [f"{clip.name}_float"])
+        q.input[0] = float_clip.output[0]
+        for node in out.graph.node:  # the DequantizeLinear now reads the QuantizeLinear directly
+            node.input[:] = [q.output[0] if name == clip.output[0] else name for name in node.input]
+        out.graph.node.remove(clip)
+        out.graph.node.insert(list(out.graph.node).index(q), float_clip)
+    return out
+
+
+def test_narrow_grids_clip_on_integers_with_identical_outputs_and_fused_convs(resnet20):
+    """A4: the grid's levels are kept by an integer Clip between Q and DQ, which equals a float Clip in front
+    (quantization is monotone) and, unlike it, leaves every Conv fused into QLinearConv (0.41x -> 1.4x FP32)."""
+    model = onnxdfq.quantize(resnet20, bits=4, act_bits=4)
+    reference = _float_clip_layout(model)
+    assert sum(n.op_type == "Clip" for n in reference.graph.node) == sum(n.op_type == "Clip" for n in model.graph.node)
+    x = np.random.default_rng(3).standard_normal((64, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(run(model, x), run(reference, x))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(Path(tempfile.mkdtemp()) / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == 19 and "Conv" not in ops

@@ -33,27 +33,29 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def insert_activation_qdq(graph: gs.Graph, tensor: gs.Variable, scale: float, zero_point: int,
-                          dtype: type, clip: tuple[float, float] | None = None) -> gs.Variable:
-    """tensor -> [Clip] -> QuantizeLinear -> DequantizeLinear -> every former consumer.
+                          dtype: type, levels: tuple[int, int] | None = None) -> gs.Variable:
+    """tensor -> QuantizeLinear -> [Clip(levels)] -> DequantizeLinear -> every former consumer.
 
-    `clip` keeps a narrower-than-8-bit grid inside its own levels: QuantizeLinear saturates only
-    at the container's limits. Graph outputs keep the float tensor.
+    `levels` keeps a narrower-than-8-bit grid inside its own stored levels: QuantizeLinear saturates
+    only at the container's limits. The Clip runs on the integers (quantization is monotone, so it equals
+    clipping the float tensor at those levels first), which leaves onnxruntime's QLinearConv fusion intact:
+    a float Clip in front of the QuantizeLinear kept the producing Conv in float (W4A4 ran 0.33x FP32).
+    Graph outputs keep the float tensor.
     """
     consumers = list(tensor.outputs)
     base = tensor.name
     scale_c = gs.Constant(f"{base}_scale", np.array(scale, np.float32))
     zp_c = gs.Constant(f"{base}_zero_point", np.array(zero_point, dtype))
-    source: gs.Tensor = tensor
-    if clip is not None:
-        clipped = gs.Variable(f"{base}_clipped", dtype=np.float32)
-        graph.nodes.append(gs.Node("Clip", f"{base}_Clip", inputs=[
-            tensor, gs.Constant(f"{base}_clip_lo", np.array(clip[0], np.float32)),
-            gs.Constant(f"{base}_clip_hi", np.array(clip[1], np.float32))], outputs=[clipped]))
-        source = clipped
     quantized = gs.Variable(f"{base}_quantized", dtype=dtype)
     dequantized = gs.Variable(f"{base}_dequantized", dtype=np.float32, shape=tensor.shape)
     graph.nodes.append(gs.Node("QuantizeLinear", f"{base}_QuantizeLinear",
-                               inputs=[source, scale_c, zp_c], outputs=[quantized]))
+                               inputs=[tensor, scale_c, zp_c], outputs=[quantized]))
+    if levels is not None:
+        on_grid = gs.Variable(f"{base}_quantized_on_grid", dtype=dtype)
+        graph.nodes.append(gs.Node("Clip", f"{base}_Clip", inputs=[
+            quantized, gs.Constant(f"{base}_level_lo", np.array(levels[0], dtype)),
+            gs.Constant(f"{base}_level_hi", np.array(levels[1], dtype))], outputs=[on_grid]))
+        quantized = on_grid
     graph.nodes.append(gs.Node("DequantizeLinear", f"{base}_DequantizeLinear",
                                inputs=[quantized, scale_c, zp_c], outputs=[dequantized]))
     for node in consumers:

@@ -61,7 +61,7 @@ class EmitPass(Pass):
             for name, grid in ws.act_qparams.items():
                 if name in tensors:
                     surgery.insert_activation_qdq(graph, tensors[name], grid.scale, grid.stored_zero_point,
-                                                  np.dtype(grid.dtype).type, grid.clip)
+                                                  np.dtype(grid.dtype).type, grid.levels)
             moved = surgery.integer_channel_min(graph)
             if moved:
                 report.params["integer_min_nodes"] = moved

@@ -70,8 +70,8 @@ class ActQParams:
     """One activation tensor's grid and how it is stored.
 
     ``zero_point`` is the grid's own (signed grid: around 0; unsigned: 0..); ``stored_zero_point`` and
-    ``dtype`` are what the QuantizeLinear node holds. ``clip`` bounds a grid narrower than its 8-bit
-    container to its own levels.
+    ``dtype`` are what the QuantizeLinear node holds. ``levels`` bounds a grid narrower than its 8-bit
+    container to its own stored levels (an integer Clip between QuantizeLinear and DequantizeLinear).
     """
 
     scale: float
@@ -80,7 +80,7 @@ class ActQParams:
     signed: bool
     dtype: str  # "uint8" or "int8"
     stored_zero_point: int
-    clip: tuple[float, float] | None
+    levels: tuple[int, int] | None
 
 
 def activation_grid(lo: float, hi: float, bits: int, target: str = "ort") -> ActQParams:
@@ -100,10 +100,11 @@ def activation_grid(lo: float, hi: float, bits: int, target: str = "ort") -> Act
         scheme = QuantScheme(bits, signed=lo < 0, symmetric=False, per_channel=False)
         scale, zero_point = activation_qparams(lo, hi, scheme)
         dtype, stored = "uint8", zero_point + SIGNED_TO_UNSIGNED if scheme.signed else zero_point
-    clip = None
-    if bits < 8:
-        clip = ((scheme.qmin - zero_point) * scale, (scheme.qmax - zero_point) * scale)
-    return ActQParams(float(scale), int(zero_point), bits, scheme.signed, dtype, int(stored), clip)
+    levels = None
+    if bits < 8:  # the grid's own levels in storage: a signed grid stored as uint8 sits 128 up
+        shift = stored - zero_point
+        levels = (scheme.qmin + shift, scheme.qmax + shift)
+    return ActQParams(float(scale), int(zero_point), bits, scheme.signed, dtype, int(stored), levels)
 
 
 def bias_safe_weight_scale(scale: np.ndarray, bias: np.ndarray, s_x: float) -> tuple[np.ndarray, np.ndarray]:
