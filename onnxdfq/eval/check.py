@@ -19,7 +19,6 @@ from onnxdfq.config import CalibSpec
 from onnxdfq.errors import UnsupportedModelError
 from onnxdfq.eval.calibrate import input_shape, prior_input_space
 from onnxdfq.eval.runner import compare
-from onnxdfq.eval.session import check_loads
 from onnxdfq.graph.io import check_model
 from onnxdfq.synth.prior import prior_images
 
@@ -47,13 +46,13 @@ def probe_inputs(model: Any, spec: CalibSpec, input_range: tuple[float, float] |
 
 def check_quantized(fp32: Any, quantized: Any, spec: CalibSpec, input_range: tuple[float, float] | None,
                     count: int = PROBE_SAMPLES) -> dict[str, Any]:
-    """Load ``quantized`` in onnxruntime and compare it with ``fp32`` on probe inputs.
+    """Load ``quantized`` in onnxruntime and compare it with ``fp32`` on probe inputs (the comparison's own
+    session is the load check: a model onnxruntime cannot load raises ModelLoadError there).
 
     Raises UnsupportedModelError when either model's outputs are not finite. The result has
     ``inputs`` (what was fed), ``low_fidelity`` (an output below FIDELITY_FLOOR_DB) and compare's
     figures.
     """
-    check_loads(quantized)
     x, description = probe_inputs(fp32, spec, input_range, count)
     result = compare(fp32, quantized, inputs=x, batch_size=count)
     if not result["finite"]:

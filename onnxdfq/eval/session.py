@@ -37,7 +37,8 @@ def make_session(model: Any, provider: str = "cpu", *, threads: int | None = Non
     if wanted not in ort.get_available_providers():
         raise OptionError(f"provider {provider} asked for but this onnxruntime has no {wanted} "
                           f"(available: {', '.join(ort.get_available_providers())}); "
-                          "install onnxruntime-gpu and a CUDA driver for --provider cuda")
+                          "install onnxruntime-gpu and a CUDA driver for --provider cuda "
+                          "(--provider tensorrt also needs TensorRT's libraries)")
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: failures reach the user as one error line (run_session)
     if threads:
