@@ -23,15 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from onnxdfq.config import CALIB_SOURCES, DEFAULT_SYNTH_SAMPLES, SAMPLE_SOURCES, CalibSpec
+from onnxdfq.config import CalibSpec
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.graph.patterns import tensors_after_layers, tensors_without_bn_downstream
 from onnxdfq.graph.surgery import model_with_outputs
 from onnxdfq.passes.base import ActRange, LayerRow, Pass, PassReport, Workspace
 from onnxdfq.quant.range_estimators import TensorObserver
 
-__all__ = ["CALIB_SOURCES", "SAMPLE_SOURCES", "DEFAULT_SYNTH_SAMPLES", "CalibSpec", "CalibrationRangePass", "Collector",
-           "SampleObserver"]
+__all__ = ["CalibrationRangePass", "Collector", "SampleObserver"]
 
 logger = logging.getLogger(__name__)
 
