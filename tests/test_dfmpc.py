@@ -561,3 +561,34 @@ def test_resnet56_2_6_full_test_set(resnet56, cifar_test):
                            bias_correction=False).model
     assert _cifar_top1(compensated, cifar_test, None) >= 89.0  # measured 90.10 (0.1 defaults: 88.04)
     assert _cifar_top1(plain, cifar_test, 1000) <= 25.0  # the collapse shows on 1000 images (full set: 16.40)
+
+
+def _relu6_mobile_model():
+    specs = [ConvSpec(8, 3, act="relu6"), ConvSpec(8, 3, 1, "dw", act="relu6"), ConvSpec(12, 1, act="relu6"),
+             ConvSpec(12, 3, 1, "dw", act="relu6"), ConvSpec(16, 1, act="relu6"), ConvSpec(10, 1)]
+    model = build_chain(specs, size=10, seed=5)
+    return calibrate_bn(model, np.random.default_rng(5).standard_normal((16, 3, 10, 10)).astype(np.float32))
+
+
+def _dfmpc_pairs(report):
+    return next(p for p in report["passes"] if p["name"] == "dfmpc")["params"]["pairs"]
+
+
+def test_cle_before_dfmpc_keeps_the_pairs_through_its_channel_bounds():
+    """CLE turns each equalized ReLU6 into Relu -> Min(per-channel bound); DF-MPC pairs through that Min.
+    (Before, the Min hid every next layer: no pair, and a 2/6 request came back all 6-bit without a word.)"""
+    model = _relu6_mobile_model()
+    plain = quantize_model(model, method="dfmpc", bits="2/6", check=False)
+    with_cle = quantize_model(model, method="dfmpc", bits="2/6", cle=True, check=False)
+    assert any(p["name"] == "cle" and p["modified"] for p in with_cle.report["passes"])
+    assert _dfmpc_pairs(with_cle.report) == _dfmpc_pairs(plain.report) != []
+    assert with_cle.report["average_weight_bits"] < 6
+    low = _dfmpc_pairs(with_cle.report)[0][0]
+    assert with_cle.report["layers"][low]["bits"] == 2
+
+
+def test_dfmpc_that_pairs_nothing_says_so():
+    model = build_chain([ConvSpec(8, 3, act="relu"), ConvSpec(10, 1)], size=8, seed=1)  # stem + head only
+    result = quantize_model(model, method="dfmpc", bits="2/6", check=False)
+    assert _dfmpc_pairs(result.report) == []
+    assert any("DF-MPC paired no layer" in w and "6 bits" in w for w in result.report["warnings"])

@@ -97,6 +97,12 @@ RESULTS = [
     ("mobilenet 4/8 Afp32 sigma regression", "mobilenet_v1_0.75", "4/8", None,
      {"dfmpc": {"sigma_model": "regression"}}),
     ("mobilenet 4/8 Afp32 plain", "mobilenet_v1_0.75", "4/8", None, {"dfmpc": PLAIN, "bias_correction": False}),
+    ("mobilenet 4/8 Afp32 + CLE before", "mobilenet_v1_0.75", "4/8", None, {"cle": True}),
+    ("mobilenet 4/8 Afp32 sigma blend + 64 ascent steps", "mobilenet_v1_0.75", "4/8", None,
+     {"dfmpc": {"refine_steps": 64, "sigma_model": "blend"}}),
+    ("mobilenet 4/8 Afp32 mean re-estimation only", "mobilenet_v1_0.75", "4/8", None,
+     {"dfmpc": {"reestimate": "mean"}}),
+    ("mobilenet 4/8 Afp32 absmax grid", "mobilenet_v1_0.75", "4/8", None, {"dfmpc": {"quantizer": "absmax"}}),
 ]
 
 
@@ -120,8 +126,8 @@ def run_one(label: str, name: str, bits: str, act, options: dict, limit: int | N
     dfmpc = next(p for p in result.report["passes"] if p["name"] == "dfmpc")["params"]
     return {"label": label, "model": name, "bits": bits, "act_bits": act or "fp32", "options": options,
             "top1": round(acc.top1, 2), "count": acc.count, "fp32": FP32[name], "quantize_s": round(seconds, 2),
-            "pairs": len(dfmpc["pairs"]), "average_weight_bits": round(dfmpc["average_weight_bits"], 3),
-            "weight_storage_kb": round(dfmpc["weight_storage_bytes"] / 1024, 1)}
+            "pairs": len(dfmpc["pairs"]), "average_weight_bits": round(result.report["average_weight_bits"], 3),
+            "weight_storage_kb": round(result.report["weight_storage_bytes"] / 1024, 1)}
 
 
 def write_markdown(rows: list[dict], path: Path) -> None:

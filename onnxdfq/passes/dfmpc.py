@@ -76,6 +76,16 @@ DEFAULT_REFINE_STEPS = 64  # coordinate-ascent steps of the ternary "corr" grid 
 POOLS_THROUGH = ("MaxPool",)  # channelwise, positively homogeneous: a pair may span one
 
 
+def channel_bound(tensor, outputs: set[str]):
+    """(the Min node, its per-channel upper bound [C] float64) when `tensor` feeds only a Min by a constant:
+    what CLE writes for a ReLU6 it equalized (Relu -> Min(upper[C,1,1])); else (None, None)."""
+    consumer = graph_layers.single_consumer(tensor, outputs)
+    if consumer is None or consumer.op != "Min" or len(consumer.inputs) != 2 or consumer.inputs[0] is not tensor:
+        return None, None
+    upper = graph_layers.const_value(consumer.inputs[1])
+    return (None, None) if upper is None else (consumer, np.asarray(upper, np.float64).reshape(-1))
+
+
 def _low_reason(layer: graph_layers.Layer, bn_stats: dict, graph_inputs: set[str]) -> str | None:
     """Why `layer` cannot be a low layer at all (None: it can)."""
     if layer.input_name in graph_inputs:
@@ -93,8 +103,11 @@ def _low_reason(layer: graph_layers.Layer, bn_stats: dict, graph_inputs: set[str
 
 def _next_layer(layer: graph_layers.Layer, by_node: dict, tensors: dict, outputs: set[str]
                 ) -> tuple[graph_layers.Layer | None, str]:
-    """The one layer that reads `layer`'s activated output, directly or through one MaxPool, and that pool's name."""
+    """The one layer that reads `layer`'s activated output, directly or through a per-channel bound (CLE's
+    Min) and/or one MaxPool, and that pool's name."""
     tensor, via = tensors.get(layer.act_output_name), ""
+    if tensor is not None and (bound := channel_bound(tensor, outputs)[0]) is not None:
+        tensor = bound.outputs[0]
     consumer = graph_layers.single_consumer(tensor, outputs) if tensor is not None else None
     if consumer is not None and consumer.op in POOLS_THROUGH:
         via, tensor = consumer.name, consumer.outputs[0]
@@ -251,6 +264,15 @@ class DFMPCPass(Pass):
         (mean_a, var_a), (mean_b, var_b) = a.moments(), b.moments()
         return correlated_sum_moments(mean_a, var_a, mean_b, var_b, self.shortcut_corr, in_stats.lo, in_stats.hi)
 
+    @staticmethod
+    def _act_bounds(layer, graph) -> tuple[float, float | np.ndarray]:
+        """The low layer's activation as (lo, hi); hi per channel where CLE bounded it with a Min."""
+        tensor = graph.tensors().get(layer.act_output_name)
+        upper = channel_bound(tensor, {t.name for t in graph.outputs})[1] if tensor is not None else None
+        if upper is None or upper.size not in (1, layer.out_channels):
+            return layer.act.lo, layer.act.hi
+        return layer.act.lo, np.minimum(layer.act.hi, upper)
+
     def _high_update(self, layer, result, in_var, high, stats, ws, pooled: bool = False) -> tuple | None:
         """(high layer, new weight, new bias, report row) for the high layer of `layer`'s pair, or None."""
         if not (self.high_gain or self.high_correction != "none"):
@@ -262,15 +284,16 @@ class DFMPCPass(Pass):
         weight = np.asarray(high.weight, np.float64)
         bias = np.zeros(high.out_channels) if high.bias is None else high.bias.astype(np.float64)
         row = {}
+        act = self._act_bounds(layer, ws.graph)
         if self.high_correction == "lsq" and not pooled:  # its model is per position: no pool between
             new_weight, bias = correct_next_layer(layer.weight, w_q, ws.channel_stats[layer.name],
-                                                  (layer.act.lo, layer.act.hi), in_var, rho, weight, bias)
+                                                  act, in_var, rho, weight, bias)
             row["lsq_weight_change"] = float(np.linalg.norm(new_weight - weight) / max(np.linalg.norm(weight), 1e-30))
             weight = new_weight
         if self.high_gain:
             corr = channel_correlation(layer.weight, w_q, in_var, rho, layer.group)
             out_mean, out_var = stats[high.output_name].moments()
-            gain = high_layer_gain(corr, ws.channel_stats[layer.name], (layer.act.lo, layer.act.hi), weight,
+            gain = high_layer_gain(corr, ws.channel_stats[layer.name], act, weight,
                                    out_var**0.5)
             weight = weight * gain.reshape((-1,) + (1,) * (weight.ndim - 1))
             bias = gain * (bias - out_mean) + out_mean
@@ -330,6 +353,10 @@ class DFMPCPass(Pass):
         report.params["pair_details"] = [{"low": p.low, "high": p.high, "via": p.via,
                                           "high_reads_low": p.high_reads_low} for p in plan.pairs]
         report.params["unpaired"] = dict(plan.unpaired)
+        if not plan.pairs:  # every layer at the high width: say so, never a silent LOW/HIGH that is HIGH/HIGH
+            reasons = sorted(set(plan.unpaired.values()))
+            report.warnings.append(f"DF-MPC paired no layer: every layer stays at {self.high_bits} bits "
+                                   f"({'; '.join(reasons[:3]) or 'no convolutions'})")
         report.skipped.update({name: f"not paired: {why}" for name, why in plan.unpaired.items()})
         report.modified = bool(updates)
         return report

@@ -286,7 +286,7 @@ def channel_correlation(w_fp: np.ndarray, w_q: np.ndarray, in_var: np.ndarray, r
     return np.where(norm > 0, cross / np.where(norm > 0, norm, 1.0), 1.0)
 
 
-def high_layer_gain(corr: np.ndarray, stats: ChannelStats, act: tuple[float, float], w_next: np.ndarray,
+def high_layer_gain(corr: np.ndarray, stats: ChannelStats, act: tuple[float, float | np.ndarray], w_next: np.ndarray,
                     next_std: np.ndarray) -> np.ndarray:
     """Per-output-channel gain sigma'/sigma_hat' that restores the next (high) layer's output std.
 
@@ -448,7 +448,7 @@ def output_covariance(w_a: np.ndarray, w_b: np.ndarray, in_var: np.ndarray, rho:
     return rho * summed + (1.0 - rho) * taps
 
 
-def hermite_coefficients(mean: np.ndarray, std: np.ndarray, lo: float, hi: float,
+def hermite_coefficients(mean: np.ndarray, std: np.ndarray, lo: float | np.ndarray, hi: float | np.ndarray,
                          terms: int = HERMITE_TERMS) -> np.ndarray:
     """f_n = E[clip(m + s u, lo, hi) He_n(u)] / sqrt(n!), n = 1..terms, per channel: [terms, C].
 
@@ -458,8 +458,10 @@ def hermite_coefficients(mean: np.ndarray, std: np.ndarray, lo: float, hi: float
     """
     m, s = np.asarray(mean, np.float64), np.asarray(std, np.float64)
     safe = np.where(s > 0, s, 1.0)
-    a_lo = (lo - m) / safe if np.isfinite(lo) else np.full(m.shape, -np.inf)
-    a_hi = (hi - m) / safe if np.isfinite(hi) else np.full(m.shape, np.inf)
+    lo, hi = np.broadcast_to(np.asarray(lo, np.float64), m.shape), np.broadcast_to(np.asarray(hi, np.float64), m.shape)
+    with np.errstate(invalid="ignore"):  # per-channel bounds (CLE's Min): infinite ones give +-inf
+        a_lo = np.where(np.isfinite(lo), (lo - m) / safe, -np.inf)
+        a_hi = np.where(np.isfinite(hi), (hi - m) / safe, np.inf)
     coef = np.zeros((terms,) + m.shape)
     coef[0] = s * (normal_cdf(a_hi) - normal_cdf(a_lo))
     pdf = [np.where(np.isfinite(a), normal_pdf(a), 0.0) for a in (a_lo, a_hi)]
@@ -490,7 +492,7 @@ def _correlation(cov: np.ndarray, var_a: np.ndarray, var_b: np.ndarray) -> np.nd
     return np.where(norm > 0, cov / np.where(norm > 0, norm, 1.0), 0.0)
 
 
-def correct_next_layer(w_fp: np.ndarray, w_q: np.ndarray, stats: ChannelStats, act: tuple[float, float],
+def correct_next_layer(w_fp: np.ndarray, w_q: np.ndarray, stats: ChannelStats, act: tuple[float, float | np.ndarray],
                        in_var: np.ndarray, rho: float, w_next: np.ndarray, b_next: np.ndarray | None,
                        ridge: float = LSQ_RIDGE) -> tuple[np.ndarray, np.ndarray]:
     """W_next', b_next' minimising E||W_next h + b_next - (W_next' hq + b_next')||^2, float64.
