@@ -56,6 +56,18 @@ def test_mobilenet_qdq_fuses_depthwise_and_relu6(mobilenet, tmp_path):
     assert fused.get("Clip", 0) == 0  # ReLU6 absorbed into the uint8 range
 
 
+def test_float_conv_head_is_named_and_quantize_outputs_fuses_it(mobilenet, tmp_path):
+    """MobileNet's 1x1 classifier keeps float logits, so onnxruntime runs it as DequantizeLinear + float Conv at
+    every inference; the summary names it, and --quantize-outputs makes it a QLinearConv too."""
+    plain = onnxdfq.quantize_model(mobilenet, method="nearest", bits=8, act_bits=8, check=False)
+    assert any("conv_preds" in note and "--quantize-outputs" in note for note in plain.report["speed_notes"])
+    assert optimized_ops(plain.model, tmp_path).get("Conv", 0) == 1
+    fused = onnxdfq.quantize_model(mobilenet, method="nearest", bits=8, act_bits=8, quantize_outputs=True, check=False)
+    assert not any("--quantize-outputs" in note for note in fused.report["speed_notes"])
+    ops = optimized_ops(fused.model, tmp_path)
+    assert ops.get("Conv", 0) == 0 and ops.get("QLinearConv", 0) == 28, ops
+
+
 def test_dfq_channel_min_runs_on_integers(mobilenet, tmp_path, monkeypatch):
     """CLE's per-channel Min (exact ReLU6) moves between Q and DQ: same outputs, every conv still fuses."""
     from onnxdfq.graph import surgery
