@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -48,19 +48,27 @@ class SweepConfig:
     bits: str  # "8", or "LOW/HIGH" for dfmpc
     act_bits: str  # "8", "none", ...
     granularity: str  # "channel" or "tensor"
+    options: tuple[tuple[str, Any], ...] = ()  # further quantize_model keywords, e.g. (("bias_correction", False),)
 
     @property
     def name(self) -> str:
         return Path(self.model).stem
 
     @property
+    def _suffix(self) -> str:
+        return "".join(f" {'+' if value else '-'}{key}" if isinstance(value, bool) else f" {key}={value}"
+                       for key, value in self.options)
+
+    @property
     def key(self) -> str:
         """The row's identity in results.json (what a resumed sweep matches on)."""
-        return f"{self.name} {self.method} W{self.bits}A{self.act_bits} {self.granularity}"
+        return f"{self.name} {self.method}{self._suffix} W{self.bits}A{self.act_bits} {self.granularity}"
 
     @property
     def file_name(self) -> str:
-        return f"{self.name}.{self.method}.w{self.bits.replace('/', '-')}a{self.act_bits}.{self.granularity}.onnx"
+        extra = "".join(c if c.isalnum() or c in "+-=_." else "_" for c in self._suffix.replace(" ", "."))
+        return (f"{self.name}.{self.method}{extra}.w{self.bits.replace('/', '-')}a{self.act_bits}."
+                f"{self.granularity}.onnx")
 
 
 @dataclass(frozen=True)
@@ -175,8 +183,11 @@ def quantize_task(config: SweepConfig, path: str, mean: list[float] | None, std:
 
     try:
         start = time.perf_counter()
+        # check=False: save_quantized checks the written file (ONNX checker, an onnxruntime session), and the
+        # evaluation tasks run it on real data, which refuses NaN/inf outputs: the in-memory probe would be a third
         result = quantize_model(config.model, method=config.method, bits=config.bits, act_bits=config.act_bits,
-                                granularity=config.granularity, mean=mean, std=std)
+                                granularity=config.granularity, mean=mean, std=std, check=False,
+                                **dict(config.options))
         seconds = time.perf_counter() - start
         size = save_quantized(result, path)
         widths = {f"{name}.weight_quantized": packing.packed_type(layer["bits"])
@@ -211,15 +222,19 @@ def eval_task(quantized: dict | str, data: str, mean, std, start: int, stop: int
         return {"error": _error(exc)}
 
 
-def latency_task(quantized: dict | None, fp32_path: str, runs: int) -> dict:
-    """Median ms of FP32 and quantized, taking turns in one process (their ratio survives load)."""
-    from onnxdfq.eval.latency import measure_latency
+def latency_task(quantized: dict | None, fp32_path: str, runs: int, threads: int | None = 1,
+                 tolerance: float | None = None) -> dict:
+    """Median ms of FP32 and quantized, taking turns in one process (their ratio survives load); with a
+    `tolerance`, measured again until two ratios in a row agree within it (`stable_latency`)."""
+    from onnxdfq.eval.latency import measure_latency, stable_latency
 
     if quantized is not None and "error" in quantized:
         return {"error": quantized["error"]}
     models = {"fp32": fp32_path} if quantized is None else {"fp32": fp32_path, "q": quantized["path"]}
     try:
-        return measure_latency(models, runs=runs, threads=1)
+        if tolerance:
+            return stable_latency(models, runs=runs, threads=threads, tolerance=tolerance)
+        return measure_latency(models, runs=runs, threads=threads)
     except Exception as exc:
         return {"error": _error(exc)}
 
@@ -328,22 +343,28 @@ def _row(job: _Job, fp32: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     return row
 
 
-def run_sweep(configs: Sequence[SweepConfig], spec: EvalSpec, out_dir: str | os.PathLike, *,
+def run_sweep(configs: Sequence[SweepConfig], spec: EvalSpec | Mapping[str, EvalSpec], out_dir: str | os.PathLike, *,
               address: str | None = None, workers: int | None = None, latency_runs: int = 20,
-              retry_failed: bool = False, on_start: Callable[[int, int], None] | None = None,
+              latency_alone: bool = False, latency_tolerance: float | None = None, retry_failed: bool = False,
+              on_start: Callable[[int, int], None] | None = None,
               on_row: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Run every config not already in DIR/results.json on Ray; returns the results (also written).
 
     Tasks: one quantization per config, then its evaluation shards and one latency measurement
     (FP32 and quantized taking turns; `latency_runs` 0 skips it), plus the shards of each model's FP32
-    reference. Rows already in DIR are kept (failed ones too, unless `retry_failed`).
+    reference. `spec` is the data every model is scored on, or one EvalSpec per model name (file stem).
+    Latency runs on one onnxruntime thread beside the other tasks, or with `latency_alone` on every CPU
+    of its node with nothing else scheduled there (onnxruntime's own thread count: the figure a user
+    gets on an idle machine); `latency_tolerance` repeats it until two ratios agree within it.
+    Rows already in DIR are kept (failed ones too, unless `retry_failed`).
     `on_start(todo, reused)` is called once the work is known, `on_row(row)` as each config finishes.
     """
     out_dir = Path(out_dir).resolve()  # the tasks run elsewhere (another cwd, another node): absolute paths only
     configs = [replace(config, model=str(Path(config.model).resolve())) for config in configs]
-    spec = replace(spec, data=str(Path(spec.data).resolve()))
+    specs = _specs_by_model(configs, spec)
+    signature = (next(iter(specs.values())).signature() if isinstance(spec, EvalSpec)
+                 else {name: specs[name].signature() for name in sorted(specs)})
     results = load_results(out_dir)
-    signature = spec.signature()
     if results["rows"] and results["meta"].get("eval") != signature:
         raise OptionError(f"{out_dir} holds a sweep scored on other data or --limit ({results['meta'].get('eval')}); "
                           "use another -o to keep both")
@@ -357,19 +378,22 @@ def run_sweep(configs: Sequence[SweepConfig], spec: EvalSpec, out_dir: str | os.
         results["fp32"].pop(name, None)  # a failed reference is measured again
     if on_start:
         on_start(len(todo), len(configs) - len(todo))
-    results.update(meta={"eval": signature, "batch_size": spec.batch_size, "latency_runs": latency_runs},
-                   rows=kept)
+    results.update(meta={"eval": signature, "batch_size": spec.batch_size if isinstance(spec, EvalSpec)
+                         else {name: s.batch_size for name, s in specs.items()},
+                         "latency_runs": latency_runs, "latency_alone": latency_alone}, rows=kept)
     if not todo:
         write_results(out_dir, results)
         return results
     ray = _import_ray()
     (out_dir / "models").mkdir(parents=True, exist_ok=True)
-    ranges = shard_ranges(_sample_count(spec), spec.shard_size, spec.batch_size)
+    ranges = {name: shard_ranges(_sample_count(specs[name]), specs[name].shard_size, specs[name].batch_size)
+              for name in dict.fromkeys(c.name for c in todo)}
+    latency = {"runs": latency_runs, "alone": latency_alone, "tolerance": latency_tolerance}
     with tempfile.TemporaryDirectory(prefix="onnxdfq-sweep-") as scratch:
         started = _init_ray(ray, address, workers, scratch)
         try:
-            _run_jobs(ray, todo, {name: models[name] for name in missing_fp32}, ranges, spec, out_dir, results,
-                      latency_runs, on_row)
+            _run_jobs(ray, todo, {name: models[name] for name in missing_fp32}, ranges, specs, out_dir, results,
+                      latency, on_row)
         finally:
             if started:
                 ray.shutdown()
@@ -380,27 +404,51 @@ def run_sweep(configs: Sequence[SweepConfig], spec: EvalSpec, out_dir: str | os.
     return results
 
 
-def _run_jobs(ray, todo: list[SweepConfig], fp32_models: dict[str, str], ranges: list[tuple[int, int]],
-              spec: EvalSpec, out_dir: Path, results: dict, latency_runs: int,
+def _specs_by_model(configs: Sequence[SweepConfig], spec: EvalSpec | Mapping[str, EvalSpec]) -> dict[str, EvalSpec]:
+    names = list(dict.fromkeys(config.name for config in configs))
+    if isinstance(spec, EvalSpec):
+        return {name: replace(spec, data=str(Path(spec.data).resolve())) for name in names}
+    missing = [name for name in names if name not in spec]
+    if missing:
+        raise OptionError(f"no evaluation data for {', '.join(missing)} (one EvalSpec per model name)")
+    return {name: replace(spec[name], data=str(Path(spec[name].data).resolve())) for name in names}
+
+
+def _node_cpus(ray) -> int:
+    """The CPUs of the smallest live node: what a task must ask for to have a node to itself."""
+    cpus = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")]
+    return max(1, int(min(cpus))) if cpus else 1
+
+
+def _run_jobs(ray, todo: list[SweepConfig], fp32_models: dict[str, str], ranges: dict[str, list[tuple[int, int]]],
+              specs: dict[str, EvalSpec], out_dir: Path, results: dict, latency: dict,
               on_row: Callable[[dict], None] | None) -> None:
     remote = {name: ray.remote(num_cpus=1, max_retries=0)(func) for name, func in
               (("quantize", quantize_task), ("eval", eval_task), ("latency", latency_task))}
-    args = (spec.data, spec.mean, spec.std)
+    latency_remote, latency_threads = remote["latency"], 1
+    if latency["alone"]:
+        latency_remote, latency_threads = remote["latency"].options(num_cpus=_node_cpus(ray)), None
     pending: dict[Any, tuple[_Job, str, int]] = {}
     jobs: list[_Job] = []
     for name, path in fp32_models.items():
-        job = _Job(f"fp32 {name}", None, path, [None] * len(ranges), latency_wanted=False)
-        for index, (start, stop) in enumerate(ranges):
-            pending[remote["eval"].remote(path, *args, start, stop, spec.batch_size)] = (job, "shard", index)
+        spec = specs[name]
+        job = _Job(f"fp32 {name}", None, path, [None] * len(ranges[name]), latency_wanted=False)
+        for index, (start, stop) in enumerate(ranges[name]):
+            pending[remote["eval"].remote(path, spec.data, spec.mean, spec.std, start, stop, spec.batch_size)] = (
+                job, "shard", index)
         jobs.append(job)
     for config in todo:
-        job = _Job(config.key, config, config.model, [None] * len(ranges), latency_wanted=latency_runs > 0)
+        spec = specs[config.name]
+        job = _Job(config.key, config, config.model, [None] * len(ranges[config.name]),
+                   latency_wanted=latency["runs"] > 0)
         quantized = remote["quantize"].remote(config, str(out_dir / "models" / config.file_name), spec.mean, spec.std)
         pending[quantized] = (job, "quantize", 0)
-        for index, (start, stop) in enumerate(ranges):  # Ray starts them once the file is written
-            pending[remote["eval"].remote(quantized, *args, start, stop, spec.batch_size)] = (job, "shard", index)
-        if latency_runs > 0:
-            pending[remote["latency"].remote(quantized, config.model, latency_runs)] = (job, "latency", 0)
+        for index, (start, stop) in enumerate(ranges[config.name]):  # Ray starts them once the file is written
+            pending[remote["eval"].remote(quantized, spec.data, spec.mean, spec.std, start, stop,
+                                          spec.batch_size)] = (job, "shard", index)
+        if latency["runs"] > 0:
+            pending[latency_remote.remote(quantized, config.model, latency["runs"], latency_threads,
+                                          latency["tolerance"])] = (job, "latency", 0)
         jobs.append(job)
     waiting = {id(job): job for job in jobs}
     while pending:

@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import onnx
 import pytest
 from conftest import CIFAR_MEAN, CIFAR_STD
 
@@ -216,3 +217,42 @@ def test_the_sweep_runs_on_a_cluster_through_address(ray_head, resnet20, cifar_t
     row = results["rows"][0]
     direct = onnxdfq.evaluate(str(out / row["file"]), str(cifar_test), mean=CIFAR_MEAN, std=CIFAR_STD, limit=200)
     assert row["error"] is None and row["top1"] == direct.top1
+
+
+def test_config_options_name_the_row_and_the_file():
+    config = SweepConfig("m/resnet20.onnx", "nearest", "4", "8", "channel", (("bias_correction", True),))
+    assert config.key == "resnet20 nearest +bias_correction W4A8 channel"
+    assert config.file_name == "resnet20.nearest.+bias_correction.w4a8.channel.onnx"
+    assert SweepConfig("m/resnet20.onnx", "nearest", "4", "8", "channel").key == "resnet20 nearest W4A8 channel"
+
+
+def test_per_model_data_options_and_latency_alone(resnet20, cifar_test, tmp_path):
+    """The benchmark's way of running a sweep (tools/bench.py): each model scored on its own data, rows with
+    extra quantize_model options, latency measured with the node to itself until two ratios agree."""
+    pytest.importorskip("ray")
+    from onnxdfq.sweep import EvalSpec, run_sweep
+
+    twin = tmp_path / "twin20.onnx"  # a second model name with its own data spec (a shorter --limit)
+    twin.write_bytes(Path(resnet20).read_bytes())
+    configs = [SweepConfig(str(resnet20), "nearest", "4", "8", "channel", (("bias_correction", True),)),
+               SweepConfig(str(twin), "nearest", "8", "8", "channel")]
+    specs = {"resnet20": EvalSpec(str(cifar_test), CIFAR_MEAN, CIFAR_STD, limit=200),
+             "twin20": EvalSpec(str(cifar_test), CIFAR_MEAN, CIFAR_STD, limit=100)}
+    results = run_sweep(configs, specs, tmp_path / "out", workers=2, latency_runs=2, latency_alone=True,
+                        latency_tolerance=0.5)
+    rows = {row["model"]: row for row in results["rows"]}
+    assert rows["resnet20"]["key"] == "resnet20 nearest +bias_correction W4A8 channel"
+    for name, limit in (("resnet20", 200), ("twin20", 100)):
+        row = rows[name]
+        assert row["error"] is None and row["samples"] == limit and row["latency_ratio"] > 0
+        direct = onnxdfq.evaluate(str(tmp_path / "out" / row["file"]), str(cifar_test), mean=CIFAR_MEAN,
+                                  std=CIFAR_STD, limit=limit)
+        assert row["correct1"] == direct.correct1
+    # the option reached quantize_model: the file is the one the API writes with it
+    with_bc = onnxdfq.quantize_model(resnet20, method="nearest", bits=4, act_bits=8, bias_correction=True,
+                                     mean=CIFAR_MEAN, std=CIFAR_STD).model
+    written = onnx.load(str(tmp_path / "out" / rows["resnet20"]["file"]))
+    assert {i.name: i.raw_data for i in written.graph.initializer} == \
+        {i.name: i.raw_data for i in with_bc.graph.initializer}
+    with pytest.raises(OptionError, match="no evaluation data for twin20"):
+        run_sweep(configs, {"resnet20": specs["resnet20"]}, tmp_path / "other")

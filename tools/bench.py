@@ -6,12 +6,17 @@ wall time, file size (and INT4/INT2-packed size for <= 4-bit weights), and onnxr
 latency of FP32 and quantized at batch 1, measured in turns in the same run (their ratio is
 the speedup). Writes BENCHMARKS.md (repo root) and tools/results/bench.json.
 
-    python tools/bench.py                       # everything (about 40 min on 2 cores)
-    python tools/bench.py --only resnet20       # rows whose id contains a string; others kept from the JSON
-    python tools/bench.py --limit 500 --out /tmp/bench   # quick look on a subset
+It is a thin call of `onnxdfq.sweep.run_sweep` (the `[sweep]` extra, Ray): every quantization and
+evaluation shard is a Ray task, each latency measurement a task with the machine to itself
+(onnxruntime's own threads, repeated until two ratios agree within 5 %). The sweep's folder
+(--work, default .bench/) holds the quantized files and results.json: a cut-off run resumes there.
 
-Rows already in the JSON are reused unless --force (or --limit differs); BENCHMARKS.md is
-always rebuilt from the JSON.
+    python tools/bench.py                       # everything (2 Ray workers on this 2-core machine)
+    python tools/bench.py --only resnet20       # rows whose id contains a string; others kept
+    python tools/bench.py --limit 500 --out /tmp/bench   # quick look on a subset
+    python tools/bench.py --workers 1           # one task at a time (the speedup of the note)
+
+Rows already in the sweep's folder are reused unless --force; BENCHMARKS.md is always rebuilt.
 """
 
 from __future__ import annotations
@@ -20,19 +25,16 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import onnx
-
 import onnxdfq
-from onnxdfq.eval.data import Dataset, open_dataset
-from onnxdfq.eval.latency import measure_latency
-from onnxdfq.graph import packing
+from onnxdfq.eval.latency import stable_latency
 from onnxdfq.pipeline import METHODS
+from onnxdfq.sweep import EvalSpec, SweepConfig, load_results, run_sweep, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("ONNXDFQ_ASSETS", ROOT.parent / "shared" / "assets"))
@@ -81,48 +83,27 @@ def configs() -> list[dict]:
     return rows
 
 
-def load_data(spec: dict, model_path: Path, limit: int | None) -> Dataset:
-    """The whole evaluation set, decoded and preprocessed once, kept in memory for every row."""
-    session_shape = onnx.load(str(model_path), load_external_data=False).graph.input[0].type.tensor_type.shape
-    size = tuple(d.dim_value for d in session_shape.dim[2:4])
-    dataset = open_dataset(ASSETS / spec["data"], mean=spec["mean"], std=spec["std"], size=size)
-    xs, ys = zip(*dataset.batches(250, limit), strict=True)
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    return Dataset(dataset.name, len(x), _arrays=(x, y))
+def sweep_config(cfg: dict) -> SweepConfig:
+    """The sweep's config for one benchmark row (its extra options ride along)."""
+    return SweepConfig(str(ASSETS / MODELS[cfg["model"]][0]), cfg["method"], cfg["bits"], cfg["act"], cfg["gran"],
+                       tuple(cfg.get("opts", {}).items()))
 
 
-def file_size(model: onnx.ModelProto) -> int:
-    return len(model.SerializeToString())
+def eval_specs(limit: int | None) -> dict[str, EvalSpec]:
+    """Each model's labelled data (CIFAR-10 test or val1300), one evaluation shard per 2500 images."""
+    return {Path(rel).stem: EvalSpec(str(ASSETS / spec["data"]), spec["mean"], spec["std"], limit=limit,
+                                     batch_size=250 if "cifar" in spec["data"] else 100, shard_size=2500)
+            for rel, spec in MODELS.values()}
 
 
-def packed_copy(model: onnx.ModelProto, report: dict) -> onnx.ModelProto:
-    """What `--format qdq-packed` writes for the same quantization: the low-bit weight initializers
-    of a copy re-stored as INT4/INT2 (the widths the report gives per layer)."""
-    widths = {f"{name}.weight_quantized": packing.packed_type(layer["bits"])
-              for name, layer in report["layers"].items() if "bits" in layer}
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return packing.pack_weights(copy, {name: w for name, w in widths.items() if w is not None})[0]
-
-
-def run_row(cfg: dict, path: Path, data: Dataset, fp32: dict, latency_runs: int) -> dict:
-    extra = {"granularity": cfg["gran"], **cfg.get("opts", {})}
-    start = time.perf_counter()
-    result = onnxdfq.quantize_model(str(path), method=cfg["method"], bits=cfg["bits"], act_bits=cfg["act"], check=False,
-                                    **extra)  # the timing is the quantization; evaluation below checks it
-    seconds = time.perf_counter() - start
-    model = result.model
-    top1 = onnxdfq.evaluate(model, data, batch_size=250).top1
-    size = file_size(model)
-    packed_size = None
-    if int(cfg["bits"].split("/")[0]) <= 4:
-        packed_size = file_size(packed_copy(model, result.report))
-    lat = stable_latency(str(path), model, latency_runs)
-    return {**cfg, "top1": round(top1, 2), "fp32_top1": fp32["top1"], "delta": round(top1 - fp32["top1"], 2),
-            "quantize_s": round(seconds, 3), "bytes": size, "packed_bytes": packed_size, "fp32_bytes": fp32["bytes"],
-            "avg_weight_bits": round(float(result.report.get("average_weight_bits", float("nan"))), 2),
-            "latency_ms": round(lat["q"], 3), "fp32_latency_ms": round(lat["fp32"], 3),
-            "speedup": round(lat["fp32"] / lat["q"], 2), "samples": data.count}
+def bench_row(cfg: dict, row: dict) -> dict:
+    """A sweep row in the shape BENCHMARKS.md and bench.json use."""
+    return {**cfg, "top1": round(row["top1"], 2), "fp32_top1": round(row["fp32_top1"], 2),
+            "delta": round(row["top1"] - row["fp32_top1"], 2), "quantize_s": round(row["quantize_s"], 3),
+            "bytes": row["bytes"], "packed_bytes": row["packed_bytes"], "fp32_bytes": row["fp32_bytes"],
+            "avg_weight_bits": round(float(row.get("avg_weight_bits") or float("nan")), 2),
+            "latency_ms": round(row["latency_ms"], 3), "fp32_latency_ms": round(row["fp32_latency_ms"], 3),
+            "speedup": round(row["fp32_latency_ms"] / row["latency_ms"], 2), "samples": row["samples"]}
 
 
 def _mb(n: int | None) -> str:
@@ -217,11 +198,14 @@ def render(rows: list[dict], fp32: dict, meta: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=None, help="run rows whose id contains one of these")
-    parser.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
+    parser.add_argument("--force", action="store_true", help="recompute rows already in the sweep's folder")
     parser.add_argument("--limit", type=int, default=None, help="evaluate on the first N samples only")
     parser.add_argument("--latency-runs", type=int, default=20)
     parser.add_argument("--latency-only", action="store_true",
                         help="re-measure only the latencies of rows in the JSON (run it on a quiet machine)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="Ray workers (local Ray)")
+    parser.add_argument("--address", default=None, help="a Ray cluster instead of a local Ray")
+    parser.add_argument("--work", type=Path, default=None, help="the sweep's folder (default .bench/limit-N)")
     parser.add_argument("--out", type=Path, default=ROOT, help="folder for BENCHMARKS.md; JSON in OUT/tools/results")
     args = parser.parse_args()
 
@@ -235,45 +219,40 @@ def main() -> None:
               and (not args.only or any(s in c["id"] for s in args.only))]
     if args.latency_only:
         remeasure_latency(wanted, done, fp32, args)
-        _save(json_path, args, done, fp32)
+        _save(json_path, args, done, fp32, saved)
         return
-    todo = [c for c in wanted if args.force or c["id"] not in done]
-    print(f"{len(todo)} rows to run ({len(wanted) - len(todo)} reused)", file=sys.stderr)
-    if not todo:  # only re-render (e.g. after tools/bench_folded.py or tools/robustness.py): keep the run's meta
-        order = {cfg["id"]: i for i, cfg in enumerate(configs())}
-        rows = sorted(done.values(), key=lambda r: order.get(r["id"], len(order)))
-        (args.out / "BENCHMARKS.md").write_text(render(rows, fp32, saved))
-        return
-    data_cache: dict[str, Dataset] = {}
-    for index, cfg in enumerate(todo, 1):
-        rel, spec = MODELS[cfg["model"]]
-        path = ASSETS / rel
-        if cfg["model"] not in data_cache:
-            data_cache = {cfg["model"]: load_data(spec, path, args.limit)}  # one set in memory at a time
-            if args.force or cfg["model"] not in fp32:
-                data = data_cache[cfg["model"]]
-                lat = measure_latency({"fp32": str(path)}, runs=args.latency_runs)["fp32"]
-                fp32[cfg["model"]] = {"top1": round(onnxdfq.evaluate(str(path), data, batch_size=250).top1, 2),
-                                      "bytes": path.stat().st_size, "latency_ms": round(lat, 3)}
-        row = run_row(cfg, path, data_cache[cfg["model"]], fp32[cfg["model"]], args.latency_runs)
-        done[cfg["id"]] = row
-        print(f"[{index}/{len(todo)}] {cfg['id']}: top1 {row['top1']:.2f} (fp32 {row['fp32_top1']:.2f}) "
-              f"{row['quantize_s']:.2f}s speedup {row['speedup']:.2f}x", file=sys.stderr, flush=True)
-        _save(json_path, args, done, fp32)  # a cut-off run keeps what it measured
-    _save(json_path, args, done, fp32)
-
-
-def stable_latency(fp32_path: str, model, runs: int, tolerance: float = 0.05, tries: int = 4) -> dict[str, float]:
-    """Interleaved FP32 / quantized latencies, measured again until two measurements in a row give speedups
-    within ``tolerance`` of each other (at most ``tries``); the pair with the median speedup is kept."""
-    results = []
-    for _ in range(tries):
-        results.append(measure_latency({"fp32": fp32_path, "q": model}, runs=runs))
-        ratios = [r["fp32"] / r["q"] for r in results]
-        if len(ratios) >= 2 and abs(ratios[-1] - ratios[-2]) <= tolerance * ratios[-2]:
-            break
-    order = sorted(range(len(results)), key=lambda i: results[i]["fp32"] / results[i]["q"])
-    return results[order[len(order) // 2]]
+    work = args.work or ROOT / ".bench" / f"limit-{args.limit or 'all'}"
+    by_key = {sweep_config(cfg).key: cfg for cfg in wanted}
+    if args.force:  # drop the wanted rows from the sweep's folder: they are run again
+        kept = load_results(work)
+        kept["rows"] = [row for row in kept["rows"] if row["key"] not in by_key]
+        if kept["meta"]:
+            write_results(work, kept)
+    start = time.perf_counter()
+    results = run_sweep([sweep_config(cfg) for cfg in wanted], eval_specs(args.limit), work, address=args.address,
+                        workers=None if args.address else args.workers, latency_runs=args.latency_runs,
+                        latency_alone=True, latency_tolerance=0.05,
+                        on_start=lambda todo, reused: print(f"{todo} rows to run ({reused} reused)", file=sys.stderr),
+                        on_row=lambda row: print(f"{row['key']}: " + (row["error"] or f"top1 {row['top1']:.2f}"),
+                                                 file=sys.stderr, flush=True))
+    wall = time.perf_counter() - start
+    for row in results["rows"]:
+        cfg = by_key.get(row["key"])
+        if cfg is None:
+            continue
+        if row.get("error"):
+            print(f"FAILED {cfg['id']}: {row['error']}", file=sys.stderr)
+            done.pop(cfg["id"], None)
+            continue
+        done[cfg["id"]] = bench_row(cfg, row)
+    for name, entry in results["fp32"].items():
+        if entry.get("error") is None:
+            latencies = [r["fp32_latency_ms"] for r in done.values() if r["model"] == name and r.get("fp32_latency_ms")]
+            fp32[name] = {"top1": round(entry["top1"], 2), "bytes": entry["bytes"],
+                          "latency_ms": round(statistics.median(latencies), 3) if latencies else float("nan")}
+    print(f"sweep: {len(wanted)} rows in {wall:.0f} s with {args.workers} worker(s)", file=sys.stderr)
+    _save(json_path, args, done, fp32, saved, run={"wall_s": round(wall), "workers": args.workers,
+                                                    "rows": len(wanted)} if wall > 60 else None)
 
 
 def remeasure_latency(wanted: list[dict], done: dict, fp32: dict, args) -> None:
@@ -282,7 +261,7 @@ def remeasure_latency(wanted: list[dict], done: dict, fp32: dict, args) -> None:
         path = ASSETS / MODELS[cfg["model"]][0]
         model = onnxdfq.quantize(str(path), method=cfg["method"], bits=cfg["bits"], act_bits=cfg["act"],
                                  granularity=cfg["gran"], check=False, **cfg.get("opts", {}))
-        lat = stable_latency(str(path), model, args.latency_runs)
+        lat = stable_latency({"fp32": str(path), "q": model}, runs=args.latency_runs)
         row = done[cfg["id"]]
         row.update(latency_ms=round(lat["q"], 3), fp32_latency_ms=round(lat["fp32"], 3),
                    speedup=round(lat["fp32"] / lat["q"], 2))
@@ -291,11 +270,12 @@ def remeasure_latency(wanted: list[dict], done: dict, fp32: dict, args) -> None:
               f"({row['speedup']:.2f}x)", file=sys.stderr, flush=True)
 
 
-def _save(json_path: Path, args, done: dict, fp32: dict) -> None:
+def _save(json_path: Path, args, done: dict, fp32: dict, saved: dict, run: dict | None = None) -> None:
     order = {cfg["id"]: i for i, cfg in enumerate(configs())}
     rows = sorted(done.values(), key=lambda r: order.get(r["id"], len(order)))
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, onnxruntime CPU EP",
-            "load_average": os.getloadavg()[0], "limit": args.limit}
+            "load_average": os.getloadavg()[0], "limit": args.limit,
+            "run": run or saved.get("run")}  # the last whole-grid run's wall time and workers
     json_path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**meta, "rows": rows, "fp32": fp32}
     fd, tmp = tempfile.mkstemp(dir=json_path.parent)
