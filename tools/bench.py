@@ -111,9 +111,14 @@ def _mb(n: int | None) -> str:
 
 
 def render(rows: list[dict], fp32: dict, meta: dict) -> str:
+    run = meta.get("run") or {}
+    how = (f"through `onnxdfq.sweep` on a local Ray, {run['workers']} workers: {run['rows']} rows in "
+           f"{run['wall_s'] / 60:.1f} min" if run else "through `onnxdfq.sweep` on a local Ray")
     out = ["# Benchmarks", "",
-           f"Regenerate: `python tools/bench.py` (one run; {meta['machine']}; load average {meta['load_average']:.1f} "
-           "when last written: latencies are only comparable within a row). Top-1 on the full CIFAR-10 test "
+           f"Regenerate: `python tools/bench.py` (one run {how}; {meta['machine']}; load average "
+           f"{meta['load_average']:.1f} when last written: latencies are only comparable within a row; each latency "
+           "task has the machine to itself and is repeated until two ratios agree within 5 %). "
+           "Quantized as `onnxdfq quantize` with the model's --mean/--std. Top-1 on the full CIFAR-10 test "
            "set (10 000 images) and ImageNet `val1300` (1 300 images; it scores above the model's full-validation "
            "figure, so compare FP32 against quantized, not against papers). Per-channel weights unless noted; "
            "activation ranges from BN statistics (no data); network outputs stay float (the default). "
