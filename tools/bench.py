@@ -153,16 +153,16 @@ def render(rows: list[dict], fp32: dict, meta: dict) -> str:
             "QLinearConv (int8 kernels), and the Relu disappears into the uint8 zero point; `tests/test_qdq.py` "
             "checks that every ResNet-20 conv fuses. The speedup over FP32 at batch 1 is modest on these small "
             "models (per-op overhead dominates) and grows with layer size.",
-            "- Sub-8-bit activations (W4A4): the QDQ graph keeps a Clip in front of each QuantizeLinear so that only "
-            "the 4-bit levels occur; no onnxruntime kernel computes with 4-bit activations, the Clip blocks the "
-            "QLinearConv fusion and the model runs as float convolutions between Q/DQ pairs, several times slower "
-            "than FP32. Such files are for accuracy studies and for runtimes with low-bit kernels.",
+            "- Sub-8-bit activations (W4A4): the grid's levels are enforced by an integer Clip between "
+            "QuantizeLinear and DequantizeLinear (bit-identical to clipping the floats first), so every conv still "
+            "fuses into QLinearConv and W4A4 runs about as fast as W8A8; no onnxruntime kernel computes with "
+            "4-bit activations, so it is not faster either.",
             "- `dfq` on ReLU6 nets (MobileNet): CLE turns each ReLU6 into Relu + a per-channel Min to stay exact. "
-            "The QDQ file runs that Min on the quantized integers (Q -> Min -> DQ; quantization is monotone, so the "
-            "result is the same as clipping before quantizing), and every conv fuses into QLinearConv; the 26 uint8 "
-            "Mins still cost about what int8 saves, so MobileNet dfq W8A8 runs at about FP32 speed (0.94-1.15x over "
-            "three runs; nearest 1.24-1.36x). "
-            "Before the Mins moved onto the integers they ran in float between DQ and Q: 0.69x.",
+            "The QDQ file runs that Min on the quantized integers (Q -> Min -> DQ), and every conv fuses into "
+            "QLinearConv, but the 26 uint8 Mins take about 1.6 of 5.1 ms per inference (onnxruntime profile), so "
+            "MobileNet dfq W8A8 runs slower than nearest (1.1-1.3x FP32 against 1.4-1.6x over runs). Both also "
+            "pay about 0.5 ms for the 1x1 classifier, which keeps float logits: `--quantize-outputs` fuses it "
+            "(nearest 1.54x -> 1.84x, dfq per-tensor 1.06x -> 1.19x in one interleaved run).",
             "- Float activations (fp32-act rows) run DequantizeLinear + float Conv: no speedup; their point is the "
             "weight storage (see the packed size).",
             "", "## CUDA and TensorRT execution providers", "",
