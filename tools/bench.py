@@ -218,7 +218,8 @@ def main() -> None:
     saved = json.loads(json_path.read_text()) if json_path.exists() else {"rows": [], "fp32": {}}
     if saved.get("limit") != args.limit:
         saved = {"rows": [], "fp32": {}}
-    done = {row["id"]: row for row in saved["rows"]}
+    grid = {cfg["id"] for cfg in configs()}
+    done = {row["id"]: row for row in saved["rows"] if row["id"] in grid}  # rows of configs no longer run go
     fp32 = saved["fp32"]
     wanted = [c for c in configs() if c["method"] in METHODS
               and (not args.only or any(s in c["id"] for s in args.only))]
