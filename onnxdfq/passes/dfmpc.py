@@ -265,15 +265,16 @@ class DFMPCPass(Pass):
         return correlated_sum_moments(mean_a, var_a, mean_b, var_b, self.shortcut_corr, in_stats.lo, in_stats.hi)
 
     @staticmethod
-    def _act_bounds(layer, graph) -> tuple[float, float | np.ndarray]:
+    def _act_bounds(layer, tensors: dict, outputs: set[str]) -> tuple[float, float | np.ndarray]:
         """The low layer's activation as (lo, hi); hi per channel where CLE bounded it with a Min."""
-        tensor = graph.tensors().get(layer.act_output_name)
-        upper = channel_bound(tensor, {t.name for t in graph.outputs})[1] if tensor is not None else None
+        tensor = tensors.get(layer.act_output_name)
+        upper = channel_bound(tensor, outputs)[1] if tensor is not None else None
         if upper is None or upper.size not in (1, layer.out_channels):
             return layer.act.lo, layer.act.hi
         return layer.act.lo, np.minimum(layer.act.hi, upper)
 
-    def _high_update(self, layer, result, in_var, high, stats, ws, pooled: bool = False) -> tuple | None:
+    def _high_update(self, layer, result, in_var, high, stats, ws, act: tuple,
+                     pooled: bool = False) -> tuple | None:
         """(high layer, new weight, new bias, report row) for the high layer of `layer`'s pair, or None."""
         if not (self.high_gain or self.high_correction != "none"):
             return None
@@ -284,7 +285,6 @@ class DFMPCPass(Pass):
         weight = np.asarray(high.weight, np.float64)
         bias = np.zeros(high.out_channels) if high.bias is None else high.bias.astype(np.float64)
         row = {}
-        act = self._act_bounds(layer, ws.graph)
         if self.high_correction == "lsq" and not pooled:  # its model is per position: no pool between
             new_weight, bias = correct_next_layer(layer.weight, w_q, ws.channel_stats[layer.name],
                                                   act, in_var, rho, weight, bias)
@@ -328,9 +328,11 @@ class DFMPCPass(Pass):
             updates.append((layer, result, in_var))
         by_name = {layer.name: layer for layer in layers}
         pair_of = {p.low: p for p in plan.pairs}
+        tensors, outputs = ws.graph.tensors(), {t.name for t in ws.graph.outputs}
         high_updates = [update for layer, result, in_var in updates if pair_of[layer.name].high_reads_low
                         and (update := self._high_update(layer, result, in_var, by_name[pair_of[layer.name].high],
-                                                         stats, ws, pooled=bool(pair_of[layer.name].via)))]
+                                                         stats, ws, self._act_bounds(layer, tensors, outputs),
+                                                         pooled=bool(pair_of[layer.name].via)))]
         for layer, result, _ in updates:  # decide first, then write once
             quant = WeightQuant(self.low_bits, result.quant.scale, result.quant.w_int, True, "dfmpc")
             ws.weight_quant[layer.name] = quant
