@@ -143,6 +143,29 @@ def test_reestimated_statistics_match_a_simulation():
         np.testing.assert_allclose(other.std, zq.std(axis=0), rtol=0.15)
 
 
+def test_regression_sigma_holds_under_anticorrelated_inputs():
+    """Inputs in anti-correlated pairs make the cross-input covariance O = gamma^2 - sum W^2 v negative
+    (as in many trained channels); the "regression" sigma_hat still matches the simulated quantized
+    layer. The earlier model clamped O at 0 and so overestimated sigma_hat here by 2x."""
+    rng = np.random.default_rng(3)
+    pairs, n = 32, 200_000
+    base = rng.standard_normal((n, pairs))
+    x = np.empty((n, 2 * pairs))
+    x[:, 0::2] = base
+    x[:, 1::2] = -0.8 * base + 0.6 * rng.standard_normal((n, pairs))  # corr(x_a, x_b) = -0.8, unit variance
+    w = np.abs(rng.standard_normal((8, 2 * pairs, 1, 1)))
+    w[:, 1::2] = w[:, 0::2] * rng.uniform(0.5, 1.5, (8, pairs, 1, 1))  # each pair mostly cancels
+    in_var = x.var(axis=0)
+    z = x @ w.reshape(8, -1).T
+    stats = BNStats(z.mean(axis=0), z.std(axis=0))
+    diag = (w.reshape(8, -1) ** 2 * in_var).sum(axis=1)
+    assert np.all(diag > 2 * stats.std**2)  # O < 0, strongly
+    w_q = quantize_low(w, 3).dequantized()
+    zq = x @ w_q.reshape(8, -1).T
+    estimated = reestimate_bn(w, w_q, stats, x.mean(axis=0), in_var, 0.0, sigma_model="regression")
+    np.testing.assert_allclose(estimated.std, zq.std(axis=0), rtol=0.06)
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 10_000), l1=st.sampled_from([0.0, 0.5, 2.0]), l2=st.sampled_from([0.0, 0.1]))
 def test_closed_form_minimises_its_objective(seed, l1, l2):
