@@ -43,7 +43,7 @@ ROWS = [("resnet56", "nearest", "8", "8", "channel"), ("resnet56", "squant", "4"
         ("resnet20", "nearest", "8", "8", "channel"), ("resnet20", "squant", "4", "8", "channel"),
         ("resnet20", "dfmpc", "2/6", "none", "channel"),
         ("mobilenet_v1_0.75", "nearest", "8", "8", "channel"), ("mobilenet_v1_0.75", "dfq", "8", "8", "tensor"),
-        ("mobilenet_v1_0.75", "squant", "4", "8", "channel")]
+        ("mobilenet_v1_0.75", "squant", "4", "8", "channel"), ("mobilenet_v1_0.75", "dfmpc", "4/8", "none", "channel")]
 
 
 def quantize_and_eval(path: Path, spec: dict, method: str, bits: str, act: str, gran: str,
@@ -95,8 +95,9 @@ def bench(args) -> None:
     print("\n".join(lines))
 
 
-def study(args) -> None:
-    """Prior generators on folded ResNet-56: statistics error against the true BN, and DF-MPC top-1."""
+def _stat_errors(model_path: Path, folded: onnx.ModelProto, x: np.ndarray) -> tuple[float, float]:
+    """(mean error, log-std error) of the statistics measured on x in the folded model against the
+    BN-kept file's true BN statistics: per layer the median over live channels, averaged over layers."""
     from onnxdfq.eval.calibrate import collect_statistics
     from onnxdfq.graph import layers as graph_layers
     from onnxdfq.graph import surgery
@@ -104,6 +105,57 @@ def study(args) -> None:
     from onnxdfq.passes.calib_ranges import SampleObserver
     from onnxdfq.passes.channel_stats import MeasureChannelStatsPass
     from onnxdfq.passes.fold_bn import FoldBatchNormPass
+
+    ws = Workspace(graph=surgery.import_graph(onnx.load(model_path)))
+    graph_layers.ensure_node_names(ws.graph)
+    FoldBatchNormPass()(ws)
+    true_stats = {layer.output_name: ws.channel_stats[layer.name] for layer in graph_layers.read_layers(ws.graph)
+                  if layer.name in ws.channel_stats}
+    probe = Workspace(graph=surgery.import_graph(folded))
+    graph_layers.ensure_node_names(probe.graph)
+    MeasureChannelStatsPass(SampleObserver(x, collect_statistics, folded), "samples")(probe)
+    mean_err, std_err = [], []
+    for layer in graph_layers.read_layers(probe.graph):
+        if layer.output_name not in true_stats:
+            continue
+        bn, measured = true_stats[layer.output_name], probe.channel_stats[layer.name]
+        live = bn.std > 1e-3
+        mean_err.append(np.median(np.abs(measured.mean - bn.mean)[live] / bn.std[live]))
+        std_err.append(np.median(np.abs(np.log(measured.std[live] / bn.std[live]))))
+    return float(np.mean(mean_err)), float(np.mean(std_err))
+
+
+def study_mobilenet(args) -> None:
+    """Prior generators on folded MobileNet-V1 (224 x 224, ReLU6, depthwise): statistics and DF-MPC 4/8."""
+    from onnxdfq.synth.prior import DEFAULT_PRIOR_SAMPLES, PRIOR_GENERATORS, InputSpace, prior_images
+
+    rel, spec = MODELS["mobilenet_v1_0.75"]
+    work = Path(tempfile.mkdtemp(prefix="onnxdfq-prior-"))
+    folded_path = work / "folded.onnx"
+    fold_batchnorm_copy(str(ASSETS / rel), folded_path)
+    folded = onnx.load(folded_path)
+    space = InputSpace(tuple(spec["mean"]), tuple(spec["std"]))
+    count = DEFAULT_PRIOR_SAMPLES
+    lines = ["# Image prior generators on MobileNet-V1 (tools/bench_folded.py --study mobilenet)", "",
+             f"BN-folded MobileNet-V1 0.75 (224 x 224), {count} images each, errors as in the ResNet-56 table. "
+             "DF-MPC 4/8 (float activations) top-1 on val1300 with `--calib prior:GENERATOR` (the same images).", "",
+             "| images | mean error (std) | log-std error | DF-MPC 4/8 top-1 |", "|---|---:|---:|---:|"]
+    for generator in PRIOR_GENERATORS:
+        x = prior_images(count, (3, 224, 224), space, generator=generator, seed=0)
+        mean_err, std_err = _stat_errors(ASSETS / rel, folded, x)
+        top1 = quantize_and_eval(folded_path, spec, "dfmpc", "4/8", "none", "channel", args.limit,
+                                 calib=f"prior:{generator}")
+        lines.append(f"| prior:{generator}{' (default)' if generator == 'pink' else ''} | {mean_err:.3f} | "
+                     f"{std_err:.3f} | {top1['top1']:.2f} |")
+        print(lines[-1], flush=True)
+    kept = quantize_and_eval(ASSETS / rel, spec, "dfmpc", "4/8", "none", "channel", args.limit)
+    lines.append(f"| BN kept, BN statistics (reference) | 0 | 0 | {kept['top1']:.2f} |")
+    (ROOT / "tools" / "results" / "prior_study_mobilenet.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def study(args) -> None:
+    """Prior generators on folded ResNet-56: statistics error against the true BN, and DF-MPC top-1."""
     from onnxdfq.synth.prior import InputSpace, dead_leaves, pink_noise
 
     rel, spec = MODELS["resnet56"]
@@ -111,11 +163,6 @@ def study(args) -> None:
     folded_path = work / "folded.onnx"
     fold_batchnorm_copy(str(ASSETS / rel), folded_path)
     folded = onnx.load(folded_path)
-    ws = Workspace(graph=surgery.import_graph(onnx.load(ASSETS / rel)))
-    graph_layers.ensure_node_names(ws.graph)
-    FoldBatchNormPass()(ws)
-    true_stats = {layer.output_name: ws.channel_stats[layer.name] for layer in graph_layers.read_layers(ws.graph)
-                  if layer.name in ws.channel_stats}
     space = InputSpace(tuple(spec["mean"]), tuple(spec["std"]))
     count = 256
     real = np.load(ASSETS / "cifar10/train5000.npz")["x"][:count].transpose(0, 3, 1, 2).astype(np.float32) / 255
@@ -135,21 +182,11 @@ def study(args) -> None:
              "| images | mean error (std) | log-std error | DF-MPC 2/6 top-1 |", "|---|---:|---:|---:|"]
     for name, images in variants.items():
         x = space.apply(images)
-        probe = Workspace(graph=surgery.import_graph(folded))
-        graph_layers.ensure_node_names(probe.graph)
-        MeasureChannelStatsPass(SampleObserver(x, collect_statistics, folded), "samples")(probe)
-        mean_err, std_err = [], []
-        for layer in graph_layers.read_layers(probe.graph):
-            if layer.output_name not in true_stats:
-                continue
-            bn, measured = true_stats[layer.output_name], probe.channel_stats[layer.name]
-            live = bn.std > 1e-3
-            mean_err.append(np.median(np.abs(measured.mean - bn.mean)[live] / bn.std[live]))
-            std_err.append(np.median(np.abs(np.log(measured.std[live] / bn.std[live]))))
+        mean_err, std_err = _stat_errors(ASSETS / rel, folded, x)
         npz = work / "x.npz"
         np.savez(npz, x=x)
         top1 = quantize_and_eval(folded_path, spec, "dfmpc", "2/6", "none", "channel", 2000, calib=f"data:{npz}")
-        lines.append(f"| {name} | {np.mean(mean_err):.3f} | {np.mean(std_err):.3f} | {top1['top1']:.2f} |")
+        lines.append(f"| {name} | {mean_err:.3f} | {std_err:.3f} | {top1['top1']:.2f} |")
         print(lines[-1], flush=True)
     (ROOT / "tools" / "results" / "prior_study.md").write_text("\n".join(lines) + "\n")
 
@@ -182,9 +219,13 @@ def study(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--study", action="store_true", help="compare prior generators instead")
+    parser.add_argument("--study", nargs="?", const="resnet56", choices=["resnet56", "mobilenet"],
+                        help="compare prior generators instead (on the folded ResNet-56, or MobileNet-V1)")
     args = parser.parse_args()
-    study(args) if args.study else bench(args)
+    if args.study:
+        {"resnet56": study, "mobilenet": study_mobilenet}[args.study](args)
+    else:
+        bench(args)
 
 
 if __name__ == "__main__":
