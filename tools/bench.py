@@ -192,7 +192,8 @@ def render(rows: list[dict], fp32: dict, meta: dict) -> str:
         if path.exists():
             out += ["", f"### {name.removeprefix('providers_').removesuffix('.md')}", "",
                     *path.read_text().strip().splitlines()]
-    for extra in ("folded.md", "prior_study.md", "robustness.md"):  # tables other tools write, one page
+    # tables other tools write, one page
+    for extra in ("folded.md", "prior_study.md", "prior_study_mobilenet.md", "robustness.md"):
         path = ROOT / "tools" / "results" / extra
         if path.exists():
             text = path.read_text().strip().splitlines()

@@ -337,7 +337,7 @@ def reestimate_bn(w_fp: np.ndarray, w_q: np.ndarray, stats: ChannelStats, in_mea
     - "regression": Wq = kappa W + E, kappa the v-weighted regression coefficient, so that E is
       v-orthogonal to W. The kappa W part keeps the float output's variance, gamma^2, whatever the
       covariances between input channels and taps are; E's part is taken as independent of it and
-      across inputs: sigma_hat^2 = kappa^2 gamma^2 + sum_{c,k} E^2 v_c. (Up to 0.2 this clamped the
+      across inputs: sigma_hat^2 = kappa^2 gamma^2 + sum_{c,k} E^2 v_c. (An earlier version clamped the
       cross-input covariance O = gamma^2 - sum W^2 v at 0. O is negative in many trained channels
       (38-48 % of MobileNet-V1's early pointwise ones, 80 % of its last one under prior statistics)
       and the clamp then inflated sigma_hat, shrinking live channels by 1.3-1.7x: BN-folded
