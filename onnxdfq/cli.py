@@ -208,6 +208,8 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str, d
             click.echo(f"speed: {note}", err=True)
         if report["statistics"].get("hint"):
             click.echo(f"note: {report['statistics']['hint']}", err=True)
+        if report["statistics"].get("prior_hint"):
+            click.echo(f"note: {report['statistics']['prior_hint']}", err=True)
 
 
 def _loss_bar(desc: str, quiet: bool):

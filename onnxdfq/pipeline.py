@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxdfq.config import METHODS, SAMPLE_SOURCES, CalibSpec, QuantConfig, make_config
+from onnxdfq.config import METHODS, PRIOR_GENERATORS, SAMPLE_SOURCES, CalibSpec, QuantConfig, make_config
 from onnxdfq.errors import OptionError, UnsupportedModelError
 from onnxdfq.graph import io as graph_io
 from onnxdfq.graph import layers as graph_layers
@@ -255,6 +255,15 @@ EXPORT_WITH_BN_HINT = ("this model has no BatchNormalization left (folded at exp
                        "optimize=False), and skip onnxruntime/onnxsim pre-optimization")
 
 
+# pink noise describes the 32-px CIFAR ResNets best, images with edges the 224-px MobileNet-V1
+# (tools/results/prior_study*.md); a hint, not a default: one ImageNet model measured so far
+LARGE_INPUT = 128
+LARGE_INPUT_PRIOR_HINT = ("statistics from pink-noise images (the default prior). On the 224-px MobileNet-V1, "
+                          "images with edges described the layers better: --calib prior:dead_leaves or prior:mixed "
+                          "gave DF-MPC 4/8 67.7 / 66.8 % vs 60.5 %, SQuant W4A8 59.0 / 61.1 % vs 57.2 %; on 32-px "
+                          "CIFAR ResNets pink is best")
+
+
 def _sample_observer(model: Any, calib: CalibSpec, config: QuantConfig, progress: Any) -> SampleObserver:
     """Calibration samples for ``calib`` (prior images, synthetic or user data) and their runner."""
     from onnxdfq.eval.calibrate import calibration_samples, collect_statistics
@@ -304,6 +313,10 @@ def _statistics_summary(ws: Workspace, layers: list) -> dict:
                         **ws.observer.info})
     if not summary["bn_layers"]:
         summary["hint"] = EXPORT_WITH_BN_HINT
+    samples = ws.observer.samples if ws.observer is not None else None
+    if ws.calib.label == f"prior:{PRIOR_GENERATORS[0]}" and samples is not None and samples.ndim == 4 \
+            and min(samples.shape[2:]) >= LARGE_INPUT:
+        summary["prior_hint"] = LARGE_INPUT_PRIOR_HINT
     return summary
 
 

@@ -238,3 +238,21 @@ def test_folded_mobilenet_dfmpc_4_8(mobilenet, val1300, tmp_path):
     assert len(pairs) == 12 and result.report["average_weight_bits"] < 6.5
     top1 = evaluate(result.model, str(val1300), mean=IMAGENET_HALF, std=IMAGENET_HALF, limit=500).top1
     assert top1 >= 57.0, f"folded MobileNet-V1 DF-MPC 4/8: {top1:.2f} < 57.0"
+
+
+def test_large_inputs_on_the_default_prior_get_the_generator_hint(tmp_path):
+    """ImageNet-size inputs measured better with edge images (MobileNet-V1); the summary says so on the
+    default pink prior only, and not for CIFAR-size inputs, where pink measured best."""
+    specs = [ConvSpec(4, 3, act="relu"), ConvSpec(4, 3, act="relu")]
+    hints = {}
+    for size, calib in ((128, "auto"), (128, "prior:dead_leaves"), (32, "auto")):
+        model = calibrate_bn(build_chain(specs, size=size, seed=3),
+                             np.random.default_rng(3).standard_normal((4, 3, size, size)).astype(np.float32))
+        path = folded_copy(model, tmp_path, f"folded{size}.onnx")
+        report = onnxdfq.quantize_model(str(path), method="nearest", calib=calib, calib_samples=8).report
+        hints[size, calib] = report["statistics"].get("prior_hint")
+    assert "prior:dead_leaves" in hints[128, "auto"]
+    assert hints[128, "prior:dead_leaves"] is None and hints[32, "auto"] is None
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(main, ["quantize", str(tmp_path / "folded128.onnx"), "-o", str(out)])
+    assert result.exit_code == 0 and "--calib prior:dead_leaves" in result.output
