@@ -193,11 +193,14 @@ def ray_head(tmp_path):
         assert probe.returncode == 0, probe.stderr.decode()[-2000:]
         yield address, env
     finally:
-        os.killpg(head.pid, 15)  # the head and every process it started (they stay in its group)
-        try:
-            head.wait(timeout=45)  # it drains for up to 30 s, then removes its /tmp/ray/ray_current_cluster
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, 9)
+        # the head and every process it started (they stay in its group). A graceful stop drains for up to
+        # 30 s; killing is enough here, but then the head's /tmp/ray/ray_current_cluster stays behind, and a
+        # later ray.init() without an address would try to join that dead cluster: remove it if it is ours
+        os.killpg(head.pid, 9)
+        head.wait(timeout=30)
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):  # it may name another local IP
+            current.unlink()
             head.wait()
         log.close()
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # left behind: a plain ray.init()
