@@ -230,10 +230,28 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
         from onnxdfq.eval.check import check_stage
 
         start = time.perf_counter()
-        report["fidelity"], warnings = check_stage(model, ws.emitted, config.calib, config.input_range)
+        report["fidelity"], warnings = check_stage(model, ws.emitted, config.calib, config.input_range,
+                                                   fidelity_advice(config, report))
         report["warnings"] += warnings
         report["timings_s"]["check"] = round(time.perf_counter() - start, 6)
     return QuantResult(ws.emitted, report, config)
+
+
+def fidelity_advice(config: QuantConfig, report: dict[str, Any]) -> str:
+    """What to try when the output check finds low fidelity: only what this run did not already do."""
+    tries = []
+    if config.high_bits is not None:
+        tries.append(f"a wider low width (--bits {min(config.bits + 2, config.high_bits - 1)}/{config.high_bits})")
+    elif config.bits < 8 or (config.act_bits is not None and config.act_bits < 8):
+        tries.append("more bits")
+    others = [m for m in ("squant", "dfq") if m != config.method]
+    if config.high_bits is None and others:
+        tries.append(f"--method {'/'.join(others)}")
+    if not config.per_channel:
+        tries.append("--granularity channel")
+    if report.get("statistics", {}).get("prior_hint"):
+        tries.append("--calib prior:dead_leaves")
+    return "try " + (", ".join(tries) if tries else "real calibration data (--calib data:PATH.npz)")
 
 
 def save_quantized(result: QuantResult, path: str | os.PathLike) -> int:

@@ -133,6 +133,21 @@ def test_low_fidelity_is_said_loudly(model_path: Path, tmp_path: Path):
     result = CliRunner().invoke(main, ["quantize", str(model_path), "-o", str(out), "--bits", "2", "--act-bits", "2"])
     assert result.exit_code == 0, result.output
     assert "LOW FIDELITY" in result.output and "prior images" in result.output
+    assert "more bits" in result.output and "--method squant/dfq" in result.output
+    assert "--granularity channel" not in result.output  # already per-channel: not worth suggesting
+
+
+def test_low_fidelity_advice_names_only_what_was_not_tried():
+    from onnxdfq.config import make_config
+    from onnxdfq.pipeline import fidelity_advice
+
+    per_tensor = fidelity_advice(make_config("dfq", 4, 4, "tensor"), {})
+    assert "more bits" in per_tensor and "--method squant," in per_tensor  # not its own method again
+    assert "--granularity channel" in per_tensor
+    dfmpc = fidelity_advice(make_config("dfmpc", "4/8", None, "channel"), {"statistics": {"prior_hint": "..."}})
+    assert "--bits 6/8" in dfmpc and "--calib prior:dead_leaves" in dfmpc and "granularity" not in dfmpc
+    assert "--bits 7/8" in fidelity_advice(make_config("dfmpc", "6/8", None, "channel"), {})
+    assert fidelity_advice(make_config("squant", 8, 8, "channel"), {}) == "try --method dfq"
 
 
 def test_an_output_the_probe_does_not_exercise_is_named_not_judged(tmp_path: Path):

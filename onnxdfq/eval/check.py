@@ -67,8 +67,11 @@ def check_quantized(fp32: Any, quantized: Any, spec: CalibSpec, input_range: tup
     return result
 
 
-def check_stage(fp32: Any, quantized: Any, spec: CalibSpec,
-                input_range: tuple[float, float] | None) -> tuple[dict[str, Any], list[str]]:
+DEFAULT_ADVICE = "try more bits, --method squant/dfq, or --granularity channel"
+
+
+def check_stage(fp32: Any, quantized: Any, spec: CalibSpec, input_range: tuple[float, float] | None,
+                advice: str = DEFAULT_ADVICE) -> tuple[dict[str, Any], list[str]]:
     """The output check of every quantize run: the ONNX checker, an onnxruntime session and the fidelity
     probe; returns the probe's figures and the warnings a user must see (low fidelity, outputs not judged)."""
     check_model(quantized)
@@ -80,5 +83,5 @@ def check_stage(fp32: Any, quantized: Any, spec: CalibSpec,
     if probe["low_fidelity"]:
         worst = min(out["sqnr_db"] for out in probe["outputs"] if out["exercised"])
         warnings.append(f"LOW FIDELITY: output SQNR {worst:.1f} dB < {FIDELITY_FLOOR_DB:g} dB on {probe['inputs']}: "
-                        "expect a large accuracy loss; try more bits, --method squant/dfq, or --granularity channel")
+                        f"expect a large accuracy loss; {advice}")
     return probe, warnings
