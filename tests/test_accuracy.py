@@ -51,8 +51,10 @@ def test_mobilenet_w8a8_per_tensor_nearest_collapses(mobilenet, val1300):
 
 
 def test_resnet56_w3_squant_beats_nearest(resnet56, cifar_test):
-    """Issue floor: SQuant W3 (float activations) >= 91.0 on the full test set; nearest is ~82."""
-    squant = cifar_top1(onnxdfq.quantize(resnet56, method="squant", bits=3, act_bits=None), cifar_test)
+    """Issue floor: SQuant W3 (float activations) >= 91.0 on the full test set; nearest is ~82. Evaluated as
+    fakequant: the same weights as the weight-only QDQ file (same top-1, 91.88), at float speed (2x)."""
+    squant = cifar_top1(onnxdfq.quantize(resnet56, method="squant", bits=3, act_bits=None, fmt="fakequant"),
+                        cifar_test)
     assert squant >= 91.0
 
 

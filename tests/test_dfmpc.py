@@ -579,10 +579,11 @@ def test_cli_dfmpc_defaults_to_float_activations(resnet20, tmp_path):
 
 @pytest.mark.slow
 def test_resnet56_2_6_full_test_set(resnet56, cifar_test):
-    compensated = quantize_model(resnet56, method="dfmpc", bits="2/6", act_bits=None).model
+    # fakequant: the weight-only QDQ file's weights at float speed (that file itself: test_prior's folded rows)
+    compensated = quantize_model(resnet56, method="dfmpc", bits="2/6", act_bits=None, fmt="fakequant").model
     plain = quantize_model(resnet56, method="dfmpc", bits="2/6", act_bits=None, dfmpc=PLAIN,
                            bias_correction=False).model
-    assert _cifar_top1(compensated, cifar_test, None) >= 89.0  # measured 90.10 (0.1 defaults: 88.04)
+    assert _cifar_top1(compensated, cifar_test, None) >= 89.0  # measured 90.11 (0.1 defaults: 88.04)
     assert _cifar_top1(plain, cifar_test, 1000) <= 25.0  # the collapse shows on 1000 images (full set: 16.40)
 
 
