@@ -95,60 +95,74 @@ def bench(args) -> None:
     print("\n".join(lines))
 
 
-def _stat_errors(model_path: Path, folded: onnx.ModelProto, x: np.ndarray) -> tuple[float, float]:
-    """(mean error, log-std error) of the statistics measured on x in the folded model against the
-    BN-kept file's true BN statistics: per layer the median over live channels, averaged over layers."""
-    from onnxdfq.eval.calibrate import collect_statistics
-    from onnxdfq.graph import layers as graph_layers
-    from onnxdfq.graph import surgery
-    from onnxdfq.passes.base import Workspace
-    from onnxdfq.passes.calib_ranges import SampleObserver
-    from onnxdfq.passes.channel_stats import MeasureChannelStatsPass
-    from onnxdfq.passes.fold_bn import FoldBatchNormPass
+class _StudyModel:
+    """A shared model for a prior study: its BN-folded copy (file and graph), its true BN statistics from
+    the BN-kept file (computed once), and its input space."""
 
-    ws = Workspace(graph=surgery.import_graph(onnx.load(model_path)))
-    graph_layers.ensure_node_names(ws.graph)
-    FoldBatchNormPass()(ws)
-    true_stats = {layer.output_name: ws.channel_stats[layer.name] for layer in graph_layers.read_layers(ws.graph)
-                  if layer.name in ws.channel_stats}
-    probe = Workspace(graph=surgery.import_graph(folded))
-    graph_layers.ensure_node_names(probe.graph)
-    MeasureChannelStatsPass(SampleObserver(x, collect_statistics, folded), "samples")(probe)
-    mean_err, std_err = [], []
-    for layer in graph_layers.read_layers(probe.graph):
-        if layer.output_name not in true_stats:
-            continue
-        bn, measured = true_stats[layer.output_name], probe.channel_stats[layer.name]
-        live = bn.std > 1e-3
-        mean_err.append(np.median(np.abs(measured.mean - bn.mean)[live] / bn.std[live]))
-        std_err.append(np.median(np.abs(np.log(measured.std[live] / bn.std[live]))))
-    return float(np.mean(mean_err)), float(np.mean(std_err))
+    def __init__(self, name: str) -> None:
+        from onnxdfq.graph import layers as graph_layers
+        from onnxdfq.graph import surgery
+        from onnxdfq.passes.base import Workspace
+        from onnxdfq.passes.fold_bn import FoldBatchNormPass
+        from onnxdfq.synth.prior import InputSpace
+
+        rel, self.spec = MODELS[name]
+        self.kept_path = ASSETS / rel
+        self.work = Path(tempfile.mkdtemp(prefix="onnxdfq-prior-"))
+        self.folded_path = self.work / "folded.onnx"
+        fold_batchnorm_copy(str(self.kept_path), self.folded_path)
+        self.folded = onnx.load(self.folded_path)
+        self.space = InputSpace(tuple(self.spec["mean"]), tuple(self.spec["std"]))
+        ws = Workspace(graph=surgery.import_graph(onnx.load(self.kept_path)))
+        graph_layers.ensure_node_names(ws.graph)
+        FoldBatchNormPass()(ws)
+        self.true_stats = {layer.output_name: ws.channel_stats[layer.name]
+                           for layer in graph_layers.read_layers(ws.graph) if layer.name in ws.channel_stats}
+
+    def stat_errors(self, x: np.ndarray) -> tuple[float, float]:
+        """(mean error, log-std error) of the statistics measured on x in the folded model against the
+        true BN statistics: per layer the median over live channels, averaged over layers."""
+        from onnxdfq.eval.calibrate import collect_statistics
+        from onnxdfq.graph import layers as graph_layers
+        from onnxdfq.graph import surgery
+        from onnxdfq.passes.base import Workspace
+        from onnxdfq.passes.calib_ranges import SampleObserver
+        from onnxdfq.passes.channel_stats import MeasureChannelStatsPass
+
+        probe = Workspace(graph=surgery.import_graph(self.folded))
+        graph_layers.ensure_node_names(probe.graph)
+        MeasureChannelStatsPass(SampleObserver(x, collect_statistics, self.folded), "samples")(probe)
+        mean_err, std_err = [], []
+        for layer in graph_layers.read_layers(probe.graph):
+            if layer.output_name not in self.true_stats:
+                continue
+            bn, measured = self.true_stats[layer.output_name], probe.channel_stats[layer.name]
+            live = bn.std > 1e-3
+            mean_err.append(np.median(np.abs(measured.mean - bn.mean)[live] / bn.std[live]))
+            std_err.append(np.median(np.abs(np.log(measured.std[live] / bn.std[live]))))
+        return float(np.mean(mean_err)), float(np.mean(std_err))
 
 
 def study_mobilenet(args) -> None:
     """Prior generators on folded MobileNet-V1 (224 x 224, ReLU6, depthwise): statistics and DF-MPC 4/8."""
-    from onnxdfq.synth.prior import DEFAULT_PRIOR_SAMPLES, PRIOR_GENERATORS, InputSpace, prior_images
+    from onnxdfq.synth.prior import DEFAULT_PRIOR_SAMPLES, PRIOR_GENERATORS, prior_images
 
-    rel, spec = MODELS["mobilenet_v1_0.75"]
-    work = Path(tempfile.mkdtemp(prefix="onnxdfq-prior-"))
-    folded_path = work / "folded.onnx"
-    fold_batchnorm_copy(str(ASSETS / rel), folded_path)
-    folded = onnx.load(folded_path)
-    space = InputSpace(tuple(spec["mean"]), tuple(spec["std"]))
+    study_model = _StudyModel("mobilenet_v1_0.75")
+    spec, folded_path = study_model.spec, study_model.folded_path
     count = DEFAULT_PRIOR_SAMPLES
     lines = ["# Image prior generators on MobileNet-V1 (tools/bench_folded.py --study mobilenet)", "",
              f"BN-folded MobileNet-V1 0.75 (224 x 224), {count} images each, errors as in the ResNet-56 table. "
              "DF-MPC 4/8 (float activations) top-1 on val1300 with `--calib prior:GENERATOR` (the same images).", "",
              "| images | mean error (std) | log-std error | DF-MPC 4/8 top-1 |", "|---|---:|---:|---:|"]
     for generator in PRIOR_GENERATORS:
-        x = prior_images(count, (3, 224, 224), space, generator=generator, seed=0)
-        mean_err, std_err = _stat_errors(ASSETS / rel, folded, x)
+        x = prior_images(count, (3, 224, 224), study_model.space, generator=generator, seed=0)
+        mean_err, std_err = study_model.stat_errors(x)
         top1 = quantize_and_eval(folded_path, spec, "dfmpc", "4/8", "none", "channel", args.limit,
                                  calib=f"prior:{generator}")
         lines.append(f"| prior:{generator}{' (default)' if generator == 'pink' else ''} | {mean_err:.3f} | "
                      f"{std_err:.3f} | {top1['top1']:.2f} |")
         print(lines[-1], flush=True)
-    kept = quantize_and_eval(ASSETS / rel, spec, "dfmpc", "4/8", "none", "channel", args.limit)
+    kept = quantize_and_eval(study_model.kept_path, spec, "dfmpc", "4/8", "none", "channel", args.limit)
     lines.append(f"| BN kept, BN statistics (reference) | 0 | 0 | {kept['top1']:.2f} |")
     (ROOT / "tools" / "results" / "prior_study_mobilenet.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -156,14 +170,10 @@ def study_mobilenet(args) -> None:
 
 def study(args) -> None:
     """Prior generators on folded ResNet-56: statistics error against the true BN, and DF-MPC top-1."""
-    from onnxdfq.synth.prior import InputSpace, dead_leaves, pink_noise
+    from onnxdfq.synth.prior import dead_leaves, pink_noise
 
-    rel, spec = MODELS["resnet56"]
-    work = Path(tempfile.mkdtemp(prefix="onnxdfq-prior-"))
-    folded_path = work / "folded.onnx"
-    fold_batchnorm_copy(str(ASSETS / rel), folded_path)
-    folded = onnx.load(folded_path)
-    space = InputSpace(tuple(spec["mean"]), tuple(spec["std"]))
+    study_model = _StudyModel("resnet56")
+    spec, folded_path, work, space = study_model.spec, study_model.folded_path, study_model.work, study_model.space
     count = 256
     real = np.load(ASSETS / "cifar10/train5000.npz")["x"][:count].transpose(0, 3, 1, 2).astype(np.float32) / 255
     variants = {
@@ -182,7 +192,7 @@ def study(args) -> None:
              "| images | mean error (std) | log-std error | DF-MPC 2/6 top-1 |", "|---|---:|---:|---:|"]
     for name, images in variants.items():
         x = space.apply(images)
-        mean_err, std_err = _stat_errors(ASSETS / rel, folded, x)
+        mean_err, std_err = study_model.stat_errors(x)
         npz = work / "x.npz"
         np.savez(npz, x=x)
         top1 = quantize_and_eval(folded_path, spec, "dfmpc", "2/6", "none", "channel", 2000, calib=f"data:{npz}")
@@ -210,7 +220,7 @@ def study(args) -> None:
                  for b in ("8", "6", "4")]
     cells = [f"{row['top1']:.2f}" for row in real_rows]
     lines.append(f"| real training images (reference) | {count} | mse | " + " | ".join(cells) + " |")
-    cells = [f"{quantize_and_eval(ASSETS / rel, spec, 'nearest', b, b, 'channel', 2000)['top1']:.2f}"
+    cells = [f"{quantize_and_eval(study_model.kept_path, spec, 'nearest', b, b, 'channel', 2000)['top1']:.2f}"
              for b in ("8", "6", "4")]
     lines.append("| BN kept, BN statistics (reference) | - | - | " + " | ".join(cells) + " |")
     (ROOT / "tools" / "results" / "prior_study.md").write_text("\n".join(lines) + "\n")
