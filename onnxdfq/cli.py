@@ -206,10 +206,9 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str, d
         click.echo(_summary(report, model))
         for note in report["speed_notes"]:
             click.echo(f"speed: {note}", err=True)
-        if report["statistics"].get("hint"):
-            click.echo(f"note: {report['statistics']['hint']}", err=True)
-        if report["statistics"].get("prior_hint"):
-            click.echo(f"note: {report['statistics']['prior_hint']}", err=True)
+        for key in ("hint", "prior_hint"):
+            if report["statistics"].get(key):
+                click.echo(f"note: {report['statistics'][key]}", err=True)
 
 
 def _loss_bar(desc: str, quiet: bool):

@@ -244,14 +244,13 @@ def fidelity_advice(config: QuantConfig, report: dict[str, Any]) -> str:
         tries.append(f"a wider low width (--bits {min(config.bits + 2, config.high_bits - 1)}/{config.high_bits})")
     elif config.bits < 8 or (config.act_bits is not None and config.act_bits < 8):
         tries.append("more bits")
-    others = [m for m in ("squant", "dfq") if m != config.method]
-    if config.high_bits is None and others:
-        tries.append(f"--method {'/'.join(others)}")
+    if config.high_bits is None:
+        tries.append(f"--method {'/'.join(m for m in ('squant', 'dfq') if m != config.method)}")
     if not config.per_channel:
         tries.append("--granularity channel")
     if report.get("statistics", {}).get("prior_hint"):
         tries.append("--calib prior:dead_leaves")
-    return "try " + (", ".join(tries) if tries else "real calibration data (--calib data:PATH.npz)")
+    return "try " + ", ".join(tries)
 
 
 def save_quantized(result: QuantResult, path: str | os.PathLike) -> int:

@@ -67,13 +67,11 @@ def check_quantized(fp32: Any, quantized: Any, spec: CalibSpec, input_range: tup
     return result
 
 
-DEFAULT_ADVICE = "try more bits, --method squant/dfq, or --granularity channel"
-
-
 def check_stage(fp32: Any, quantized: Any, spec: CalibSpec, input_range: tuple[float, float] | None,
-                advice: str = DEFAULT_ADVICE) -> tuple[dict[str, Any], list[str]]:
+                advice: str) -> tuple[dict[str, Any], list[str]]:
     """The output check of every quantize run: the ONNX checker, an onnxruntime session and the fidelity
-    probe; returns the probe's figures and the warnings a user must see (low fidelity, outputs not judged)."""
+    probe; returns the probe's figures and the warnings a user must see (low fidelity, outputs not judged).
+    ``advice`` ends the low-fidelity warning: what to try next (`pipeline.fidelity_advice`)."""
     check_model(quantized)
     probe = check_quantized(fp32, quantized, spec, input_range)
     warnings = []
