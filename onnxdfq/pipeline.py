@@ -240,8 +240,10 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
 def fidelity_advice(config: QuantConfig, report: dict[str, Any]) -> str:
     """What to try when the output check finds low fidelity: only what this run did not already do."""
     tries = []
-    if config.high_bits is not None:
+    if config.high_bits is not None and config.bits < config.high_bits - 1:
         tries.append(f"a wider low width (--bits {min(config.bits + 2, config.high_bits - 1)}/{config.high_bits})")
+    elif config.high_bits is not None:  # the low width is as wide as it gets: one width for all layers
+        tries.append(f"--method squant --bits {config.high_bits}")
     elif config.bits < 8 or (config.act_bits is not None and config.act_bits < 8):
         tries.append("more bits")
     if config.high_bits is None:

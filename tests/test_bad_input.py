@@ -147,6 +147,7 @@ def test_low_fidelity_advice_names_only_what_was_not_tried():
     dfmpc = fidelity_advice(make_config("dfmpc", "4/8", None, "channel"), {"statistics": {"prior_hint": "..."}})
     assert "--bits 6/8" in dfmpc and "--calib prior:dead_leaves" in dfmpc and "granularity" not in dfmpc
     assert "--bits 7/8" in fidelity_advice(make_config("dfmpc", "6/8", None, "channel"), {})
+    assert fidelity_advice(make_config("dfmpc", "7/8", None, "channel"), {}) == "try --method squant --bits 8"
     assert fidelity_advice(make_config("squant", 8, 8, "channel"), {}) == "try --method dfq"
 
 
