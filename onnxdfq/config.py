@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from onnxdfq.errors import OptionError
+from onnxdfq.preprocessing import Preprocessing, resolve_preprocessing
 from onnxdfq.quant.range_estimators import ESTIMATORS, RangeEstimator, get_estimator
 from onnxdfq.quant.scheme import parse_act_bits, parse_bits
 
@@ -82,6 +83,7 @@ class CalibSpec:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     synth_options: dict[str, Any] = field(default_factory=dict)
+    mean_std_source: str = "--mean/--std"  # where mean/std came from (a --preprocess preset), for the report
 
     @classmethod
     def parse(cls, text: str | None, **options: Any) -> CalibSpec:
@@ -214,6 +216,9 @@ class QuantConfig:
     calib: CalibSpec = field(default_factory=CalibSpec)  # activation ranges: BN statistics or samples
     squant: SQuantOptions = field(default_factory=SQuantOptions)
     dfmpc: DFMPCOptions = field(default_factory=DFMPCOptions)
+    # the model's preprocessing as the user gave it (mean/std, a preset or the input range), validated;
+    # written into the output's metadata so that eval / compare of the file need no flags
+    preprocessing: Preprocessing | None = None
 
     @property
     def bn_sigmas(self) -> float:
@@ -247,7 +252,7 @@ CALIB_OPTIONS = {"calib_range": "estimator", "calib_samples": "samples", "calib_
 _DIRECT = ("cle", "absorb_bias", "bias_correction", "sigmas", "reduce_range", "input_range", "fmt", "target",
            "quantize_outputs")
 # every keyword make_config takes besides method, bits, act_bits and granularity
-OPTIONS = (*_DIRECT, "calib", *CALIB_OPTIONS, "squant_stages", "dfmpc")
+OPTIONS = (*_DIRECT, "calib", *CALIB_OPTIONS, "preprocess", "squant_stages", "dfmpc")
 
 
 def valid_options() -> tuple[str, ...]:
@@ -267,7 +272,8 @@ def make_config(method: str = "nearest", bits: int | str = 8, act_bits: int | st
     """A validated QuantConfig from `quantize_model`'s keywords; OptionError names any unknown one.
 
     ``act_bits="auto"`` is the method's default (8; float for dfmpc). ``granularity`` is "channel" or
-    "tensor" ("per-channel" / "per-tensor" too). ``mean``/``std`` set ``input_range`` when it is not given.
+    "tensor" ("per-channel" / "per-tensor" too). ``mean``/``std`` (both, 0-1 scale) or ``preprocess`` (a preset
+    of `onnxdfq.preprocessing.PRESETS`) set ``input_range`` when it is not given.
     """
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -312,13 +318,16 @@ def make_config(method: str = "nearest", bits: int | str = 8, act_bits: int | st
             raise OptionError(f"--input-range takes LO,HI with LO < HI, got {direct['input_range']!r}")
         direct["input_range"] = (lo, hi)
     calib = _calib_spec(options)
-    if "input_range" not in direct and (calib.mean is not None or calib.std is not None):
-        mean = np.asarray(calib.mean if calib.mean is not None else (0.0,), np.float64)
-        std = np.asarray(calib.std if calib.std is not None else (1.0,), np.float64)
-        direct["input_range"] = (float(np.min((0 - mean) / std)), float(np.max((1 - mean) / std)))
+    preprocessing = resolve_preprocessing(calib.mean, calib.std, preset=options.get("preprocess"),
+                                          input_range=direct.get("input_range"))
+    if preprocessing is not None and options.get("preprocess") is not None:  # a preset fills the prior's space
+        calib = replace(calib, mean=preprocessing.mean, std=preprocessing.std, mean_std_source=preprocessing.source)
+    if "input_range" not in direct and preprocessing is not None:
+        direct["input_range"] = preprocessing.input_range
     squant = SQuantOptions(tuple(options["squant_stages"])) if options.get("squant_stages") else SQuantOptions()
     return QuantConfig(method=method, bits=low, high_bits=high, act_bits=act, per_channel=granularity == "channel",
-                       calib=calib, squant=squant, dfmpc=DFMPCOptions.from_mapping(options.get("dfmpc")), **direct)
+                       calib=calib, squant=squant, dfmpc=DFMPCOptions.from_mapping(options.get("dfmpc")),
+                       preprocessing=preprocessing, **direct)
 
 
 def _calib_spec(options: dict[str, Any]) -> CalibSpec:

@@ -1,6 +1,6 @@
 """User-facing errors: the CLI prints their message as one line and exits non-zero."""
 
-__all__ = ["OnnxDfqError", "ModelLoadError", "UnsupportedModelError", "DataError", "OptionError"]
+__all__ = ["OnnxDfqError", "ModelLoadError", "UnsupportedModelError", "DataError", "OptionError", "FidelityError"]
 
 
 class OnnxDfqError(Exception):
@@ -21,3 +21,10 @@ class DataError(OnnxDfqError):
 
 class OptionError(OnnxDfqError):
     """An option value that cannot be honoured (bit widths, paths, method combinations)."""
+
+
+class FidelityError(OnnxDfqError):
+    """The quantized model was made but fails its output check (broken, or under --min-sqnr): nothing written.
+    The CLI exits with status 3 for it, so a pipeline can tell it from bad input (2)."""
+
+    exit_code = 3

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from onnxdfq.config import METHODS, PRIOR_GENERATORS, SAMPLE_SOURCES, CalibSpec, QuantConfig, make_config
-from onnxdfq.errors import OptionError, UnsupportedModelError
+from onnxdfq.errors import FidelityError, OptionError, UnsupportedModelError
 from onnxdfq.graph import io as graph_io
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.graph import patterns, surgery
@@ -36,6 +36,7 @@ from onnxdfq.passes.fold_bn import FoldBatchNormPass
 from onnxdfq.passes.qparams import ActivationQParamsPass, BiasQParamsPass, BiasSafeWeightsPass
 from onnxdfq.passes.statistics import layer_stat_counts
 from onnxdfq.passes.weight_quant import WeightQuantPass
+from onnxdfq.preprocessing import Preprocessing, from_metadata
 
 __all__ = ["METHODS", "QuantConfig", "QuantResult", "build_passes", "make_config", "quantize", "quantize_model",
            "save_quantized"]
@@ -175,20 +176,22 @@ def _load(model_or_path: Any) -> tuple[Any, str]:
     return model_or_path, f"<in-memory ModelProto: graph {name!r}>"
 
 
-def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | str = 8,
-                   act_bits: int | str | None = "auto", granularity: str = "channel", config: QuantConfig | None = None,
-                   check: bool = True, calib_progress: Any = None, **options: Any) -> QuantResult:
+def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int | str | None = None,
+                   act_bits: int | str | None = "auto", granularity: str | None = None,
+                   config: QuantConfig | None = None, check: bool = True, calib_progress: Any = None,
+                   **options: Any) -> QuantResult:
     """Quantize an FP32 ONNX model without data; returns the QDQ model and a JSON-able report.
 
     Parameters
     ----------
     model_or_path : path to an .onnx file, or an onnx.ModelProto (not modified).
-    method : "nearest", "squant", "dfq" or "dfmpc" (see onnxdfq.config.METHODS).
-    bits : weight bit width 2..8, or "LOW/HIGH" for DF-MPC.
+    method : "nearest" (default), "squant", "dfq" or "dfmpc" (see onnxdfq.config.METHODS).
+    bits : weight bit width 2..8 (default 8), or "LOW/HIGH" for DF-MPC.
     act_bits : activation bit width 2..8, None for float activations, "auto" for the method's default
         (8; float for dfmpc).
     granularity : "channel" (per output channel weights, default) or "tensor" ("per-channel", "per-tensor" too).
-    config : a QuantConfig instead of the keywords above (from `onnxdfq.config.make_config`).
+    config : a QuantConfig instead of the keywords above and the options (from `onnxdfq.config.make_config`);
+        giving both is an OptionError, never a silent choice between them.
     check : run the output check (ONNX checker, an onnxruntime session, fidelity against the FP32
         model on prior images): report["fidelity"] and warnings; NaN/inf outputs raise.
     calib_progress : callable(step, total, bn_loss) while calibration samples are generated.
@@ -204,14 +207,19 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
         size ((H, W) for a dynamic image size). An unknown option is an OptionError naming the valid ones.
     """
     if config is None:
-        config = make_config(method, bits, act_bits, granularity, **options)
-    elif options:
-        raise OptionError(f"quantize_model got config= and options {', '.join(sorted(options))}; "
-                          "put them in the config (onnxdfq.config.make_config)")
+        config = make_config(method or "nearest", 8 if bits is None else bits, act_bits, granularity or "channel",
+                             **options)
+    else:
+        beside = [name for name, value in (("method", method), ("bits", bits), ("granularity", granularity))
+                  if value is not None] + (["act_bits"] if act_bits != "auto" else []) + sorted(options)
+        if beside:
+            raise OptionError(f"quantize_model got config= and {', '.join(beside)}; the config already holds "
+                              "every setting: put them in it (onnxdfq.config.make_config)")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     model, source = _load(model_or_path)
     model = graph_io.prepare_model(model)
+    preprocessing = _check_preprocessing(model, config)
     ws = Workspace(graph=surgery.import_graph(model), input_range=config.input_range)
     graph_layers.ensure_node_names(ws.graph)
     timings["load"] = time.perf_counter() - start
@@ -224,17 +232,54 @@ def quantize_model(model_or_path: Any, *, method: str = "nearest", bits: int | s
     timings["total"] = time.perf_counter() - start
     for pass_report in ws.reports:
         timings[pass_report.name] = timings.get(pass_report.name, 0.0) + pass_report.seconds
+    if preprocessing is not None:  # eval / compare of the written file need no flags
+        graph_io.set_metadata(ws.emitted, preprocessing.metadata())
     report = _build_report(ws, config, source, timings)
+    report["preprocessing"] = preprocessing.describe() if preprocessing is not None else None
     report["speed_notes"] = speed_notes(config, report, float_output_convs(ws, config))
     if check:
         from onnxdfq.eval.check import check_stage
 
         start = time.perf_counter()
         report["fidelity"], warnings = check_stage(model, ws.emitted, config.calib, config.input_range,
-                                                   fidelity_advice(config, report))
+                                                   fidelity_advice(config, report), *_width_setting(config))
         report["warnings"] += warnings
         report["timings_s"]["check"] = round(time.perf_counter() - start, 6)
     return QuantResult(ws.emitted, report, config)
+
+
+def _check_preprocessing(model: Any, config: QuantConfig) -> Preprocessing | None:
+    """The preprocessing to record in the output: what the user gave (checked against the input's channels),
+    else what the model's own metadata says; None when neither (the prior then assumes ImageNet's, and says so)."""
+    given = config.preprocessing
+    if given is None:
+        return from_metadata({prop.key: prop.value for prop in model.metadata_props})
+    _, shape = graph_io.model_input(model, "quantization")
+    given.check_channels(shape[1] if len(shape) == 4 and isinstance(shape[1], int) else None)
+    return given
+
+
+def _width_setting(config: QuantConfig) -> tuple[str, bool]:
+    """'W4A8'-style name of the widths asked for, and whether any is under 8 bits (lower fidelity expected)."""
+    weights = f"{config.bits}/{config.high_bits}" if config.high_bits else str(config.bits)
+    narrow = config.bits < 8 or (config.act_bits is not None and config.act_bits < 8)
+    return f"W{weights}A{config.act_bits or 'fp32'}", narrow
+
+
+def fidelity_failure(report: dict[str, Any], *, allow_broken: bool = False,
+                     min_sqnr: float | None = None) -> str | None:
+    """Why the checked result must not be written (a broken output, or an SQNR under ``min_sqnr``), or None."""
+    fidelity = report.get("fidelity")
+    if not fidelity:
+        return None  # check=False: nothing was judged
+    if fidelity.get("grade") == "broken" and not allow_broken:
+        return ("the quantized model is broken (its output no longer follows the FP32 model on the probe images; "
+                "see the BROKEN warning): nothing written; --allow-broken (allow_broken=True) writes it anyway")
+    worst = fidelity.get("min_sqnr_db")
+    if min_sqnr is not None and worst is not None and worst < min_sqnr:
+        return (f"output SQNR {worst:.1f} dB is below --min-sqnr {min_sqnr:g} dB on {fidelity['inputs']}: "
+                "nothing written")
+    return None
 
 
 def fidelity_advice(config: QuantConfig, report: dict[str, Any]) -> str:
@@ -255,11 +300,27 @@ def fidelity_advice(config: QuantConfig, report: dict[str, Any]) -> str:
     return "try " + ", ".join(tries)
 
 
-def save_quantized(result: QuantResult, path: str | os.PathLike) -> int:
-    """Write ``result.model`` to ``path`` atomically, checked again from the file (ONNX checker and an
-    onnxruntime session) before it replaces anything; returns the file's size in bytes."""
+def save_quantized(result: QuantResult | Any, path: str | os.PathLike, *, allow_broken: bool = False,
+                   min_sqnr: float | None = None) -> int:
+    """Write a quantized model to ``path`` atomically, checked again from the file (ONNX checker and an
+    onnxruntime session) before it replaces anything; returns the file's size in bytes.
+
+    ``result`` is what `quantize_model` returns (its report gets the output's path and size) or the
+    onnx.ModelProto that `quantize` returns. A result whose output check graded it broken is refused
+    (FidelityError, nothing written) unless ``allow_broken``; ``min_sqnr`` refuses one whose output SQNR
+    on the probe images is lower.
+    """
     from onnxdfq.eval.session import check_loads
 
+    if not isinstance(result, QuantResult):
+        if not hasattr(result, "graph"):
+            raise OptionError(f"save_quantized takes what quantize_model or quantize returns (a QuantResult or an "
+                              f"onnx.ModelProto), got {type(result).__name__}")
+        graph_io.save_model_atomic(result, path, validate=check_loads)
+        return os.path.getsize(path)
+    failure = fidelity_failure(result.report, allow_broken=allow_broken, min_sqnr=min_sqnr)
+    if failure:
+        raise FidelityError(failure)
     graph_io.save_model_atomic(result.model, path, validate=check_loads)
     size = os.path.getsize(path)
     result.report["output"] = str(path)
@@ -339,9 +400,9 @@ def _statistics_summary(ws: Workspace, layers: list) -> dict:
     return summary
 
 
-def quantize(model_or_path: Any, *, method: str = "nearest", bits: int | str = 8,
-             act_bits: int | str | None = "auto", granularity: str = "channel", **options: Any):
-    """Like `quantize_model`, returning only the onnx.ModelProto."""
+def quantize(model_or_path: Any, *, method: str | None = None, bits: int | str | None = None,
+             act_bits: int | str | None = "auto", granularity: str | None = None, **options: Any):
+    """Like `quantize_model`, returning only the onnx.ModelProto (write it with `save_quantized`)."""
     return quantize_model(model_or_path, method=method, bits=bits, act_bits=act_bits,
                           granularity=granularity, **options).model
 

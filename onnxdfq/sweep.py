@@ -26,11 +26,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from onnxdfq.config import make_config
+from onnxdfq.config import GRANULARITIES, METHODS, make_config
 from onnxdfq.errors import OnnxDfqError, OptionError
+from onnxdfq.graph.io import write_text_atomic
+from onnxdfq.quant.scheme import parse_act_bits, parse_bits
 
 __all__ = ["SweepConfig", "ShardCounts", "EvalSpec", "expand_grid", "shard_ranges", "combine_shards", "load_results",
-           "write_results", "run_sweep", "RAY_MISSING"]
+           "write_results", "run_sweep", "check_preprocessing", "RAY_MISSING"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ def expand_grid(models: Sequence[str], methods: Sequence[str], bits: Sequence[st
         other = stems.setdefault(Path(model).stem, str(model))
         if other != str(model):
             raise OptionError(f"two models named {Path(model).stem!r} ({other}, {model}); rename one")
+    _check_axes(methods, bits, act_bits, granularities)
     configs: dict[str, SweepConfig] = {}
     skipped: list[tuple[str, str]] = []
     for model in models:
@@ -108,6 +111,39 @@ def expand_grid(models: Sequence[str], methods: Sequence[str], bits: Sequence[st
                             continue
                         configs.setdefault(config.key, config)
     return list(configs.values()), skipped
+
+
+def _check_axes(methods: Sequence[str], bits: Sequence[str], act_bits: Sequence[str],
+                granularities: Sequence[str]) -> None:
+    """Every value of every axis must mean something on its own: a typo (squnt, 9 bits) is an OptionError
+    before any work, as in quantize; only combinations that do not fit together are skipped."""
+    for method in methods:
+        if method not in METHODS:
+            raise OptionError(f"--method {method!r}: unknown method; choose from {', '.join(sorted(METHODS))}")
+    for values, check, flag in ((bits, parse_bits, "--bits"), (act_bits, parse_act_bits, "--act-bits")):
+        for value in values:
+            try:
+                check(value)
+            except ValueError as exc:
+                raise OptionError(f"{flag} {value}: {exc}") from None
+    for granularity in granularities:
+        if str(granularity).removeprefix("per-") not in GRANULARITIES:
+            raise OptionError(f"--granularity {granularity!r}: choose channel or tensor")
+
+
+def check_preprocessing(specs: Mapping[str, EvalSpec], models: Mapping[str, str]) -> None:
+    """Raw images need each model's preprocessing (the spec's mean/std or the model's metadata): refused before
+    any work, never guessed (a sweep scored in the wrong input space is a table of plausible wrong numbers)."""
+    from onnxdfq.eval.data import open_dataset
+    from onnxdfq.graph.io import read_metadata
+    from onnxdfq.preprocessing import PRESETS, from_metadata, resolve_preprocessing
+
+    for name, spec in specs.items():
+        if resolve_preprocessing(spec.mean, spec.std) is not None or not open_dataset(spec.data).raw:
+            continue
+        if from_metadata(read_metadata(models[name])) is None:
+            raise OptionError(f"{Path(spec.data).name} holds raw images (uint8 pixels) and no preprocessing is known "
+                              f"for {name}: give --mean/--std (0-1 scale) or --preprocess {'|'.join(PRESETS)}")
 
 
 def shard_ranges(count: int, shard_size: int, batch_size: int) -> list[tuple[int, int]]:
@@ -148,21 +184,14 @@ def load_results(out_dir: str | os.PathLike) -> dict[str, Any]:
         raise OnnxDfqError(f"{path}: not a sweep's results.json ({exc}); use another -o") from None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def write_results(out_dir: Path, results: dict[str, Any]) -> None:
     """results.json, results.md and results.html, each replaced atomically."""
     from onnxdfq.sweep_report import render_html, render_markdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / RESULTS_JSON, json.dumps(results, indent=1))
-    _write_atomic(out_dir / "results.md", render_markdown(results))
-    _write_atomic(out_dir / "results.html", render_html(results))
+    write_text_atomic(json.dumps(results, indent=1), out_dir / RESULTS_JSON)
+    write_text_atomic(render_markdown(results), out_dir / "results.md")
+    write_text_atomic(render_html(results), out_dir / "results.html")
 
 
 # --- the tasks (plain functions; run_sweep wraps them with ray.remote) -----------------------------------------
@@ -385,6 +414,7 @@ def run_sweep(configs: Sequence[SweepConfig], spec: EvalSpec | Mapping[str, Eval
         write_results(out_dir, results)
         return results
     ray = _import_ray()
+    check_preprocessing(specs, models)
     (out_dir / "models").mkdir(parents=True, exist_ok=True)
     ranges = {name: shard_ranges(_sample_count(specs[name]), specs[name].shard_size, specs[name].batch_size)
               for name in dict.fromkeys(c.name for c in todo)}

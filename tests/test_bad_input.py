@@ -94,7 +94,7 @@ def test_eval_refuses_labels_outside_the_classes(label: int, model_path: Path, t
     y = np.zeros(8, np.int64)
     y[3] = label
     np.savez(path, x=np.zeros((8, 32, 32, 3), np.uint8), y=y)
-    _fails_cleanly(["eval", model_path, "--data", path], "outside the model's 10 classes")
+    _fails_cleanly(["eval", model_path, "--data", path, "--preprocess", "unit"], "outside the model's 10 classes")
 
 
 def test_eval_refuses_channels_last_float_samples(model_path: Path, tmp_path: Path):
@@ -113,7 +113,7 @@ def test_eval_refuses_a_model_that_outputs_nan(tmp_path: Path, labelled: Path):
             init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
     path = tmp_path / "nan.onnx"
     onnx.save(model, path)
-    _fails_cleanly(["eval", path, "--data", labelled], "NaN or inf")
+    _fails_cleanly(["eval", path, "--data", labelled, "--preprocess", "unit"], "NaN or inf")
 
 
 def test_quantize_refuses_nan_weights(tmp_path: Path):
@@ -128,13 +128,19 @@ def test_quantize_refuses_nan_weights(tmp_path: Path):
     assert not (tmp_path / "q.onnx").exists()
 
 
-def test_low_fidelity_is_said_loudly(model_path: Path, tmp_path: Path):
+def test_a_broken_quantization_exits_3_and_writes_nothing_unless_allowed(model_path: Path, tmp_path: Path):
     out = tmp_path / "w2a2.onnx"
-    result = CliRunner().invoke(main, ["quantize", str(model_path), "-o", str(out), "--bits", "2", "--act-bits", "2"])
-    assert result.exit_code == 0, result.output
-    assert "LOW FIDELITY" in result.output and "prior images" in result.output
+    args = ["quantize", str(model_path), "-o", str(out), "--bits", "2", "--act-bits", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 3, result.output
+    assert "BROKEN" in result.output and "prior images" in result.output and "at W2A2" in result.output
     assert "more bits" in result.output and "--method squant/dfq" in result.output
     assert "--granularity channel" not in result.output  # already per-channel: not worth suggesting
+    assert result.output.splitlines()[-1].startswith("error: ") and "--allow-broken" in result.output
+    assert not out.exists()
+    _no_temp_files(tmp_path)
+    allowed = CliRunner().invoke(main, [*args, "--allow-broken"])
+    assert allowed.exit_code == 0 and out.exists() and "BROKEN" in allowed.output
 
 
 def test_low_fidelity_advice_names_only_what_was_not_tried():

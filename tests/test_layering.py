@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "onnxdfq"
 RANK = {"errors": 0, "data": 0,
-        "quant": 1, "config": 2, "graph": 3, "passes": 4, "synth": 4, "eval": 5, "demo_models": 6,
+        "quant": 1, "preprocessing": 1.5, "config": 2, "graph": 3, "passes": 4, "synth": 4, "eval": 5, "demo_models": 6,
         "report_html": 6, "sweep_report": 6, "pipeline": 7, "sweep": 7.5, "cli": 8, "__init__": 9, "__main__": 9}
 
 

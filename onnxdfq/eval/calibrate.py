@@ -29,11 +29,12 @@ from onnxdfq.eval.data import open_dataset
 from onnxdfq.eval.runner import sample_dims
 from onnxdfq.eval.session import make_session, run_session
 from onnxdfq.graph.io import model_input
+from onnxdfq.preprocessing import PRESETS, Preprocessing, from_metadata
 from onnxdfq.quant.range_estimators import TensorObserver
 from onnxdfq.synth.prior import InputSpace, prior_images
 
 __all__ = ["calibration_samples", "load_samples", "synthesize", "collect_statistics", "input_shape",
-           "prior_input_space", "prior_samples"]
+           "model_preprocessing", "prior_input_space", "prior_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,36 +82,23 @@ def load_samples(path: str | Path, shape: tuple[int, ...], *, limit: int | None 
 
 
 # ImageNet's preprocessing: what most image classifiers expect, assumed (with a warning) when nothing is known
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_METADATA_KEYS = {"mean": ("mean", "norm_mean", "image_mean", "onnxdfq.mean"),
-                  "std": ("std", "norm_std", "image_std", "onnxdfq.std")}
+IMAGENET_MEAN, IMAGENET_STD = PRESETS["imagenet"]
 
 
-def _metadata_floats(model: Any, keys: tuple[str, ...]) -> tuple[float, ...] | None:
-    props = {p.key.lower(): p.value for p in getattr(model, "metadata_props", [])}
-    for key in keys:
-        if key in props:
-            try:
-                values = tuple(float(v) for v in props[key].replace(",", " ").replace("[", " ").replace("]", " ")
-                               .split())
-            except ValueError:
-                return None
-            if values:
-                return tuple(v / 255.0 for v in values) if max(abs(v) for v in values) > 1.0 else values
-    return None
+def model_preprocessing(model: Any) -> Preprocessing | None:
+    """The preprocessing a ModelProto's metadata records (onnxdfq's own keys or the common mean/std ones)."""
+    return from_metadata({p.key: p.value for p in getattr(model, "metadata_props", [])})
 
 
 def prior_input_space(model: Any, spec: CalibSpec, input_range: tuple[float, float] | None) -> InputSpace:
     """How [0, 1] images map into the model's input: --mean/--std, --input-range, metadata, else ImageNet's."""
     if spec.mean is not None:
-        return InputSpace(tuple(spec.mean), tuple(spec.std or (1.0,)), "--mean/--std")
+        return InputSpace(tuple(spec.mean), tuple(spec.std or (1.0,)), spec.mean_std_source)
     if input_range is not None:
         return InputSpace.from_range(*input_range, source="--input-range")
-    mean = _metadata_floats(model, _METADATA_KEYS["mean"])
-    std = _metadata_floats(model, _METADATA_KEYS["std"])
-    if mean is not None and std is not None:
-        return InputSpace(mean, std, "model metadata")
+    stored = model_preprocessing(model)
+    if stored is not None:
+        return InputSpace(stored.mean, stored.std, "model metadata")
     return InputSpace(IMAGENET_MEAN, IMAGENET_STD, "assumed: ImageNet mean/std (give --mean/--std)")
 
 

@@ -17,6 +17,7 @@ import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,12 @@ class Dataset:
     std: np.ndarray | None = None
     size: tuple[int, int] | None = None
     has_labels: bool = True
+    preprocessing: Any = None  # the onnxdfq.preprocessing.Preprocessing that set mean/std, when known
+
+    @property
+    def raw(self) -> bool:
+        """Raw images (uint8 pixels or image files), which need the model's preprocessing; float arrays do not."""
+        return self._files is not None or (self._arrays is not None and self._arrays[0].dtype == np.uint8)
 
     def _normalise(self, x: np.ndarray) -> np.ndarray:
         if self.mean is not None:

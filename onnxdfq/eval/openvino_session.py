@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from onnxdfq.errors import ModelLoadError, OptionError
+from onnxdfq.graph.io import read_metadata
 
 __all__ = ["OpenVINOSession"]
 
@@ -37,6 +39,7 @@ class OpenVINOSession:
             import openvino as ov
         except ImportError:
             raise OptionError("--provider openvino needs OpenVINO: pip install 'onnxdfq[openvino]'") from None
+        self._metadata = read_metadata(model)
         core = ov.Core()
         config = {"INFERENCE_NUM_THREADS": int(threads)} if threads else {}
         tmp = None
@@ -65,6 +68,10 @@ class OpenVINOSession:
 
     def get_providers(self) -> list[str]:
         return ["OpenVINO CPU"]
+
+    def get_modelmeta(self) -> SimpleNamespace:
+        """The ONNX file's metadata_props, as onnxruntime's session gives them (custom_metadata_map)."""
+        return SimpleNamespace(custom_metadata_map=dict(self._metadata))
 
     def run(self, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self._request.infer(feeds)

@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from onnxdfq.errors import DataError, UnsupportedModelError
+from onnxdfq.errors import DataError, OptionError, UnsupportedModelError
 from onnxdfq.eval.data import Dataset, open_dataset
-from onnxdfq.eval.metrics import cosine, sqnr_db, top1_agreement, topk_correct
+from onnxdfq.eval.metrics import centered_cosine, cosine, sqnr_db, top1_agreement, topk_correct
 from onnxdfq.eval.session import make_session, run_session
+from onnxdfq.preprocessing import PRESETS, Preprocessing, from_metadata, resolve_preprocessing
 
 __all__ = ["EvalResult", "evaluate", "compare", "input_spec", "random_inputs", "run_batched", "sample_dims",
            "DEFAULT_IMAGE_SIZE"]
@@ -31,6 +32,7 @@ class EvalResult:
     provider: str
     correct1: int = 0  # the exact counts behind top1/top5 (a sharded evaluation sums these)
     correct5: int = 0
+    preprocessing: str | None = None  # how raw images were normalised, and where that came from
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,19 +90,49 @@ def _check_batch(x: np.ndarray, shape: list, data_name: str) -> None:
                         f"{shape[1:]} (use --size, or data made for this model)")
 
 
-def _open(data: str | Dataset, session, mean, std, size) -> Dataset:
+def _open(data: str | Dataset, session, mean, std, size, preprocess: str | None = None,
+          input_range: tuple[float, float] | None = None, metadata_sessions: tuple = ()) -> Dataset:
+    """The data set, with the preprocessing given (validated) or stored in the models' metadata; raw images
+    (uint8 arrays, image files) with neither are refused: a guess would score a plausible wrong top-1."""
     if isinstance(data, Dataset):
         return data
     _, shape = input_spec(session)
     channels = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
-    return open_dataset(data, mean=mean, std=std, size=size or _spatial(shape), channels=channels)
+    if input_range is not None and (mean is not None or std is not None or preprocess is not None):
+        raise OptionError("give the preprocessing once: --input-range and --mean/--std or --preprocess both say it")
+    given = resolve_preprocessing(mean, std, preset=preprocess, input_range=input_range, channels=channels)
+    dataset = open_dataset(data, size=size or _spatial(shape))
+    preprocessing = given
+    if preprocessing is None and dataset.raw:  # float arrays are model inputs already: never normalised twice
+        preprocessing = next((stored for s in (*metadata_sessions, session)
+                              if (stored := session_preprocessing(s)) is not None), None)
+    if preprocessing is None and dataset.raw:
+        raise DataError(f"{dataset.name} holds raw images (uint8 pixels) and no preprocessing is known for the model: "
+                        f"give --mean/--std (0-1 scale), --input-range LO,HI or --preprocess {'|'.join(PRESETS)} "
+                        "(a file written by onnxdfq quantize records it)")
+    if preprocessing is not None:
+        preprocessing.check_channels(channels)
+        dataset.mean = np.asarray(preprocessing.mean, np.float32)
+        dataset.std = np.asarray(preprocessing.std, np.float32)
+        dataset.preprocessing = preprocessing
+    return dataset
+
+
+def session_preprocessing(session) -> Preprocessing | None:
+    """The preprocessing recorded in a session's model metadata (what onnxdfq quantize writes), or None."""
+    return from_metadata(session.get_modelmeta().custom_metadata_map)
 
 
 def evaluate(model: Any, data: str | Dataset, *, mean: list[float] | None = None, std: list[float] | None = None,
+             preprocess: str | None = None, input_range: tuple[float, float] | None = None,
              size: tuple[int, int] | None = None, batch_size: int = 100, limit: int | None = None,
              provider: str = "cpu", progress: Progress | None = None,
              on_count: Progress | None = None, offset: int = 0, threads: int | None = None) -> EvalResult:
     """Top-1 / top-5 accuracy (percent) of a classifier (path or ModelProto) on labelled data.
+
+    The preprocessing of raw images (uint8 arrays, image files) is ``mean``/``std`` (0-1 scale),
+    a ``preprocess`` preset (`onnxdfq.preprocessing.PRESETS`), ``input_range`` (pixel 0 -> lo, 1 -> hi) or
+    what the model's metadata records (``onnxdfq quantize`` writes it); with none of them it is a DataError.
 
     `on_count` is told how many samples will be evaluated once the data is open (for a progress
     bar's total); `progress` after each batch. `offset` skips the first samples (then `limit` counts
@@ -109,7 +141,7 @@ def evaluate(model: Any, data: str | Dataset, *, mean: list[float] | None = None
     """
     session = make_session(model, provider, threads=threads)
     name, shape = input_spec(session)
-    dataset = _open(data, session, mean, std, size)
+    dataset = _open(data, session, mean, std, size, preprocess, input_range)
     if not dataset.has_labels:
         raise DataError(f"{dataset.name}: has no labels ('y'); evaluation needs labelled data")
     if on_count:
@@ -134,7 +166,8 @@ def evaluate(model: Any, data: str | Dataset, *, mean: list[float] | None = None
     if seen == 0:
         raise DataError(f"{dataset.name}: no samples")
     return EvalResult(100.0 * correct1 / seen, 100.0 * correct5 / seen, seen, time.perf_counter() - start,
-                      session.get_providers()[0], int(correct1), int(correct5))
+                      session.get_providers()[0], int(correct1), int(correct5),
+                      dataset.preprocessing.describe() if dataset.preprocessing is not None else None)
 
 
 def random_inputs(shape: list, count: int, seed: int = 0, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -156,30 +189,41 @@ def _check_same_interface(ref_session, cand_session) -> None:
 
 def _output_fidelity(name: str, ref: np.ndarray, cand: np.ndarray) -> dict[str, Any]:
     return {"name": name, "sqnr_db": sqnr_db(ref, cand), "cosine": cosine(ref, cand),
-            "reference_std": float(np.std(ref, dtype=np.float64))}
+            "centered_cosine": centered_cosine(ref, cand), "reference_std": float(np.std(ref, dtype=np.float64))}
 
 
 def compare(reference: Any, candidate: Any, *, data: str | None = None, random: int | None = None,
+            prior: int | None = None,
             inputs: np.ndarray | None = None, mean: list[float] | None = None, std: list[float] | None = None,
+            preprocess: str | None = None, input_range: tuple[float, float] | None = None,
             size: tuple[int, int] | None = None, batch_size: int = 100, limit: int | None = None,
             provider: str = "cpu", seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:
-    """Fidelity of candidate's outputs against reference's on `data`, on given `inputs`, or on `random`
-    N(0, 1) inputs: SQNR (dB) and cosine per output (the top level repeats the first output's),
-    top-1 agreement when the first output is a classifier's [N, classes]. `finite` is False when
-    either model produced NaN or inf (then no figure is meaningful)."""
+    """Fidelity of candidate's outputs against reference's on `data`, on given `inputs`, on `prior` procedural
+    images in the model's input space (the default, 64 of them, when none of the others is given; the
+    preprocessing given, else the one either model's metadata records, else ImageNet's, said in
+    ``inputs``), or on `random` N(0, 1) inputs: SQNR (dB), cosine and centered cosine per output (the
+    top level repeats the first output's), top-1 agreement when the first output is a classifier's
+    [N, classes]. `finite` is False when either model produced NaN or inf (then no figure is
+    meaningful); ``inputs`` says what was fed."""
     ref_session = make_session(reference, provider)
     cand_session = make_session(candidate, provider)
     _check_same_interface(ref_session, cand_session)
     name, shape = input_spec(ref_session)
+    described = None
+    if inputs is None and data is None and random is None:
+        inputs, described = _prior_inputs(reference, ref_session, cand_session, prior or 64, seed, size,
+                                          resolve_preprocessing(mean, std, preset=preprocess, input_range=input_range))
     if inputs is not None:
+        described = described or f"{len(inputs)} given inputs {list(inputs.shape[1:])}"
         batches = (inputs[start:start + batch_size] for start in range(0, len(inputs), batch_size))
     elif data is not None:
-        dataset = _open(data, ref_session, mean, std, size)
+        dataset = _open(data, ref_session, mean, std, size, preprocess, input_range, (cand_session,))
+        described = f"{data}" + (f" ({dataset.preprocessing.describe()})" if dataset.preprocessing else "")
         batches = (x for x, _ in dataset.batches(batch_size, limit))
     else:
-        count = random or 64
-        batches = (random_inputs(shape, min(batch_size, count - start), seed + start, size)
-                   for start in range(0, count, batch_size))
+        described = f"{random} samples of N(0,1) noise {sample_dims(shape, size)} (not images)"
+        batches = (random_inputs(shape, min(batch_size, random - start), seed + start, size)
+                   for start in range(0, random, batch_size))
     names = [out.name for out in ref_session.get_outputs()]
     ref_out: list[list[np.ndarray]] = []
     cand_out: list[list[np.ndarray]] = []
@@ -195,10 +239,23 @@ def compare(reference: Any, candidate: Any, *, data: str | None = None, random: 
     finite = all(np.all(np.isfinite(v)) for v in refs + cands)
     if not finite:
         return {"sqnr_db": float("-inf"), "cosine": float("nan"), "top1_agreement": None, "count": count,
-                "finite": False, "outputs": []}
+                "finite": False, "outputs": [], "inputs": described}
     outputs = [_output_fidelity(n, r, c) for n, r, c in zip(names, refs, cands, strict=True)]
     first = refs[0]
     classifier = first.ndim == 2 and first.shape[1] > 1
     return {"sqnr_db": outputs[0]["sqnr_db"], "cosine": outputs[0]["cosine"],
             "top1_agreement": top1_agreement(first, cands[0]) if classifier else None, "count": count,
-            "finite": True, "outputs": outputs}
+            "finite": True, "outputs": outputs, "inputs": described}
+
+
+def _prior_inputs(reference: Any, ref_session, cand_session, count: int, seed: int, size: tuple[int, int] | None,
+                  given: Preprocessing | None) -> tuple[np.ndarray, str]:
+    """``count`` prior images at the model's size in its input space, as the quantize check makes them."""
+    from onnxdfq.config import CalibSpec
+    from onnxdfq.eval.check import probe_inputs  # check builds on this module
+    from onnxdfq.graph.io import load_model
+
+    space = given or session_preprocessing(cand_session) or session_preprocessing(ref_session)
+    known = {"mean": space.mean, "std": space.std, "mean_std_source": space.source} if space else {}
+    model = reference if hasattr(reference, "graph") else load_model(reference)
+    return probe_inputs(model, CalibSpec(seed=seed, size=size, **known), None, count)

@@ -17,7 +17,8 @@ from onnxdfq.errors import ModelLoadError, OptionError, UnsupportedModelError
 
 __all__ = [
     "MIN_OPSET", "QDQ_OPS", "load_model", "prepare_model", "save_model_atomic", "opset_of",
-    "ensure_distinct_paths", "ensure_writable", "write_text_atomic",
+    "ensure_distinct_paths", "ensure_writable", "write_text_atomic", "set_metadata", "read_metadata", "model_input",
+    "check_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,26 @@ def model_input(model: onnx.ModelProto, purpose: str) -> tuple[str, list[int | N
         raise UnsupportedModelError(f"{purpose} needs a model with exactly one input, got {[i.name for i in inputs]}")
     dims = inputs[0].type.tensor_type.shape.dim
     return inputs[0].name, [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+
+
+def read_metadata(model: onnx.ModelProto | str | os.PathLike | bytes) -> dict[str, str]:
+    """A model's metadata_props as a dict (a path is read without its external weights)."""
+    if isinstance(model, bytes):
+        model = onnx.load_from_string(model)
+    elif not isinstance(model, onnx.ModelProto):
+        try:
+            model = onnx.load(str(model), load_external_data=False)
+        except Exception:  # unreadable: the session that loads it reports why
+            return {}
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+def set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
+    """Set metadata_props entries of ``model`` in place (an existing key is replaced, never duplicated)."""
+    keep = [(p.key, p.value) for p in model.metadata_props if p.key not in values]
+    del model.metadata_props[:]
+    for key, value in [*keep, *values.items()]:
+        model.metadata_props.add(key=key, value=value)
 
 
 def check_model(model: onnx.ModelProto) -> None:

@@ -34,6 +34,7 @@ from onnxdfq.passes.dfmpc_math import (
     high_layer_gain,
 )
 from onnxdfq.passes.statistics import tensor_statistics
+from onnxdfq.quant.fake import sqnr_db
 from onnxdfq.quant.scheme import BitWidthMap
 
 __all__ = ["PairPlan", "MixedPrecisionPlan", "LOW_RULES", "DEFAULT_REFINE_STEPS", "plan_pairs", "DFMPCPass"]
@@ -339,8 +340,14 @@ class DFMPCPass(Pass):
             graph_layers.write_weight(layer, quant.dequantized())
             graph_layers.write_bias(layer, result.bias)
             stats_fp = ws.channel_stats[layer.name]
+            # the grid before the channel re-normalisation, against the float weights: what other layers report
+            renorm = result.gain * result.c
+            grid = result.quant.scale / np.where(renorm > 0, renorm, 1.0)
+            w_grid = result.quant.w_int * grid.reshape((-1,) + (1,) * (layer.weight.ndim - 1))
             report.rows.append(LayerRow(layer.name, {
-                "bits": self.low_bits, "pair_high": next(p.high for p in plan.pairs if p.low == layer.name),
+                "bits": self.low_bits, "weight_sqnr_db": round(sqnr_db(layer.weight, w_grid), 3),
+                "scale_min": float(quant.scale.min()), "scale_max": float(quant.scale.max()),
+                "pair_high": next(p.high for p in plan.pairs if p.low == layer.name),
                 "sigma_ratio_mean": float(np.mean(result.estimated.std / np.maximum(stats_fp.std, 1e-30))),
                 "mean_shift_max": float(np.max(np.abs(result.estimated.mean - stats_fp.mean))),
                 "c_mean": float(np.mean(result.c)), "c_min": float(np.min(result.c)),
