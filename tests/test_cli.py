@@ -157,6 +157,7 @@ def test_demo_reports_real_top1_of_the_shipped_model(tmp_path, cifar_test):
     assert table[("nearest", "W8A8")] == round(w8, 2) and w8 > fp32.top1 - 1.5
     assert table[("dfmpc", "W2/6Afp32")] > 70.0
     assert "onnxdfq quantize model.onnx" in proc.stdout
+    assert "written packed (--format qdq-packed" in proc.stdout and "--format qdq-packed --preprocess" in proc.stdout
 
 
 def onnxdfq_data() -> str:
