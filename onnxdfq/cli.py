@@ -227,9 +227,8 @@ def _print_outcome(report: dict, model: Path, quiet: bool, start: float) -> None
         click.echo(_summary(report, model))
         for note in report["speed_notes"]:
             click.echo(f"speed: {note}", err=True)
-        for key in ("hint", "prior_hint"):
-            if report["statistics"].get(key):
-                click.echo(f"note: {report['statistics'][key]}", err=True)
+        if report["statistics"].get("hint"):
+            click.echo(f"note: {report['statistics']['hint']}", err=True)
 
 
 def _loss_bar(desc: str, quiet: bool):
@@ -386,7 +385,8 @@ def _statistics_line(stats: dict) -> str:
             parts.append(f"{name} {count}")
     line = "; ".join(parts)
     if "samples" in stats:
-        detail = f"{stats['samples']} {stats['source']} samples"
+        detail = (f"{stats['samples']} prior images ({PRIOR_NAMES.get(stats.get('method'), stats.get('method'))})"
+                  if stats["source"].startswith("prior") else f"{stats['samples']} {stats['source']} samples")
         if "seconds" in stats:
             detail += f", made in {stats['seconds']:.1f} s"
         if stats.get("input_space"):
@@ -395,11 +395,20 @@ def _statistics_line(stats: dict) -> str:
     return line
 
 
+PRIOR_NAMES = {"ensemble": "pink noise + dead leaves, per-channel std the larger of the two", "pink": "pink noise",
+               "dead_leaves": "dead leaves", "mixed": "dead leaves and pink noise pooled"}
+
+
 def _calib_line(calib: dict) -> str:
     if not calib:
         return "none (float activations)"
-    if calib.get("source", "bn") == "bn":
-        return f"BN statistics (mean +- {calib.get('sigmas', 6):g} std)"
+    if calib.get("source", "bn") == "bn" or calib.get("estimator") == "statistics":
+        what = "BN statistics" if calib.get("source", "bn") == "bn" else f"{calib['source']} statistics"
+        line = f"{what} (mean +- {calib.get('sigmas', 6):g} std)"
+        if calib.get("calibrated_tensors"):
+            line += (f"; {calib['calibrated_tensors']} tensor(s) they do not describe calibrated on "
+                     f"{calib['calibrated_on']}")
+        return line
     line = f"{calib['source']}, {calib['samples']} samples, {calib['estimator']} estimator (A{calib['act_bits']})"
     if "bn_loss" in calib:
         line += f", BN loss {calib['bn_loss']:.4g}"

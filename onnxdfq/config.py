@@ -48,7 +48,8 @@ LOW_BIT_SIGMAS = 4.0  # below 6 activation bits (see QuantConfig.bn_sigmas)
 # --- calibration -------------------------------------------------------------------------------------------
 CALIB_SOURCES = ("auto", "bn", "prior", "synth", "data")
 SAMPLE_SOURCES = ("prior", "synth", "data")  # the sources that run samples through the model
-PRIOR_GENERATORS = ("pink", "mixed", "dead_leaves")  # onnxdfq.synth.prior; the first is the default
+# onnxdfq.synth.prior; the first is the default: ensemble (pink + dead leaves) at 128 px and up, pink below
+PRIOR_GENERATORS = ("auto", "pink", "dead_leaves", "mixed", "ensemble")
 SYNTH_METHODS = ("zeroq", "dsg", "dffg")
 DEFAULT_SYNTH_SAMPLES = 256  # generated samples when calib_samples is not given
 # generating on a CPU: DFFG's 150 steps for 256 samples took minutes on 2 shared cores; 60 steps for 128 samples

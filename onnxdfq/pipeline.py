@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxdfq.config import METHODS, PRIOR_GENERATORS, SAMPLE_SOURCES, CalibSpec, QuantConfig, make_config
+from onnxdfq.config import METHODS, SAMPLE_SOURCES, CalibSpec, QuantConfig, make_config
 from onnxdfq.errors import FidelityError, OptionError, UnsupportedModelError
 from onnxdfq.graph import io as graph_io
 from onnxdfq.graph import layers as graph_layers
@@ -129,9 +129,12 @@ class StatisticsStage(Pass):
         ws.observer = _sample_observer(self.template, ws.calib, config, self.progress)
         if ws.calib.source == "prior" or ws.bn_layers * 2 < len(layers):
             # with no graph change ahead, the activation tensors to calibrate are observed in the same run
+            # with no graph change ahead, sample ranges are observed in the same run; prior images give
+            # statistics only (ranges then come from them, as from BN), so they need nothing more
             graph_stays = not (config.step("cle") or config.step("absorb_bias")) and config.act_bits is not None
             prefetch = patterns.activation_tensors(ws.graph, layers, {layer.name for layer in layers},
-                                                   quantize_outputs=config.quantize_outputs) if graph_stays else []
+                                                   quantize_outputs=config.quantize_outputs) \
+                if graph_stays and ws.calib.source != "prior" else []
             MeasureChannelStatsPass(ws.observer, "prior" if ws.calib.source == "prior" else "samples",
                                     prefetch=prefetch,
                                     histogram=bool(prefetch) and ws.calib.range_estimator().needs_histogram)(ws)
@@ -154,7 +157,12 @@ class ActivationRangeStage(Pass):
         tensors = patterns.activation_tensors(ws.graph, layers, {layer.name for layer in layers},
                                               quantize_outputs=config.quantize_outputs)
         BNRangePass(tensors, sigmas=config.bn_sigmas)(ws)
-        if ws.observer is not None:  # samples run through the float graph as it stands now (folded, after CLE)
+        # samples (synthetic or real data) calibrate every range on the float graph as it stands now (folded,
+        # after CLE); prior images do not look like data, so their per-channel statistics feed the engine
+        # instead, like BN's, and only the tensors it cannot describe are calibrated on them (below). MSE
+        # clipping on the images themselves made EfficientNet-Lite0's linear bottlenecks and residual sums
+        # 0.4x as wide as the BN ranges and clipped real activations (W8A8 80.4 vs 81.7 %)
+        if ws.observer is not None and calib.source != "prior":
             CalibrationRangePass(tensors, ws.observer, calib, config.act_bits)(ws)
         missing = [name for name in tensors if name not in ws.act_ranges]
         if missing:
@@ -295,8 +303,10 @@ def fidelity_advice(config: QuantConfig, report: dict[str, Any]) -> str:
         tries.append(f"--method {'/'.join(m for m in ('squant', 'dfq') if m != config.method)}")
     if not config.per_channel:
         tries.append("--granularity channel")
-    if report.get("statistics", {}).get("prior_hint"):
-        tries.append("--calib prior:dead_leaves")
+    statistics = report.get("statistics", {})
+    if config.method == "dfmpc" and statistics.get("source", "").startswith("prior") \
+            and statistics.get("method") != "dead_leaves":
+        tries.append("--calib prior:dead_leaves")  # MobileNet-V1 4/8: 67.8 % vs 65.2 with the ensemble
     return "try " + ", ".join(tries)
 
 
@@ -335,21 +345,13 @@ EXPORT_WITH_BN_HINT = ("this model has no BatchNormalization left (folded at exp
                        "optimize=False), and skip onnxruntime/onnxsim pre-optimization")
 
 
-# pink noise describes the 32-px CIFAR ResNets best, images with edges the 224-px MobileNet-V1
-# (tools/results/prior_study*.md); a hint, not a default: one ImageNet model measured so far
-LARGE_INPUT = 128
-LARGE_INPUT_PRIOR_HINT = ("statistics from pink-noise images (the default prior). On the 224-px MobileNet-V1, "
-                          "images with edges described the layers better: --calib prior:dead_leaves or prior:mixed "
-                          "gave DF-MPC 4/8 67.7 / 66.8 % vs 60.5 %, SQuant W4A8 59.0 / 61.1 % vs 57.2 %; on 32-px "
-                          "CIFAR ResNets pink is best")
-
-
 def _sample_observer(model: Any, calib: CalibSpec, config: QuantConfig, progress: Any) -> SampleObserver:
     """Calibration samples for ``calib`` (prior images, synthetic or user data) and their runner."""
-    from onnxdfq.eval.calibrate import calibration_samples, collect_statistics
+    from onnxdfq.eval.calibrate import calibration_samples, collect_moments, collect_statistics
 
     samples, info = calibration_samples(model, calib, progress, input_range=config.input_range)
-    return SampleObserver(samples, collect_statistics, model, info)
+    groups = info.pop("groups", None)
+    return SampleObserver(samples, collect_statistics, model, info, collect_moments=collect_moments, groups=groups)
 
 
 def _layer_input_coverage(ws: Workspace, layers: list, config: QuantConfig) -> dict:
@@ -393,10 +395,6 @@ def _statistics_summary(ws: Workspace, layers: list) -> dict:
                         **ws.observer.info})
     if not summary["bn_layers"]:
         summary["hint"] = EXPORT_WITH_BN_HINT
-    samples = ws.observer.samples if ws.observer is not None else None
-    if ws.calib.label == f"prior:{PRIOR_GENERATORS[0]}" and samples is not None and samples.ndim == 4 \
-            and min(samples.shape[2:]) >= LARGE_INPUT:
-        summary["prior_hint"] = LARGE_INPUT_PRIOR_HINT
     return summary
 
 
@@ -493,6 +491,25 @@ def weight_storage(weight_quant: dict) -> tuple[float | None, int]:
     return (total_bits / count if count else None), int(np.ceil(total_bits / 8))
 
 
+def _calibration_summary(ws: Workspace, config: QuantConfig) -> dict[str, Any]:
+    """Where the activation ranges came from: statistics (BN or prior images, mean +- sigmas std), and the
+    samples that calibrated the rest."""
+    if config.act_bits is None:
+        return {}
+    calibrated = next((r.params for r in ws.reports if r.name == CalibrationRangePass.name), None)
+    if ws.calib is not None and ws.calib.source not in ("prior", "bn") and calibrated is not None:
+        return calibrated
+    summary: dict[str, Any] = {"source": "bn" if ws.calib is None or ws.calib.source == "bn" else ws.calib.label,
+                               "sigmas": config.bn_sigmas, "estimator": "statistics"}
+    if calibrated is not None:
+        summary["calibrated_tensors"] = sum(1 for r in ws.reports if r.name == CalibrationRangePass.name
+                                            for _ in r.rows)
+        summary["calibrated_on"] = calibrated["source"]
+    if ws.observer is not None:
+        summary["samples"] = int(len(ws.observer.samples))
+    return summary
+
+
 def _build_report(ws: Workspace, config: QuantConfig, source: str, timings: dict[str, float]) -> dict:
     layers: dict[str, dict[str, Any]] = {}
     for name, quant in ws.weight_quant.items():
@@ -515,8 +532,7 @@ def _build_report(ws: Workspace, config: QuantConfig, source: str, timings: dict
         "layers": layers,
         "activations": activations,
         "activation_sources": sources,
-        "calibration": next((r.params for r in ws.reports if r.name == CalibrationRangePass.name),
-                            {"source": "bn", "sigmas": config.bn_sigmas} if config.act_bits is not None else {}),
+        "calibration": _calibration_summary(ws, config),
         "reduced_range_layers": ws.reduced_range,
         "weight_ranges": ws.weight_ranges,
         "average_weight_bits": average_bits,

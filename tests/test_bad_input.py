@@ -150,8 +150,11 @@ def test_low_fidelity_advice_names_only_what_was_not_tried():
     per_tensor = fidelity_advice(make_config("dfq", 4, 4, "tensor"), {})
     assert "more bits" in per_tensor and "--method squant," in per_tensor  # not its own method again
     assert "--granularity channel" in per_tensor
-    dfmpc = fidelity_advice(make_config("dfmpc", "4/8", None, "channel"), {"statistics": {"prior_hint": "..."}})
+    dfmpc = fidelity_advice(make_config("dfmpc", "4/8", None, "channel"),
+                            {"statistics": {"source": "prior:auto", "method": "ensemble"}})
     assert "--bits 6/8" in dfmpc and "--calib prior:dead_leaves" in dfmpc and "granularity" not in dfmpc
+    with_bn = fidelity_advice(make_config("dfmpc", "4/8", None, "channel"), {"statistics": {"source": "bn"}})
+    assert "--calib" not in with_bn
     assert "--bits 7/8" in fidelity_advice(make_config("dfmpc", "6/8", None, "channel"), {})
     assert fidelity_advice(make_config("dfmpc", "7/8", None, "channel"), {}) == "try --method squant --bits 8"
     assert fidelity_advice(make_config("squant", 8, 8, "channel"), {}) == "try --method dfq"

@@ -105,7 +105,8 @@ def test_degenerate_tensors() -> None:
 
 def test_calib_spec_parsing() -> None:
     assert CalibSpec.parse(None).source == "auto"
-    assert CalibSpec.parse("prior").label == "prior:pink"
+    assert CalibSpec.parse("prior").label == "prior:auto"  # pink or the ensemble, by image size
+    assert CalibSpec.parse("prior:ENSEMBLE").label == "prior:ensemble"
     spec = CalibSpec.parse("synth:DFFG", samples=64, estimator="percentile", percentile=99.9)
     assert (spec.source, spec.method, spec.label, spec.sample_count()) == ("synth", "dffg", "synth:dffg", 64)
     assert CalibSpec.parse("data:x.npz", mean=[0.5, 0.5, 0.5]).mean == (0.5, 0.5, 0.5)

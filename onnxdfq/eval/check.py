@@ -40,6 +40,7 @@ FIDELITY_FLOOR_DB = 10.0  # output noise above a tenth of the signal power: degr
 # below this the quantized output's input-dependent part is unrelated to the FP32 one: broken. On 64 prior images
 # every measured run with >= 57 % real top-1 read >= 0.28, every run <= 36 % read <= 0.08 (metrics.centered_cosine)
 BROKEN_CENTERED_COSINE = 0.15
+PROBE_BATCH_PIXELS = 8 * 224 * 224
 PROBE_SAMPLES = 32  # 16 left the centered cosine of a 35 %-top-1 MobileNet at 0.15, on the line
 GRADES = ("fine", "degraded", "broken")
 # an output whose FP32 values barely move over the probe inputs says nothing about fidelity (a text detector
@@ -76,7 +77,9 @@ def check_quantized(fp32: Any, quantized: Any, spec: CalibSpec, input_range: tup
     ``low_fidelity`` (an output below FIDELITY_FLOOR_DB) and compare's figures.
     """
     x, description = probe_inputs(fp32, spec, input_range, count)
-    result = compare(fp32, quantized, inputs=x, batch_size=count)
+    # batches of PROBE_BATCH_PIXELS: 32 images at 224 px in one batch held two sessions' activations at once
+    batch = int(np.clip(PROBE_BATCH_PIXELS // max(int(np.prod(x.shape[2:])), 1), 1, count)) if x.ndim == 4 else count
+    result = compare(fp32, quantized, inputs=x, batch_size=batch)
     if not result["finite"]:
         raise UnsupportedModelError(f"the quantized model (or its FP32 parent) produces NaN or inf on {description}; "
                                     "nothing written")

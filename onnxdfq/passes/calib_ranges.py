@@ -26,7 +26,7 @@ import numpy as np
 from onnxdfq.config import CalibSpec
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.graph.patterns import tensors_after_layers, tensors_without_bn_downstream
-from onnxdfq.graph.surgery import model_with_outputs
+from onnxdfq.graph.surgery import model_with_moments, model_with_outputs
 from onnxdfq.passes.base import ActRange, LayerRow, Pass, PassReport, Workspace
 from onnxdfq.quant.range_estimators import TensorObserver
 
@@ -48,27 +48,39 @@ class SampleObserver:
     """
 
     def __init__(self, samples: np.ndarray, collect: Collector, template: Any,
-                 info: dict[str, Any] | None = None) -> None:
+                 info: dict[str, Any] | None = None, collect_moments: Collector | None = None,
+                 groups: np.ndarray | None = None) -> None:
         self.samples = samples
+        self.groups = groups  # the generator of each sample, for an ensemble of image priors
         self.collect = collect
+        self.collect_moments = collect_moments  # ranges and channel moments reduced in the graph (no histograms)
         self.template = template
         self.info = info or {}
         self.runs = 0  # how often the samples went through the model (for the report)
         self._version: int | None = None
         self._observers: dict[str, TensorObserver] = {}
         self._histogram = False
+        self._ranges = False
 
     def observe(self, ws: Workspace, tensors: list[str], *, histogram: bool = False,
-                channels: set[str] | frozenset[str] = frozenset()) -> dict[str, TensorObserver]:
-        """Observers of ``tensors`` (histograms too with ``histogram``; per-channel moments for ``channels``)."""
-        fresh = self._version == ws.version and (self._histogram or not histogram)
+                channels: set[str] | frozenset[str] = frozenset(), ranges: bool = True) -> dict[str, TensorObserver]:
+        """Observers of ``tensors``: their ranges (unless ``ranges`` is False), histograms too with ``histogram``,
+        per-channel moments for ``channels``. Moments alone (``ranges=False``) are reduced inside the model
+        (``collect_moments``), which neither copies nor keeps any activation."""
+        fresh = (self._version == ws.version and (self._histogram or not histogram)
+                 and (self._ranges or not ranges))
         covered = fresh and all(name in self._observers for name in tensors) and all(
             self._observers[name].channel_sum is not None for name in channels)
         if not covered:
-            model = model_with_outputs(ws.graph, tensors, self.template)
-            self._observers = self.collect(model, tensors, self.samples, histogram=histogram,
-                                           channels=frozenset(channels))
-            self._version, self._histogram = ws.version, histogram
+            reduced = (model_with_moments(ws.graph, tensors, self.template)
+                       if self.collect_moments is not None and not (histogram or ranges) else None)
+            if reduced is not None:
+                self._observers = self.collect_moments(reduced, tensors, self.samples)
+            else:
+                model = model_with_outputs(ws.graph, tensors, self.template)
+                self._observers = self.collect(model, tensors, self.samples, histogram=histogram,
+                                               channels=frozenset(channels))
+            self._version, self._histogram, self._ranges = ws.version, histogram, reduced is None
             self.runs += 1
         return {name: self._observers[name] for name in tensors}
 

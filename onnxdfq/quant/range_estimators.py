@@ -58,6 +58,21 @@ class TensorObserver:
         self.channel_sum: np.ndarray | None = None
         self.channel_sumsq: np.ndarray | None = None
         self.channel_count = 0
+        self.sample_mean: np.ndarray | None = None  # per-sample channel moments [N, C] (from_moments only)
+        self.sample_meansq: np.ndarray | None = None
+
+    @classmethod
+    def from_moments(cls, sample_mean: np.ndarray, sample_meansq: np.ndarray) -> TensorObserver:
+        """An observer of per-channel moments only, from per-sample, per-channel means of x and x^2 ([N, C], every
+        sample with the same number of positions): what an in-graph reduction returns. It holds no range
+        (lo = inf, hi = -inf): ranges come from the statistics, or from a histogram run."""
+        observer = cls()
+        observer.count = int(sample_mean.size)
+        observer.channel_sum = sample_mean.sum(axis=0)
+        observer.channel_sumsq = sample_meansq.sum(axis=0)
+        observer.channel_count = len(sample_mean)
+        observer.sample_mean, observer.sample_meansq = sample_mean, sample_meansq
+        return observer
 
     @property
     def channel_mean(self) -> np.ndarray | None:
