@@ -100,9 +100,10 @@ def _methods() -> list[str]:
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the quantized model (never the input).")
-@click.option("--method", default="nearest", show_default=True, type=click.Choice(_methods()),
-              help="nearest (round to nearest), squant (SQuant rounding + bias correction), dfq (cross-layer "
-                   "equalization, high-bias absorption, bias correction), dfmpc (mixed precision --bits LOW/HIGH).")
+@click.option("--method", default="squant", show_default=True, type=click.Choice(_methods()),
+              help="squant (SQuant rounding + bias correction: the best W8A8 measured), nearest (round to nearest, "
+                   "no correction), dfq (cross-layer equalization, high-bias absorption, bias correction: per-tensor "
+                   "weights, depthwise nets), dfmpc (mixed precision --bits LOW/HIGH).")
 @click.option("--bits", default="8", show_default=True, help="Weight bits 2..8, or LOW/HIGH for dfmpc (e.g. 2/6).")
 @click.option("--act-bits", default="auto", show_default=True,
               help="Activation bits 2..8, 'none' (float), or auto: 8, and none (float) for dfmpc.")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxdfq.config import METHODS, SAMPLE_SOURCES, CalibSpec, QuantConfig, make_config
+from onnxdfq.config import DEFAULT_METHOD, METHODS, SAMPLE_SOURCES, CalibSpec, QuantConfig, make_config
 from onnxdfq.errors import FidelityError, OptionError, UnsupportedModelError
 from onnxdfq.graph import io as graph_io
 from onnxdfq.graph import layers as graph_layers
@@ -193,7 +193,8 @@ def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int |
     Parameters
     ----------
     model_or_path : path to an .onnx file, or an onnx.ModelProto (not modified).
-    method : "nearest" (default), "squant", "dfq" or "dfmpc" (see onnxdfq.config.METHODS).
+    method : "squant" (default: SQuant rounding + bias correction), "nearest", "dfq" or "dfmpc"
+        (see onnxdfq.config.METHODS).
     bits : weight bit width 2..8 (default 8), or "LOW/HIGH" for DF-MPC.
     act_bits : activation bit width 2..8, None for float activations, "auto" for the method's default
         (8; float for dfmpc).
@@ -215,7 +216,7 @@ def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int |
         size ((H, W) for a dynamic image size). An unknown option is an OptionError naming the valid ones.
     """
     if config is None:
-        config = make_config(method or "nearest", 8 if bits is None else bits, act_bits, granularity or "channel",
+        config = make_config(method or DEFAULT_METHOD, 8 if bits is None else bits, act_bits, granularity or "channel",
                              **options)
     else:
         beside = [name for name, value in (("method", method), ("bits", bits), ("granularity", granularity))

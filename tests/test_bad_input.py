@@ -130,7 +130,7 @@ def test_quantize_refuses_nan_weights(tmp_path: Path):
 
 def test_a_broken_quantization_exits_3_and_writes_nothing_unless_allowed(model_path: Path, tmp_path: Path):
     out = tmp_path / "w2a2.onnx"
-    args = ["quantize", str(model_path), "-o", str(out), "--bits", "2", "--act-bits", "2"]
+    args = ["quantize", str(model_path), "-o", str(out), "--method", "nearest", "--bits", "2", "--act-bits", "2"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 3, result.output
     assert "BROKEN" in result.output and "prior images" in result.output and "at W2A2" in result.output

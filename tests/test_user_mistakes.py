@@ -160,7 +160,7 @@ def test_fidelity_grades_are_in_the_report_and_8_bit_loss_is_called_unexpected()
     assert result.report["fidelity"]["outputs"][0]["grade"] == result.report["fidelity"]["grade"]
     _, warnings = check_stage(model, model, result.config.calib, None, "try x", "W8A8", narrow=False)
     assert warnings == []  # identical models: fine
-    degraded = onnxdfq.quantize_model(model, bits=3, act_bits=8)  # 4 dB, centered cosine 0.7
+    degraded = onnxdfq.quantize_model(model, method="nearest", bits=3, act_bits=8)  # 4 dB, centered cosine 0.7
     assert degraded.report["fidelity"]["grade"] == "degraded"
     assert any(w.startswith("degraded: ") and "as expected at W3A8" in w for w in degraded.report["warnings"])
     # the same loss where 8 bits were asked for is not expected, and says so
@@ -225,7 +225,7 @@ def test_save_quantized_takes_what_quantize_returns(resnet20, tmp_path):
 def test_save_quantized_refuses_a_broken_result(tmp_path):
     from tests.models import demo_model
 
-    result = onnxdfq.quantize_model(demo_model(), bits=2, act_bits=2)
+    result = onnxdfq.quantize_model(demo_model(), method="nearest", bits=2, act_bits=2)
     assert result.report["fidelity"]["grade"] == "broken"
     with pytest.raises(FidelityError, match="allow_broken"):
         onnxdfq.save_quantized(result, tmp_path / "q.onnx")
