@@ -35,19 +35,34 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("ONNXDFQ_ASSETS", ROOT.parent / "shared" / "assets"))
 CIFAR = {"data": "cifar10/test.npz", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 IMAGENET = {"data": "imagenet/val1300", "mean": [0.5] * 3, "std": [0.5] * 3}
+LITE0 = {"data": "imagenet/val1300", "mean": [0.498] * 3, "std": [0.502] * 3}
 MODELS = {"resnet56": ("cifar10/resnet56.onnx", CIFAR), "resnet20": ("cifar10/resnet20.onnx", CIFAR),
-          "mobilenet_v1_0.75": ("imagenet/mobilenet_v1_0.75.onnx", IMAGENET)}
-# (model, method, bits, act_bits, granularity): the bars and a few neighbours
+          "mobilenet_v1_0.75": ("imagenet/mobilenet_v1_0.75.onnx", IMAGENET),
+          "efficientnet_lite0": ("imagenet/efficientnet_lite0.onnx", LITE0)}
+# (model, method, bits, act_bits, granularity): the bars and a few neighbours; "default" is the
+# method a user who names none gets (onnxdfq.config.DEFAULT_METHOD)
 ROWS = [("resnet56", "nearest", "8", "8", "channel"), ("resnet56", "squant", "4", "8", "channel"),
         ("resnet56", "dfq", "8", "8", "tensor"), ("resnet56", "dfmpc", "2/6", "none", "channel"),
         ("resnet20", "nearest", "8", "8", "channel"), ("resnet20", "squant", "4", "8", "channel"),
         ("resnet20", "dfmpc", "2/6", "none", "channel"),
+        ("mobilenet_v1_0.75", "default", "8", "8", "channel"),
         ("mobilenet_v1_0.75", "nearest", "8", "8", "channel"), ("mobilenet_v1_0.75", "dfq", "8", "8", "tensor"),
-        ("mobilenet_v1_0.75", "squant", "4", "8", "channel"), ("mobilenet_v1_0.75", "dfmpc", "4/8", "none", "channel")]
+        ("mobilenet_v1_0.75", "squant", "4", "8", "channel"), ("mobilenet_v1_0.75", "dfmpc", "4/8", "none", "channel"),
+        ("efficientnet_lite0", "default", "8", "8", "channel"),
+        ("efficientnet_lite0", "nearest", "8", "8", "channel"), ("efficientnet_lite0", "squant", "8", "8", "channel"),
+        ("efficientnet_lite0", "dfq", "8", "8", "tensor"), ("efficientnet_lite0", "squant", "4", "8", "channel"),
+        ("efficientnet_lite0", "dfmpc", "4/8", "none", "channel")]
+
+
+def default_method() -> str:
+    from onnxdfq import config
+
+    return getattr(config, "DEFAULT_METHOD", "nearest")  # an older checkout (--out for a baseline) had nearest
 
 
 def quantize_and_eval(path: Path, spec: dict, method: str, bits: str, act: str, gran: str,
                       limit: int | None, **options) -> dict:
+    method = default_method() if method == "default" else method
     start = time.perf_counter()
     result = onnxdfq.quantize_model(str(path), method=method, bits=bits, act_bits=None if act == "none" else act,
                                     granularity=gran, mean=spec["mean"], std=spec["std"], check=False, **options)
@@ -57,13 +72,19 @@ def quantize_and_eval(path: Path, spec: dict, method: str, bits: str, act: str, 
     stats = result.report["statistics"]
     return {"top1": round(top1, 2), "quantize_s": round(seconds, 2), "source": stats["source"],
             "bn_layers": stats["bn_layers"], "layers": stats["layers"],
+            "prior": stats.get("method") if stats["source"].startswith("prior") else None,
             "prior_s": stats.get("seconds") if stats["source"].startswith("prior") else None}
 
 
 def bench(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="onnxdfq-folded-"))
+    out = ROOT / "tools" / "results"
+    before_path = out / f"{args.before}.json"
+    before = {_key(r): r for r in json.loads(before_path.read_text())["rows"]} if before_path.exists() else {}
     rows = []
     for model, method, bits, act, gran in ROWS:
+        if args.only and model not in args.only:
+            continue
         rel, spec = MODELS[model]
         folded = work / f"{model}_folded.onnx"
         if not folded.exists():
@@ -72,27 +93,36 @@ def bench(args) -> None:
             assert left == 0, f"{model}: {left} BN left after folding"
         kept = quantize_and_eval(ASSETS / rel, spec, method, bits, act, gran, args.limit)
         fold = quantize_and_eval(folded, spec, method, bits, act, gran, args.limit)
-        row = {"model": model, "method": method, "bits": bits, "act": act, "granularity": gran,
-               "kept": kept, "folded": fold}
+        row = {"model": model, "method": method, "resolved_method": default_method() if method == "default" else method,
+               "bits": bits, "act": act, "granularity": gran, "kept": kept, "folded": fold}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = ROOT / "tools" / "results"
-    (out / "folded.json").write_text(json.dumps({"limit": args.limit, "rows": rows}, indent=1))
+    (out / f"{args.out}.json").write_text(json.dumps({"limit": args.limit, "rows": rows}, indent=1))
     lines = ["# BN-folded models, data-free (tools/bench_folded.py)", "",
              f"Full test sets{'' if args.limit is None else f' (first {args.limit})'}; onnxruntime CPU; "
              "folded with onnxruntime's basic graph optimization; default `--calib auto` "
-             "(BN statistics when kept, the image prior otherwise). Quantize seconds include the prior's "
-             "image generation, statistics run and range calibration (2-core machine).", "",
-             "| model | method | W/A | weights | BN kept top-1 | folded top-1 | folded statistics | "
-             "quantize s kept / folded |", "|---|---|---|---|---:|---:|---|---:|"]
+             "(BN statistics when kept, the image prior otherwise). Quantize seconds (in-process, no output "
+             "check) include the prior's image generation and statistics run (2-core machine, shared). "
+             f"\"before\": the same rows in `{args.before}.json` (the code before the engine's rework)"
+             + ("; \"default\" was nearest there" if any(r["method"] == "default" for r in rows) else "") + ".",
+             "", "| model | method | W/A | weights | BN kept top-1 | folded top-1 | folded before | "
+             "folded statistics | quantize s kept / folded |", "|---|---|---|---|---:|---:|---:|---|---:|"]
     for r in rows:
         a = "fp32" if r["act"] == "none" else r["act"]
-        lines.append(f"| {r['model']} | {r['method']} | W{r['bits']}A{a} | per-{r['granularity']} | "
-                     f"{r['kept']['top1']:.2f} | {r['folded']['top1']:.2f} | {r['folded']['source']} "
+        old = before.get(_key(r))
+        before_cell = f"{old['folded']['top1']:.2f}" if old else "-"
+        method = r["method"] + (f" ({r['resolved_method']})" if r["method"] == "default" else "")
+        lines.append(f"| {r['model']} | {method} | W{r['bits']}A{a} | per-{r['granularity']} | "
+                     f"{r['kept']['top1']:.2f} | {r['folded']['top1']:.2f} | {before_cell} | "
+                     f"{r['folded']['source']}{'/' + r['folded']['prior'] if r['folded'].get('prior') else ''} "
                      f"({r['folded']['bn_layers']}/{r['folded']['layers']} BN) | "
                      f"{r['kept']['quantize_s']:.1f} / {r['folded']['quantize_s']:.1f} |")
-    (out / "folded.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _key(row: dict) -> tuple:
+    return row["model"], row["method"], row["bits"], row["act"], row["granularity"]
 
 
 class _StudyModel:
@@ -229,6 +259,9 @@ def study(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--only", nargs="*", default=None, help="models to run (default: all)")
+    parser.add_argument("--out", default="folded", help="results file stem in tools/results (default folded)")
+    parser.add_argument("--before", default="folded_before", help="results stem whose folded top-1 is 'before'")
     parser.add_argument("--study", nargs="?", const="resnet56", choices=["resnet56", "mobilenet"],
                         help="compare prior generators instead (on the folded ResNet-56, or MobileNet-V1)")
     args = parser.parse_args()
