@@ -122,6 +122,7 @@ class StatisticsStage(Pass):
                                         "constant weight) in the model")
         ws.bn_layers = layer_stat_counts(ws, layers).get("bn", 0)
         ws.calib = config.calib.resolved(_statistics_source(config, ws.bn_layers, len(layers)))
+        ws.range_sigmas = config.range_sigmas(ws.calib.source)
         report = PassReport(self.name, params={"source": ws.calib.label, "bn_layers": ws.bn_layers,
                                                "layers": len(layers)})
         if ws.calib.source not in SAMPLE_SOURCES or not _needs_statistics(config):
@@ -134,7 +135,7 @@ class StatisticsStage(Pass):
             graph_stays = not (config.step("cle") or config.step("absorb_bias")) and config.act_bits is not None
             prefetch = patterns.activation_tensors(ws.graph, layers, {layer.name for layer in layers},
                                                    quantize_outputs=config.quantize_outputs) \
-                if graph_stays and ws.calib.source != "prior" else []
+                if graph_stays and not config.prior_statistics_ranges(ws.calib.source) else []
             MeasureChannelStatsPass(ws.observer, "prior" if ws.calib.source == "prior" else "samples",
                                     prefetch=prefetch,
                                     histogram=bool(prefetch) and ws.calib.range_estimator().needs_histogram)(ws)
@@ -156,13 +157,13 @@ class ActivationRangeStage(Pass):
         layers = graph_layers.read_layers(ws.graph)
         tensors = patterns.activation_tensors(ws.graph, layers, {layer.name for layer in layers},
                                               quantize_outputs=config.quantize_outputs)
-        BNRangePass(tensors, sigmas=config.bn_sigmas)(ws)
+        BNRangePass(tensors, sigmas=ws.range_sigmas or config.bn_sigmas)(ws)
         # samples (synthetic or real data) calibrate every range on the float graph as it stands now (folded,
-        # after CLE); prior images do not look like data, so their per-channel statistics feed the engine
-        # instead, like BN's, and only the tensors it cannot describe are calibrated on them (below). MSE
-        # clipping on the images themselves made EfficientNet-Lite0's linear bottlenecks and residual sums
-        # 0.4x as wide as the BN ranges and clipped real activations (W8A8 80.4 vs 81.7 %)
-        if ws.observer is not None and calib.source != "prior":
+        # after CLE); prior images do not look like data, so for 6-bit grids and up their per-channel statistics
+        # feed the engine instead, like BN's, and only the tensors it cannot describe are calibrated on them
+        # (below). MSE clipping on the images themselves made EfficientNet-Lite0's linear bottlenecks and
+        # residual sums 0.4x as wide as the BN ranges and clipped real activations (W8A8 80.4 vs 81.7 %)
+        if ws.observer is not None and not config.prior_statistics_ranges(calib.source):
             CalibrationRangePass(tensors, ws.observer, calib, config.act_bits)(ws)
         missing = [name for name in tensors if name not in ws.act_ranges]
         if missing:
@@ -498,10 +499,11 @@ def _calibration_summary(ws: Workspace, config: QuantConfig) -> dict[str, Any]:
     if config.act_bits is None:
         return {}
     calibrated = next((r.params for r in ws.reports if r.name == CalibrationRangePass.name), None)
-    if ws.calib is not None and ws.calib.source not in ("prior", "bn") and calibrated is not None:
+    source = ws.calib.source if ws.calib is not None else "bn"
+    if source != "bn" and not config.prior_statistics_ranges(source) and calibrated is not None:
         return calibrated
-    summary: dict[str, Any] = {"source": "bn" if ws.calib is None or ws.calib.source == "bn" else ws.calib.label,
-                               "sigmas": config.bn_sigmas, "estimator": "statistics"}
+    summary: dict[str, Any] = {"source": "bn" if source == "bn" else ws.calib.label,
+                               "sigmas": ws.range_sigmas or config.bn_sigmas, "estimator": "statistics"}
     if calibrated is not None:
         summary["calibrated_tensors"] = sum(1 for r in ws.reports if r.name == CalibrationRangePass.name
                                             for _ in r.rows)

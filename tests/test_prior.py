@@ -258,3 +258,26 @@ def test_the_default_prior_is_the_ensemble_at_128_px_and_pink_below(tmp_path):
     out = tmp_path / "q.onnx"
     result = CliRunner().invoke(main, ["quantize", str(tmp_path / "folded128.onnx"), "-o", str(out)])
     assert result.exit_code == 0 and "128 prior images (pink noise + dead leaves" in result.output
+
+
+LITE0_MEAN, LITE0_STD = [0.498] * 3, [0.502] * 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,bits,granularity,floor", [("default", 8, "channel", 81.3),
+                                                           ("dfq", 8, "tensor", 79.5),
+                                                           ("squant", 4, "channel", 74.0)])
+def test_folded_efficientnet_lite0_data_free(val1300, tmp_path, method, bits, granularity, floor):
+    """EfficientNet-Lite0 as users export it (BN folded): statistics from the pink / dead-leaves ensemble, ranges
+    from them. Measured on val1300: default (squant) W8A8 82.00, dfq per-tensor 80.08, squant W4A8 74.62 (BN kept:
+    81.85, 82.00, 76.69; before the ensemble and statistics ranges: 80.38, 73.31, 72.69)."""
+    from conftest import asset
+
+    path = tmp_path / "lite0_folded.onnx"
+    fold_batchnorm_copy(str(asset("imagenet/efficientnet_lite0.onnx")), path)
+    kwargs = {} if method == "default" else {"method": method}
+    result = onnxdfq.quantize_model(str(path), bits=bits, act_bits=8, granularity=granularity, mean=LITE0_MEAN,
+                                    std=LITE0_STD, **kwargs)
+    assert result.report["statistics"]["method"] == "ensemble" and result.report["statistics"]["samples"] == 128
+    top1 = evaluate(result.model, str(val1300)).top1  # preprocessing from the file's metadata
+    assert top1 >= floor, f"folded EfficientNet-Lite0 {method} W{bits}A8 per-{granularity}: {top1:.2f} < {floor}"

@@ -150,6 +150,11 @@ def calibration_samples(model: Any, spec: CalibSpec, progress: SynthProgress | N
     raise ValueError(f"calibration source {spec.source!r} has no samples")
 
 
+# images per batch when every observed tensor leaves onnxruntime (histograms): EfficientNet-Lite0 at 224 px fetches
+# 13 M floats an image, so 32 images a batch held 1.6 GB; 4 images at 224 px, 32 at CIFAR's 32 px
+FETCH_BATCH_PIXELS = 4 * 224 * 224
+
+
 def _batches(x: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(x), batch_size):
         yield np.ascontiguousarray(x[start:start + batch_size])
@@ -163,11 +168,13 @@ def collect_statistics(model: Any, tensors: list[str], samples: np.ndarray, *, h
     Pass 1 records min/max (and per-channel moments of the tensors in ``channels``); with
     ``histogram`` a second pass fills histograms over those ranges.
     """
-    session = make_session(model, provider)
+    session = make_session(model, provider, lean=True)
     input_name = session.get_inputs()[0].name
     fixed_batch = session.get_inputs()[0].shape[0]
     if isinstance(fixed_batch, int) and fixed_batch > 0:  # exported with a static batch (often 1)
         batch_size = fixed_batch
+    elif samples.ndim == 4:  # every tensor of a batch is fetched: bound the batch by its pixels
+        batch_size = int(np.clip(FETCH_BATCH_PIXELS // max(int(np.prod(samples.shape[2:])), 1), 1, batch_size))
     available = {out.name for out in session.get_outputs()}
     missing = [name for name in tensors if name not in available and name != input_name]
     if missing:
@@ -202,7 +209,7 @@ def collect_moments(model: Any, tensors: list[str], samples: np.ndarray, *, batc
     batch's activations whatever the number of samples. Each observer also keeps the per-sample moments
     (``sample_mean``, ``sample_meansq`` [N, C]) for statistics over subsets of the samples.
     """
-    session = make_session(model, provider)
+    session = make_session(model, provider, lean=True)
     input_name = session.get_inputs()[0].name
     fixed_batch = session.get_inputs()[0].shape[0]
     if isinstance(fixed_batch, int) and fixed_batch > 0:

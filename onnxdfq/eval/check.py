@@ -79,7 +79,7 @@ def check_quantized(fp32: Any, quantized: Any, spec: CalibSpec, input_range: tup
     x, description = probe_inputs(fp32, spec, input_range, count)
     # batches of PROBE_BATCH_PIXELS: 32 images at 224 px in one batch held two sessions' activations at once
     batch = int(np.clip(PROBE_BATCH_PIXELS // max(int(np.prod(x.shape[2:])), 1), 1, count)) if x.ndim == 4 else count
-    result = compare(fp32, quantized, inputs=x, batch_size=batch)
+    result = compare(fp32, quantized, inputs=x, batch_size=batch, lean=True)
     if not result["finite"]:
         raise UnsupportedModelError(f"the quantized model (or its FP32 parent) produces NaN or inf on {description}; "
                                     "nothing written")

@@ -197,7 +197,8 @@ def compare(reference: Any, candidate: Any, *, data: str | None = None, random: 
             inputs: np.ndarray | None = None, mean: list[float] | None = None, std: list[float] | None = None,
             preprocess: str | None = None, input_range: tuple[float, float] | None = None,
             size: tuple[int, int] | None = None, batch_size: int = 100, limit: int | None = None,
-            provider: str = "cpu", seed: int = 0, progress: Progress | None = None) -> dict[str, Any]:
+            provider: str = "cpu", seed: int = 0, progress: Progress | None = None,
+            lean: bool = False) -> dict[str, Any]:
     """Fidelity of candidate's outputs against reference's on `data`, on given `inputs`, on `prior` procedural
     images in the model's input space (the default, 64 of them, when none of the others is given; the
     preprocessing given, else the one either model's metadata records, else ImageNet's, said in
@@ -205,8 +206,8 @@ def compare(reference: Any, candidate: Any, *, data: str | None = None, random: 
     top level repeats the first output's), top-1 agreement when the first output is a classifier's
     [N, classes]. `finite` is False when either model produced NaN or inf (then no figure is
     meaningful); ``inputs`` says what was fed."""
-    ref_session = make_session(reference, provider)
-    cand_session = make_session(candidate, provider)
+    ref_session = make_session(reference, provider, lean=lean)
+    cand_session = make_session(candidate, provider, lean=lean)
     _check_same_interface(ref_session, cand_session)
     name, shape = input_spec(ref_session)
     described = None

@@ -130,6 +130,7 @@ class Workspace:
     calib: Any = None
     observer: Any = None
     bn_layers: int = 0
+    range_sigmas: float | None = None  # mean +- this many std for statistics ranges, once the source is known
     skipped: dict[str, str] = field(default_factory=dict)  # optional step or layer -> why it did not run
     reports: list[PassReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)

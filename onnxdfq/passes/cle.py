@@ -281,9 +281,10 @@ class CrossLayerEqualizationPass(Pass):
         stats = ws.channel_stats.get(pair.layer1.name)
         if self.act_sigmas is None or stats is None:
             return None
-        high = stats.mean + self.act_sigmas * stats.std
+        sigmas = ws.range_sigmas or self.act_sigmas  # the activation ranges' own width (wider on prior statistics)
+        high = stats.mean + sigmas * stats.std
         if pair.act_kind in ("none", "leaky"):
-            high = np.maximum(np.abs(high), np.abs(stats.mean - self.act_sigmas * stats.std))
+            high = np.maximum(np.abs(high), np.abs(stats.mean - sigmas * stats.std))
         if pair.upper is not None:
             high = np.minimum(high, pair.upper)
         high = np.maximum(high, 0.0)
