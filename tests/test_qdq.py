@@ -283,3 +283,23 @@ def test_narrow_grids_clip_on_integers_with_identical_outputs_and_fused_convs(re
     ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
     assert ops.count("QLinearConv") == 19 and "Conv" not in ops
+
+
+def test_global_pooling_written_as_reduce_mean_is_not_an_unhandled_op():
+    """PyTorch's dynamo exporter writes the global average pool as ReduceMean over H, W: modelled, no warning."""
+    import onnx_graphsurgeon as gs
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxdfq.graph.patterns import unhandled_ops
+
+    inits = [numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w"),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+             numpy_helper.from_array(np.array([1], np.int64), "channel_axes")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"]),
+             helper.make_node("ReduceMean", ["y", "axes"], ["pooled"], keepdims=0),
+             helper.make_node("ReduceMean", ["y", "channel_axes"], ["mixed"], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [1, 4]),
+                               helper.make_tensor_value_info("mixed", TensorProto.FLOAT, [1, 8, 8])], inits)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+    assert unhandled_ops(gs.import_onnx(model)) == {"ReduceMean": 1}  # the one over channels only

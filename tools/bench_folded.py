@@ -43,8 +43,9 @@ MODELS = {"resnet56": ("cifar10/resnet56.onnx", CIFAR), "resnet20": ("cifar10/re
 # method a user who names none gets (onnxdfq.config.DEFAULT_METHOD)
 ROWS = [("resnet56", "nearest", "8", "8", "channel"), ("resnet56", "squant", "4", "8", "channel"),
         ("resnet56", "dfq", "8", "8", "tensor"), ("resnet56", "dfmpc", "2/6", "none", "channel"),
+        ("resnet56", "nearest", "4", "4", "channel"),
         ("resnet20", "nearest", "8", "8", "channel"), ("resnet20", "squant", "4", "8", "channel"),
-        ("resnet20", "dfmpc", "2/6", "none", "channel"),
+        ("resnet20", "dfmpc", "2/6", "none", "channel"), ("resnet20", "squant", "4", "4", "channel"),
         ("mobilenet_v1_0.75", "default", "8", "8", "channel"),
         ("mobilenet_v1_0.75", "nearest", "8", "8", "channel"), ("mobilenet_v1_0.75", "dfq", "8", "8", "tensor"),
         ("mobilenet_v1_0.75", "squant", "4", "8", "channel"), ("mobilenet_v1_0.75", "dfmpc", "4/8", "none", "channel"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Quantize every .onnx in a folder as a new user would (the CLI, default settings) and tabulate what happened.
 
-    python tools/robustness.py /tmp/tv_models /tmp/wild_models [--method nearest] [--bits 8] [--act-bits 8]
+    python tools/robustness.py /tmp/tv_models /tmp/wild_models [--method squant] [--bits 8] [--act-bits 8]
     python tools/robustness.py /tmp/tv_models --only shufflenet   # rerun some; other rows kept from the JSON
 
 For each model: exit status, the error line if any, how many layer inputs were quantized out of
@@ -44,6 +44,7 @@ def run_one(path: Path, args, work: Path) -> dict:
                sqnr_db=round(min(o["sqnr_db"] for o in data["fidelity"]["outputs"]), 1),
                unexercised=data["fidelity"].get("unexercised", []),
                fidelity_inputs=data["fidelity"]["inputs"], low_fidelity=data["fidelity"]["low_fidelity"],
+               grade=data["fidelity"].get("grade"),
                warnings=len(data["warnings"]))
     return row
 
@@ -52,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", type=Path, nargs="+")
     parser.add_argument("--only", nargs="*", default=None, help="rerun models whose file name contains one of these")
-    parser.add_argument("--method", default="nearest")
+    parser.add_argument("--method", default="squant")  # the CLI's default
     parser.add_argument("--bits", default="8")
     parser.add_argument("--act-bits", default="8")
     parser.add_argument("--timeout", type=int, default=900)
@@ -72,20 +73,22 @@ def main() -> None:
     lines = [f"# Robustness corpus: `onnxdfq quantize --method {args.method} --bits {args.bits} --act-bits "
              f"{args.act_bits}` (tools/robustness.py)", "",
              f"{ok} of {len(rows)} models quantized with exit 0. Fidelity: the lowest output SQNR against FP32 on "
-             "16 prior images at the model's size. The torchvision exports have random weights (a shape and op "
-             "check, not accuracy: ViT's zero-initialised head gives a constant output); the OCR and detection "
-             "models from PyPI packages (rapidocr-onnxruntime, ddddocr) are trained.", "",
+             "32 prior images at the model's size, and the check's grade. The torchvision exports have random "
+             "weights (a shape and op check, not accuracy: ViT's zero-initialised head gives a constant output); "
+             "the OCR and detection models from PyPI packages (rapidocr-onnxruntime, ddddocr) are trained.", "",
              "| model | exit | layer inputs quantized | BN layers | SQNR dB | seconds | note |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r["exit"]:
             lines.append(f"| {r['model']} | {r['exit']} | - | - | - | {r['seconds']} | {r['error']} |")
             continue
-        note = ", ".join(f"{n} {why}" for why, n in r["float_reasons"].items())
+        notes = [f"{n} {why}" for why, n in r["float_reasons"].items()]
         if r.get("unexercised"):
-            note += "output not exercised by the prior images (FP32 output nearly constant): fidelity not judged"
+            notes.append("output not exercised by the prior images (FP32 output nearly constant): fidelity not judged")
+        elif r.get("grade") not in (None, "fine"):
+            notes.append(r["grade"])
         lines.append(f"| {r['model']} | 0 | {r['inputs']} | {r['bn_layers']}/{r['layers']} | {r['sqnr_db']} | "
-                     f"{r['seconds']} | {note}{' LOW FIDELITY' if r['low_fidelity'] else ''} |")
+                     f"{r['seconds']} | {'; '.join(notes)} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -50,11 +50,25 @@ def output_bound_tensors(graph: gs.Graph) -> set[str]:
 
 
 def unhandled_ops(graph: gs.Graph) -> dict[str, int]:
+    """Ops the passes do not model, with their counts (global pooling written as ReduceMean/ReduceMax over the
+    spatial axes, as PyTorch's dynamo exporter writes it, is modelled)."""
     counts: dict[str, int] = {}
     for node in graph.nodes:
-        if node.op not in HANDLED_OPS:
+        if node.op not in HANDLED_OPS and not _spatial_reduce(node):
             counts[node.op] = counts.get(node.op, 0) + 1
     return counts
+
+
+def _spatial_reduce(node: gs.Node) -> bool:
+    """ReduceMean / ReduceMax over axes that do not include the channel axis (1) of an [N, C, ...] tensor."""
+    if node.op not in ("ReduceMean", "ReduceMax") or not node.inputs:
+        return False
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1].name:
+        axes = const_value(node.inputs[1])
+    shape = getattr(node.inputs[0], "shape", None)
+    rank = len(shape) if shape is not None else 0
+    return axes is not None and rank > 2 and 1 not in {int(a) % rank for a in np.ravel(axes)}
 
 
 def activation_tensors(graph: gs.Graph, layers: list[Layer], quantized: set[str], *,

@@ -62,6 +62,14 @@ class SampleObserver:
         self._histogram = False
         self._ranges = False
 
+    def subset(self, limit: int) -> SampleObserver:
+        """An observer of at most ``limit`` of these samples, evenly spaced (every generator of an ensemble kept)."""
+        if len(self.samples) <= limit:
+            return self
+        index = np.linspace(0, len(self.samples) - 1, limit).round().astype(int)
+        return SampleObserver(self.samples[index], self.collect, self.template, {**self.info, "subset": limit},
+                              self.collect_moments, None if self.groups is None else self.groups[index])
+
     def observe(self, ws: Workspace, tensors: list[str], *, histogram: bool = False,
                 channels: set[str] | frozenset[str] = frozenset(), ranges: bool = True) -> dict[str, TensorObserver]:
         """Observers of ``tensors``: their ranges (unless ``ranges`` is False), histograms too with ``histogram``,
