@@ -176,6 +176,8 @@ class ActivationRangeStage(Pass):
                 fallback = fallback.subset(FALLBACK_IMAGES)
             CalibrationRangePass(missing, fallback, prior, config.act_bits)(ws)
         shared = share_min_ranges(ws)  # Relu -> Min(per-channel bound) from CLE / absorption: one range
+        if ws.observer is not None:  # no pass reads the samples after this one
+            ws.observer.release()
         return PassReport(self.name, params={"tensors": len(tensors), "prior_fallback": len(missing),
                                              "shared_min_ranges": len(shared)})
 
@@ -401,7 +403,7 @@ def _statistics_summary(ws: Workspace, layers: list) -> dict:
     summary: dict[str, Any] = {"source": ws.calib.label, "layers": len(layers), "bn_layers": ws.bn_layers,
                                "layer_sources": layer_stat_counts(ws, layers)}
     if ws.observer is not None:
-        summary.update({"samples": int(len(ws.observer.samples)), "model_runs": ws.observer.runs,
+        summary.update({"samples": ws.observer.count, "model_runs": ws.observer.runs,
                         **ws.observer.info})
     if not summary["bn_layers"]:
         summary["hint"] = EXPORT_WITH_BN_HINT
@@ -517,7 +519,7 @@ def _calibration_summary(ws: Workspace, config: QuantConfig) -> dict[str, Any]:
                                             for _ in r.rows)
         summary["calibrated_on"] = calibrated["source"]
     if ws.observer is not None:
-        summary["samples"] = int(len(ws.observer.samples))
+        summary["samples"] = ws.observer.count
     return summary
 
 

@@ -62,6 +62,16 @@ class SampleObserver:
         self._histogram = False
         self._ranges = False
 
+    @property
+    def count(self) -> int:
+        """How many samples this observer ran (also after `release`)."""
+        return self._count if self.samples is None else len(self.samples)
+
+    def release(self) -> None:
+        """Drop the samples and what was observed on them once no pass needs them (128 images at 224 px: 77 MB)."""
+        self._count = self.count
+        self.samples, self._observers, self._version = None, {}, None
+
     def subset(self, limit: int) -> SampleObserver:
         """An observer of at most ``limit`` of these samples, evenly spaced (every generator of an ensemble kept)."""
         if len(self.samples) <= limit:
@@ -82,13 +92,15 @@ class SampleObserver:
         if not covered:
             reduced = (model_with_moments(ws.graph, tensors, self.template)
                        if self.collect_moments is not None and not (histogram or ranges) else None)
-            if reduced is not None:
-                self._observers = self.collect_moments(reduced, tensors, self.samples)
+            moments = reduced is not None
+            if moments:  # serialized once, the ModelProto dropped: one copy of the weights less during the run
+                payload, reduced = reduced.SerializeToString(), None
+                self._observers = self.collect_moments(payload, tensors, self.samples)
             else:
                 model = model_with_outputs(ws.graph, tensors, self.template)
                 self._observers = self.collect(model, tensors, self.samples, histogram=histogram,
                                                channels=frozenset(channels))
-            self._version, self._histogram, self._ranges = ws.version, histogram, reduced is None
+            self._version, self._histogram, self._ranges = ws.version, histogram, not moments
             self.runs += 1
         return {name: self._observers[name] for name in tensors}
 
@@ -115,7 +127,7 @@ class CalibrationRangePass(Pass):
 
     def call(self, ws: Workspace) -> PassReport:
         estimator = self.spec.range_estimator()
-        params = {"source": self.spec.label, "samples": int(len(self.observer.samples)),
+        params = {"source": self.spec.label, "samples": self.observer.count,
                   "estimator": estimator.name, "act_bits": self.bits, **self.observer.info}
         if estimator.name == "percentile":
             params["percentile"] = self.spec.percentile
@@ -148,5 +160,5 @@ class CalibrationRangePass(Pass):
                                    f"range (BN matching does not constrain them): {', '.join(widened[:8])}")
         report.modified = bool(report.rows)
         logger.info("calibrated %d activation ranges on %d samples (%s, %s)", len(report.rows),
-                    len(self.observer.samples), self.spec.label, estimator.name)
+                    self.observer.count, self.spec.label, estimator.name)
         return report

@@ -74,7 +74,7 @@ class MeasureChannelStatsPass(Pass):
         self.histogram = histogram
 
     def call(self, ws: Workspace) -> PassReport:
-        report = PassReport(self.name, params={"source": self.source, "samples": int(len(self.observer.samples))})
+        report = PassReport(self.name, params={"source": self.source, "samples": self.observer.count})
         layers = [layer for layer in graph_layers.read_layers(ws.graph) if layer.name not in ws.channel_stats]
         report.params["measured"] = len(layers)
         if not layers:
