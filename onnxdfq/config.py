@@ -38,7 +38,7 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 # the method a user who names none gets: the best W8A8 measured (bias correction is what nearest lacks):
 # MobileNet-V1 76.54 vs 75.54 (nearest), BN-folded 76.62 vs 75.54; EfficientNet-Lite0 81.85 vs 81.69, folded
-# 82.00 vs 81.85; the CIFAR ResNets within 0.2 either way (val1300 / full CIFAR-10 test set)
+# 81.77 vs 81.62; the CIFAR ResNets within 0.2 either way (val1300 / full CIFAR-10 test set)
 DEFAULT_METHOD = "squant"
 FORMATS = ("qdq", "qdq-packed", "fakequant")
 # qdq: onnxruntime CPU (uint8 activations, so that its x86 kernels fuse QLinearConv);
