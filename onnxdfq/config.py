@@ -65,6 +65,9 @@ DEFAULT_SYNTH_SAMPLES = 256  # generated samples when calib_samples is not given
 # calibrate ResNet-20 W6A6 to 91.37 (256 real training images: 91.38; 150 steps / 256 samples: 91.40)
 CPU_SYNTH_DEFAULTS: dict[str, dict[str, int]] = {"dffg": {"samples": 128, "steps": 60}}
 DEFAULT_ESTIMATOR = "mse"
+# block reconstruction (--reconstruct): optimiser steps per block and calibration samples
+DEFAULT_RECONSTRUCT_STEPS = 500
+DEFAULT_RECONSTRUCT_SAMPLES = 256
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,14 @@ class QuantConfig:
     # the model's preprocessing as the user gave it (mean/std, a preset or the input range), validated;
     # written into the output's metadata so that eval / compare of the file need no flags
     preprocessing: Preprocessing | None = None
+    # block reconstruction on calibration samples after the grids are decided (synth extra; see
+    # onnxdfq.synth.reconstruct): learnt roundings and activation step sizes
+    reconstruct: bool = False
+    reconstruct_steps: int = DEFAULT_RECONSTRUCT_STEPS
+    reconstruct_samples: int | None = None  # None: DEFAULT_RECONSTRUCT_SAMPLES
+    # the first layer (weights and input) and the last layer (weights and input) at this width: the protocol
+    # the low-bit literature reports; None: every layer at --bits / --act-bits
+    first_last_bits: int | None = None
 
     @property
     def bn_sigmas(self) -> float:
@@ -272,7 +283,7 @@ CALIB_OPTIONS = {"calib_range": "estimator", "calib_samples": "samples", "calib_
                  "seed": "seed", "device": "device", "calib_batch_size": "batch_size", "mean": "mean",
                  "std": "std", "synth_options": "synth_options", "size": "size"}
 _DIRECT = ("cle", "absorb_bias", "bias_correction", "sigmas", "reduce_range", "input_range", "fmt", "target",
-           "quantize_outputs")
+           "quantize_outputs", "reconstruct", "reconstruct_steps", "reconstruct_samples", "first_last_bits")
 # every keyword make_config takes besides method, bits, act_bits and granularity
 OPTIONS = (*_DIRECT, "calib", *CALIB_OPTIONS, "preprocess", "squant_stages", "dfmpc")
 
@@ -339,6 +350,7 @@ def make_config(method: str = DEFAULT_METHOD, bits: int | str = 8, act_bits: int
         if not lo < hi:
             raise OptionError(f"--input-range takes LO,HI with LO < HI, got {direct['input_range']!r}")
         direct["input_range"] = (lo, hi)
+    _check_reconstruct(direct, high)
     calib = _calib_spec(options)
     preprocessing = resolve_preprocessing(calib.mean, calib.std, preset=options.get("preprocess"),
                                           input_range=direct.get("input_range"))
@@ -350,6 +362,24 @@ def make_config(method: str = DEFAULT_METHOD, bits: int | str = 8, act_bits: int
     return QuantConfig(method=method, bits=low, high_bits=high, act_bits=act, per_channel=granularity == "channel",
                        calib=calib, squant=squant, dfmpc=DFMPCOptions.from_mapping(options.get("dfmpc")),
                        preprocessing=preprocessing, **direct)
+
+
+def _check_reconstruct(direct: dict[str, Any], high: int | None) -> None:
+    """--reconstruct and --first-last-bits: values in range, and the synth extra (torch) at hand."""
+    first_last = direct.get("first_last_bits")
+    if first_last is not None and not 2 <= int(first_last) <= 8:
+        raise OptionError(f"--first-last-bits must be in 2..8, got {first_last}")
+    if first_last is not None and high is not None:
+        raise OptionError("--first-last-bits sets uniform widths' ends; DF-MPC chooses its own pairs (--bits LOW/HIGH)")
+    for key, least in (("reconstruct_steps", 0), ("reconstruct_samples", 1)):
+        if direct.get(key) is not None and int(direct[key]) < least:
+            raise OptionError(f"--{key.replace('_', '-')} must be >= {least}, got {direct[key]}")
+    if direct.get("reconstruct"):
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise OptionError("--reconstruct runs on PyTorch, which is not installed: pip install "
+                              "'onnxdfq[synth]' torch==2.13.0 (the pin takes the CPU build)")
 
 
 def _calib_spec(options: dict[str, Any]) -> CalibSpec:

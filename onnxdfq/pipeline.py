@@ -24,7 +24,7 @@ from onnxdfq.graph import io as graph_io
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.graph import patterns, surgery
 from onnxdfq.passes.act_ranges import BNRangePass
-from onnxdfq.passes.base import Pass, PassReport, Workspace
+from onnxdfq.passes.base import LayerRow, Pass, PassReport, Workspace
 from onnxdfq.passes.bias_absorption import BiasAbsorptionPass
 from onnxdfq.passes.bias_correction import AnalyticBiasCorrectionPass
 from onnxdfq.passes.calib_ranges import CalibrationRangePass, SampleObserver
@@ -61,6 +61,8 @@ def build_passes(config: QuantConfig, template: Any, progress: Any = None) -> li
     reduce_range = False if config.target == "trt" and config.reduce_range == "auto" else config.reduce_range
     passes: list[Pass] = [FoldBatchNormPass(), WeightRangesPass("folded"),
                           StatisticsStage(config, template, progress)]
+    if config.first_last_bits is not None:
+        passes.append(FirstLastWidthsPass(config))
     if config.step("cle"):
         passes.append(CrossLayerEqualizationPass(act_sigmas=config.bn_sigmas))
     if config.step("absorb_bias"):
@@ -70,6 +72,8 @@ def build_passes(config: QuantConfig, template: Any, progress: Any = None) -> li
         passes.append(ActivationRangeStage(config, template, progress))
     if grids:
         passes.append(ActivationQParamsPass(config.act_bits, config.target))
+    if config.reconstruct:
+        passes.append(SnapshotFloatPass(template))
     if config.method == "dfmpc":
         try:
             passes.append(DFMPCPass(config.bits, config.high_bits, config.dfmpc))
@@ -82,6 +86,8 @@ def build_passes(config: QuantConfig, template: Any, progress: Any = None) -> li
         passes.append(BiasSafeWeightsPass())
     if config.step("bias_correction"):
         passes.append(AnalyticBiasCorrectionPass())
+    if config.reconstruct:
+        passes.append(ReconstructStage(config, template, progress))
     if int_bias:
         passes.append(BiasQParamsPass())
     passes.append(EmitPass(template, config.fmt))
@@ -180,6 +186,114 @@ class ActivationRangeStage(Pass):
             ws.observer.release()
         return PassReport(self.name, params={"tensors": len(tensors), "prior_fallback": len(missing),
                                              "shared_min_ranges": len(shared)})
+
+
+class FirstLastWidthsPass(Pass):
+    """--first-last-bits N: the first layer's weights and input, and the last layer's weights and input, at N bits
+    (the protocol the low-bit literature reports: those two layers are small and the most sensitive)."""
+
+    name = "first_last_widths"
+    changes_graph = False
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    def call(self, ws: Workspace) -> PassReport:
+        from onnxdfq.quant.scheme import BitWidthMap
+
+        bits = int(self.config.first_last_bits)
+        layers = graph_layers.read_layers(ws.graph)
+        ends = [layers[0], layers[-1]] if len(layers) > 1 else layers[:1]
+        ws.bit_widths = (ws.bit_widths or BitWidthMap(self.config.bits)).with_names({x.name: bits for x in ends})
+        if self.config.act_bits is not None:
+            ws.act_widths.update({x.input_name: bits for x in ends})
+        return PassReport(self.name, params={"bits": bits, "layers": [x.name for x in ends]},
+                          modified=True)
+
+
+class SnapshotFloatPass(Pass):
+    """Keep the float graph as it stands before any weight is quantized (folded, equalized: the FP32 function),
+    for block reconstruction's targets."""
+
+    name = "snapshot_float"
+    changes_graph = False
+
+    def __init__(self, template: Any) -> None:
+        self.template = template
+
+    def call(self, ws: Workspace) -> PassReport:
+        ws.float_model = surgery.export_model(ws.graph, self.template)
+        return PassReport(self.name)
+
+
+class ReconstructStage(Pass):
+    """--reconstruct: learn each block's roundings and activation step sizes on calibration samples
+    (onnxdfq.synth.reconstruct), then write them into the grids the emitter reads."""
+
+    name = "reconstruct"
+    changes_graph = False
+
+    def __init__(self, config: QuantConfig, template: Any, progress: Any = None) -> None:
+        self.config, self.template, self.progress = config, template, progress
+
+    def call(self, ws: Workspace) -> PassReport:
+        from dataclasses import replace
+
+        from onnxdfq.eval.calibrate import calibration_samples
+        from onnxdfq.quant.scheme import QuantScheme
+        from onnxdfq.synth import reconstruct as rec
+
+        config = self.config
+        spec = reconstruction_calib(config, ws.calib)
+        samples, info = calibration_samples(self.template, spec, self.progress, input_range=config.input_range)
+        info.pop("groups", None)
+        weights = {}
+        for layer in graph_layers.read_layers(ws.graph):
+            quant = ws.weight_quant.get(layer.name)
+            if quant is None:
+                continue
+            scheme = QuantScheme(quant.bits, signed=True, symmetric=True)
+            weights[layer.name] = rec.WeightGrid(np.asarray(quant.scale, np.float64), np.asarray(quant.w_int),
+                                                 scheme.qmin, scheme.qmax, swap_axes=layer.stored_out_axis == 1)
+        acts = {}
+        for name, grid in ws.act_qparams.items():
+            scheme = QuantScheme(grid.bits, signed=grid.signed, symmetric=grid.dtype == "int8")
+            acts[name] = rec.ActGrid(grid.scale, grid.zero_point, scheme.qmin, scheme.qmax)
+        options = rec.ReconstructOptions(steps=config.reconstruct_steps, device=spec.device, seed=spec.seed)
+        quant_model = surgery.export_model(ws.graph, self.template)
+        result = rec.reconstruct(ws.float_model, quant_model, samples, weights, acts, options=options,
+                                 progress=getattr(self.progress, "reconstruct", None))
+        for name, ints in result.w_int.items():
+            old = ws.weight_quant[name]
+            ws.weight_quant[name] = replace(old, w_int=ints.astype(old.w_int.dtype if old.w_int.dtype.kind == "i"
+                                                                   else np.int64))
+        for name, scale in result.act_scales.items():
+            ws.act_qparams[name] = replace(ws.act_qparams[name], scale=float(scale))
+        ws.float_model = None
+        report = PassReport(self.name, params={"samples": result.samples, "source": spec.label, "steps":
+                                               config.reconstruct_steps, "blocks": len(result.blocks),
+                                               "sample_info": {k: v for k, v in info.items() if k != "groups"},
+                                               "seconds": round(result.seconds, 3)}, modified=True)
+        for block in result.blocks:
+            report.rows.append(LayerRow(block.name, {"layers": block.layers, "activations": len(block.acts),
+                                                     "mse_before": block.loss_before, "mse_after": block.loss_after,
+                                                     "flipped": block.flipped, "seconds": round(block.seconds, 3)}))
+        return report
+
+
+def reconstruction_calib(config: QuantConfig, calib: Any) -> Any:
+    """The samples reconstruction learns on: the run's own samples (data, synth, prior), and DFFG for a model
+    whose statistics came from BN (its generator matches the BN statistics, no data)."""
+    from dataclasses import replace
+
+    from onnxdfq.config import DEFAULT_RECONSTRUCT_SAMPLES
+
+    count = config.reconstruct_samples or DEFAULT_RECONSTRUCT_SAMPLES
+    if calib.source == "data":
+        return replace(calib, samples=config.reconstruct_samples or calib.samples)
+    if calib.source in ("synth", "prior"):
+        return replace(calib, samples=count)
+    return replace(calib, source="synth", method="dffg", samples=count)
 
 
 # images that calibrate the tensors no statistics describe, when the prior's statistics give every other range:

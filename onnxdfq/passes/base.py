@@ -123,6 +123,8 @@ class Workspace:
     weight_ranges: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # stage -> layer -> per-channel
     bit_widths: Any = None  # onnxdfq.quant.scheme.BitWidthMap when a pass planned per-layer widths (DF-MPC)
     act_qparams: dict[str, Any] = field(default_factory=dict)  # tensor -> quant.qparams.ActQParams
+    act_widths: dict[str, int] = field(default_factory=dict)  # tensor -> activation bits where not the default
+    float_model: Any = None  # the float graph before any weight is quantized (block reconstruction's targets)
     bias_qparams: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # layer -> (int32, scale)
     emitted: Any = None  # the exported onnx.ModelProto (passes/emit.py)
     emitted_layers: list[Any] = field(default_factory=list)  # the layers as they were just before emission

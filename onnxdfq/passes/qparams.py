@@ -36,7 +36,7 @@ class ActivationQParamsPass(Pass):
     def call(self, ws: Workspace) -> PassReport:
         report = PassReport(self.name, params={"act_bits": self.act_bits, "target": self.target})
         for name, act_range in ws.act_ranges.items():
-            grid = activation_grid(act_range.lo, act_range.hi, self.act_bits, self.target)
+            grid = activation_grid(act_range.lo, act_range.hi, ws.act_widths.get(name, self.act_bits), self.target)
             ws.act_qparams[name] = grid
             report.rows.append(LayerRow(name, {"act_scale": grid.scale, "act_zero_point": grid.stored_zero_point,
                                                "act_dtype": grid.dtype, "act_signed_grid": grid.signed,

@@ -1,0 +1,458 @@
+"""Block reconstruction without data (BRECQ / QDrop, as Genie runs it on distilled samples).
+
+The grids are decided before this runs: every quantized layer has its weight scale and a starting
+rounding (nearest or SQuant), every quantized activation its scale and zero point. The graph is cut into
+blocks where a single float tensor is alive (after a residual block, after a layer in a plain chain), and
+block by block, in graph order:
+
+- the quantized block reads what the already reconstructed blocks before it produce, the target is the
+  FP32 block's output on the FP32 path (both on the same calibration samples);
+- each weight's rounding is learnt (AdaRound's rectified sigmoid between floor and floor + 1, pushed to a
+  hard decision by an annealed regulariser), so it stays within one step of the float weight;
+- each activation's step size is learnt (LSQ: a straight-through round, the scale's gradient flows);
+- quantization of the activations inside the block is dropped at random per element while learning
+  (QDrop), which keeps the learnt weights flat against the activation noise they meet at inference.
+
+Only numbers come out: integer weights and activation scales, which the pipeline writes into its grids, so
+the QDQ file is emitted exactly as without reconstruction. Everything here is torch; the caller passes
+plain numpy arrays and ONNX models.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import torch
+
+from .executor import _OPS, TorchGraph
+from .ops_tensor import NodeSpec
+
+__all__ = ["WeightGrid", "ActGrid", "ReconstructOptions", "BlockReport", "ReconstructResult", "find_blocks",
+           "reconstruct", "round_soft", "rectified_sigmoid"]
+
+logger = logging.getLogger(__name__)
+
+# AdaRound's stretch of the sigmoid: h(V) = clip(sigmoid(V) (ZETA - GAMMA) + GAMMA, 0, 1) reaches 0 and 1 exactly
+ZETA, GAMMA = 1.1, -0.1
+
+
+@dataclass
+class WeightGrid:
+    """One quantized layer: its grid and where the rounding starts (canonical layout [O, ...])."""
+
+    scale: np.ndarray  # [O] or [1]
+    w_int: np.ndarray  # the starting integers (nearest / SQuant / DF-MPC)
+    qmin: int
+    qmax: int
+    swap_axes: bool = False  # the stored weight is the canonical one with axes 0 and 1 swapped (Gemm, MatMul)
+
+
+@dataclass
+class ActGrid:
+    """One quantized activation tensor: an affine grid, scale learnt, zero point kept."""
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+
+@dataclass
+class ReconstructOptions:
+    steps: int = 500  # optimiser steps per block
+    batch_size: int = 32
+    lr_round: float = 1e-2  # Adam on the rounding variables (BRECQ: 1e-3 over 20 000 steps)
+    lr_scale: float = 1e-3  # Adam on the log of the activation step sizes (0.1 % a step)
+    round_weight: float = 0.01  # the rounding regulariser's weight (AdaRound / BRECQ)
+    warmup: float = 0.2  # fraction of the steps before the regulariser starts
+    beta: tuple[float, float] = (20.0, 2.0)  # the regulariser's exponent, annealed from the first to the second
+    drop_prob: float = 0.5  # QDrop: chance that an activation element skips quantization while learning
+    learn_act: bool = True
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class BlockReport:
+    name: str
+    layers: list[str]
+    acts: list[str]
+    loss_before: float  # mean squared error of the block output against FP32, per element, before
+    loss_after: float
+    flipped: int  # weights whose rounding differs from the start
+    seconds: float
+
+
+@dataclass
+class ReconstructResult:
+    w_int: dict[str, np.ndarray]  # layer -> learnt integers (canonical layout)
+    act_scales: dict[str, float]  # tensor -> learnt scale
+    blocks: list[BlockReport] = field(default_factory=list)
+    samples: int = 0
+    seconds: float = 0.0
+    outputs: tuple[np.ndarray, ...] = ()  # the quantized graph's outputs on the samples, after the last block
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def _initial_v(rest: np.ndarray) -> np.ndarray:
+    """V with h(V) = rest (in (0, 1)): the inverse of the rectified sigmoid."""
+    rest = np.clip(rest, 0.01, 0.99)
+    return -np.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)
+
+
+def round_soft(w: np.ndarray, scale: np.ndarray, w_int: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(floor of w / scale, starting soft rest, which weights can learn): the rest starts at the fractional part,
+    moved past one half where the starting rounding went the other way than nearest (SQuant's flips), so the
+    hard decision at step 0 is the starting rounding. Weights whose start is not floor or floor + 1 (a grid
+    edge, DF-MPC's ternary layers) keep their integer."""
+    shape = [-1] + [1] * (w.ndim - 1)
+    scaled = w.astype(np.float64) / np.asarray(scale, np.float64).reshape(shape if scale.size > 1 else ())
+    base = np.floor(scaled)
+    up = w_int - base
+    learnable = (up == 0) | (up == 1)
+    frac = scaled - base
+    rest = np.where(up == 1, np.maximum(frac, 0.55), np.minimum(frac, 0.45))
+    return base, rest, learnable
+
+
+class _RoundRecipe(torch.nn.Module):
+    """A layer's learnable rounding: w_q = s * clip(floor + h(V), qmin, qmax)."""
+
+    def __init__(self, w: np.ndarray, grid: WeightGrid, device: str) -> None:
+        super().__init__()
+        base, rest, learnable = round_soft(w, grid.scale, grid.w_int)
+        shape = [-1] + [1] * (w.ndim - 1)
+        scale = np.asarray(grid.scale, np.float64).reshape(shape if grid.scale.size > 1 else [1] * w.ndim)
+        self.register_buffer("base", torch.tensor(np.where(learnable, base, grid.w_int), dtype=torch.float32,
+                                                  device=device))
+        self.register_buffer("mask", torch.tensor(learnable, dtype=torch.float32, device=device))
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32, device=device))
+        self.register_buffer("start", torch.tensor(grid.w_int, dtype=torch.float32, device=device))
+        self.v = torch.nn.Parameter(torch.tensor(_initial_v(rest), dtype=torch.float32, device=device))
+        self.qmin, self.qmax, self.swap = grid.qmin, grid.qmax, grid.swap_axes
+        self.hard = False
+
+    def integers(self) -> torch.Tensor:
+        step = (self.v >= 0).float() if self.hard else rectified_sigmoid(self.v)
+        return torch.clamp(self.base + step * self.mask, self.qmin, self.qmax)
+
+    def weight(self) -> torch.Tensor:
+        w = self.integers() * self.scale
+        return w.transpose(0, 1) if self.swap else w
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        h = rectified_sigmoid(self.v)
+        return ((1.0 - (2.0 * h - 1.0).abs().pow(beta)) * self.mask).sum()
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        return grad
+
+
+class _ActQuant(torch.nn.Module):
+    """LSQ fake quantization of one tensor: (clip(round(x / s) + z, qmin, qmax) - z) s, s learnt."""
+
+    def __init__(self, grid: ActGrid, device: str) -> None:
+        super().__init__()
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(max(grid.scale, 1e-12)), device=device))
+        self.zero_point, self.qmin, self.qmax = float(grid.zero_point), grid.qmin, grid.qmax
+
+    @property
+    def scale(self) -> float:
+        return float(self.log_scale.detach().exp())
+
+    def forward(self, x: torch.Tensor, drop: float = 0.0) -> torch.Tensor:
+        s = self.log_scale.exp()
+        q = torch.clamp(_RoundSTE.apply(x / s) + self.zero_point, self.qmin, self.qmax)
+        y = (q - self.zero_point) * s
+        if drop > 0:
+            return torch.where(torch.rand_like(x) < drop, x, y)
+        return y
+
+
+@dataclass
+class Block:
+    nodes: list[NodeSpec]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    layers: list[str]
+
+
+def _is_float(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def find_blocks(graph: TorchGraph, float_tensors: set[str], layers: set[str], *, min_layers: int = 2) -> list[Block]:
+    """Cut the graph where exactly one float activation is alive, then join neighbouring pieces with fewer than
+    ``min_layers`` quantized layers (a plain chain such as MobileNet-V1's depthwise -> pointwise becomes one
+    block, a residual block is one already); pieces without a quantized layer join the block before them."""
+    nodes = list(graph._nodes)
+    last_use: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        for name in node.inputs:
+            if name in float_tensors:
+                last_use[name] = index
+    outputs = set(graph.output_names)
+    for name in outputs:
+        last_use[name] = len(nodes)
+    for name in graph.input_names:
+        last_use.setdefault(name, -1)
+    live: set[str] = {name for name in graph.input_names if name in float_tensors}
+    pieces: list[tuple[int, int, tuple[str, ...]]] = []  # (first node, end node, live inputs at the start)
+    start, start_live = 0, tuple(sorted(live))
+    for index, node in enumerate(nodes):
+        for name in node.outputs:
+            if name in float_tensors:
+                live.add(name)
+        live = {name for name in live if last_use.get(name, -1) > index}
+        if len(live) == 1 and index + 1 < len(nodes):
+            pieces.append((start, index + 1, start_live))
+            start, start_live = index + 1, tuple(live)
+    pieces.append((start, len(nodes), start_live))
+    blocks: list[Block] = []
+    pending: list[tuple[int, int, tuple[str, ...]]] = []
+
+    def count(first: int, end: int) -> int:
+        return sum(nodes[i].name in layers for i in range(first, end))
+
+    def flush() -> None:
+        first, end = pending[0][0], pending[-1][1]
+        block_nodes = nodes[first:end]
+        after = nodes[end:]
+        produced = {name for node in block_nodes for name in node.outputs}
+        needed_later = {name for node in after for name in node.inputs} | outputs
+        block_outputs = tuple(sorted(name for name in produced if name in needed_later and name in float_tensors))
+        blocks.append(Block(block_nodes, pending[0][2], block_outputs,
+                            [node.name for node in block_nodes if node.name in layers]))
+        pending.clear()
+
+    for piece in pieces:
+        have = sum(count(p[0], p[1]) for p in pending)
+        new = count(piece[0], piece[1])
+        if pending and have and new and (have >= min_layers or new >= min_layers):
+            flush()
+        pending.append(piece)
+    if pending:
+        flush()
+    # a block without a quantized layer (a trailing Softmax) joins the one before it
+    merged: list[Block] = []
+    for block in blocks:
+        if merged and not block.layers:
+            prev = merged[-1]
+            merged[-1] = Block(prev.nodes + block.nodes, prev.inputs, block.outputs, prev.layers)
+        else:
+            merged.append(block)
+    return merged
+
+
+class _Runner:
+    """Runs a block's nodes on the FP32 path or the quantized path (learnable weights and activation grids)."""
+
+    def __init__(self, fp: TorchGraph, quant: TorchGraph, side: dict[str, torch.Tensor]) -> None:
+        self.fp, self.quant, self.side = fp, quant, side
+        self.recipes: dict[str, _RoundRecipe] = {}
+        self.acts: dict[str, _ActQuant] = {}
+        self.bias: dict[str, torch.Tensor] = {}  # layer -> its (corrected) bias on the quantized path
+
+    def run(self, block: Block, values: tuple[torch.Tensor, ...], *, quantized: bool, drop: float = 0.0,
+            fp_nodes: list[NodeSpec] | None = None) -> tuple[torch.Tensor, ...]:
+        graph = self.quant if quantized else self.fp
+        env: dict[str, torch.Tensor] = dict(zip(block.inputs, values, strict=True))
+        if quantized:
+            for name in block.inputs:
+                if name in self.acts:
+                    env[name] = self.acts[name](env[name], drop)
+        for node in (block.nodes if quantized or fp_nodes is None else fp_nodes):
+            args = [self._lookup(graph, env, name) if name else None for name in node.inputs]
+            if quantized and node.name in self.recipes:
+                recipe = self.recipes[node.name]
+                args[1] = recipe.weight()
+                if node.name in self.bias and len(args) > 2:
+                    args[2] = self.bias[node.name]
+                source = self.acts.get(node.inputs[0])
+                if source is not None and len(args) > 2 and args[2] is not None:
+                    # the emitted bias is int32 on the grid s_x * s_w: at 4-bit activations its rounding alone
+                    # moves outputs across levels, so the simulation rounds it the same way
+                    step = source.log_scale.exp() * recipe.scale.reshape(-1)
+                    args[2] = _RoundSTE.apply(args[2] / step) * step
+            result = _OPS[node.op_type](node, args)
+            results = result if isinstance(result, tuple) else (result,)
+            for name, value in zip(node.outputs, results, strict=False):
+                if not name:
+                    continue
+                if quantized and name in self.acts and name not in block.outputs:
+                    value = self.acts[name](value, drop)
+                env[name] = value
+        return tuple(env[name] for name in block.outputs)
+
+    def _lookup(self, graph: TorchGraph, env: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        if name in env:
+            return env[name]
+        if graph.is_constant(name):
+            return graph.constant(name)
+        return self.side[name]
+
+
+def _side_values(graph: TorchGraph, x: torch.Tensor) -> tuple[set[str], dict[str, torch.Tensor]]:
+    """One forward pass on a batch: which tensors are float activations, and the non-float ones (shape
+    arithmetic), which depend on the batch size only and are reused as constants."""
+    env: dict[str, torch.Tensor] = dict(zip(graph.input_names, (x,), strict=True))
+    floats: set[str] = {graph.input_names[0]}
+    side: dict[str, torch.Tensor] = {}
+    for node in graph._nodes:
+        args = [graph._lookup(env, name) if name else None for name in node.inputs]
+        result = _OPS[node.op_type](node, args)
+        results = result if isinstance(result, tuple) else (result,)
+        for name, value in zip(node.outputs, results, strict=False):
+            if name:
+                env[name] = value
+                (floats.add(name) if _is_float(value) else side.__setitem__(name, value))
+    return floats, side
+
+
+def _batches(count: int, batch: int) -> list[slice]:
+    return [slice(start, start + batch) for start in range(0, count, batch)]
+
+
+def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
+                weights: dict[str, WeightGrid], acts: dict[str, ActGrid],
+                biases: dict[str, np.ndarray] | None = None, options: ReconstructOptions | None = None,
+                progress: Callable[[int, int, str, int, int], None] | None = None) -> ReconstructResult:
+    """Learn the roundings and activation step sizes of ``quant_model`` block by block.
+
+    ``fp_model`` is the float graph the targets come from; ``quant_model`` the same graph (same nodes, in the
+    same order) as the grids will be emitted on: its float weights are what the roundings round (DF-MPC's
+    compensated layers, say) and its biases are used as they are (bias correction included). ``weights`` maps
+    layer node names to their grids, ``acts`` quantized tensor names to theirs. ``progress(block, blocks, name,
+    step, steps)`` follows the work.
+    """
+    options = options or ReconstructOptions()
+    start_time = time.perf_counter()
+    torch.manual_seed(options.seed)
+    device = options.device
+    fp, quant = TorchGraph(fp_model).to(device), TorchGraph(quant_model).to(device)
+    if [n.op_type for n in fp._nodes] != [n.op_type for n in quant._nodes]:
+        raise ValueError("reconstruction: the float and quantized graphs differ in their nodes")
+    fp_nodes = dict(zip((n.name for n in quant._nodes), fp._nodes, strict=True))
+    batch = max(1, min(options.batch_size, len(samples)))
+    count = (len(samples) // batch) * batch
+    x_all = torch.from_numpy(np.ascontiguousarray(samples[:count], dtype=np.float32))
+    with torch.no_grad():
+        floats, side = _side_values(quant, x_all[:batch].to(device))
+    runner = _Runner(fp, quant, side)
+    for name, grid in weights.items():
+        node = next(n for n in quant._nodes if n.name == name)
+        w = quant.constant(node.inputs[1]).detach().cpu().numpy()
+        w = np.swapaxes(w, 0, 1) if grid.swap_axes else w
+        runner.recipes[name] = _RoundRecipe(w.astype(np.float64), grid, device)
+    for name, bias in (biases or {}).items():
+        runner.bias[name] = torch.tensor(np.asarray(bias, np.float32), device=device)
+    for name, grid in acts.items():
+        runner.acts[name] = _ActQuant(grid, device)
+    blocks = find_blocks(quant, floats, set(weights))
+    result = ReconstructResult({}, {}, samples=count)
+    # the FP32 and quantized inputs of the current block, for every sample (kept on the CPU)
+    fp_in = q_in = (x_all,)
+    for index, block in enumerate(blocks):
+        block_start = time.perf_counter()
+        fp_list = [fp_nodes[n.name] for n in block.nodes]
+        slices = _batches(count, batch)
+
+        def run_all(values: tuple[torch.Tensor, ...], quantized: bool, block=block, fp_list=fp_list,
+                    slices=slices) -> tuple[torch.Tensor, ...]:
+            outs: list[list[torch.Tensor]] = [[] for _ in block.outputs]
+            with torch.no_grad():
+                for part in slices:
+                    got = runner.run(block, tuple(v[part].to(device) for v in values), quantized=quantized,
+                                     fp_nodes=fp_list)
+                    for store, value in zip(outs, got, strict=True):
+                        store.append(value.cpu())
+            return tuple(torch.cat(store) for store in outs)
+
+        fp_out = run_all(fp_in, False)
+        for name in block.layers:
+            runner.recipes[name].hard = True
+        loss_before = _mse(run_all(q_in, True), fp_out)
+        params_round = [runner.recipes[name].v for name in block.layers]
+        acts_here = [name for name in _block_acts(block, runner.acts)]
+        params_act = [runner.acts[name].log_scale for name in acts_here] if options.learn_act else []
+        if options.steps > 0 and (params_round or params_act):
+            for name in block.layers:
+                runner.recipes[name].hard = False
+            groups = []
+            if params_round:
+                groups.append({"params": params_round, "lr": options.lr_round})
+            if params_act:
+                groups.append({"params": params_act, "lr": options.lr_scale})
+            optimiser = torch.optim.Adam(groups)
+            warm = int(options.warmup * options.steps)
+            generator = torch.Generator().manual_seed(options.seed + index)
+            for step in range(options.steps):
+                pick = torch.randint(0, count, (batch,), generator=generator)
+                values = tuple(v[pick].to(device) for v in q_in)
+                targets = tuple(t[pick].to(device) for t in fp_out)
+                out = runner.run(block, values, quantized=True, drop=options.drop_prob)
+                loss = sum(_channel_sum_mse(o, t) for o, t in zip(out, targets, strict=True))
+                if step >= warm and params_round:
+                    progress_frac = (step - warm) / max(1, options.steps - warm)
+                    beta = options.beta[0] + (options.beta[1] - options.beta[0]) * progress_frac
+                    loss = loss + options.round_weight * sum(runner.recipes[name].regulariser(beta)
+                                                             for name in block.layers)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                if progress is not None and (step % 50 == 0 or step == options.steps - 1):
+                    progress(index, len(blocks), block.layers[0] if block.layers else "", step + 1, options.steps)
+            for name in block.layers:
+                runner.recipes[name].hard = True
+        q_out = run_all(q_in, True)
+        loss_after = _mse(q_out, fp_out)
+        flipped = 0
+        for name in block.layers:
+            recipe = runner.recipes[name]
+            ints = recipe.integers().detach().cpu().numpy().astype(np.int64)
+            flipped += int((ints != recipe.start.cpu().numpy()).sum())
+            result.w_int[name] = ints
+        result.blocks.append(BlockReport(f"block {index + 1}", list(block.layers), acts_here, loss_before,
+                                         loss_after, flipped, time.perf_counter() - block_start))
+        logger.info("reconstruct block %d/%d (%s): mse %.4g -> %.4g, %d flips", index + 1, len(blocks),
+                    ", ".join(block.layers), loss_before, loss_after, flipped)
+        fp_in, q_in = fp_out, q_out
+    result.outputs = tuple(value.numpy() for value in q_in)
+    result.act_scales = {name: act.scale for name, act in runner.acts.items()}
+    result.seconds = time.perf_counter() - start_time
+    return result
+
+
+def _block_acts(block: Block, acts: dict[str, _ActQuant]) -> list[str]:
+    """The activation grids a block applies: its inputs' and those of tensors it produces and reads itself."""
+    names = [name for name in block.inputs if name in acts]
+    names += [name for node in block.nodes for name in node.outputs
+              if name in acts and name not in block.outputs and name not in names]
+    return names
+
+
+def _channel_sum_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BRECQ's reconstruction loss: squared error summed over channels, averaged over samples and positions."""
+    diff = (out - target).pow(2)
+    return diff.sum(1).mean() if diff.dim() > 1 else diff.mean()
+
+
+def _mse(outs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...]) -> float:
+    return float(sum(float((o - t).pow(2).mean()) for o, t in zip(outs, targets, strict=True)))
