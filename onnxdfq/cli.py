@@ -147,7 +147,7 @@ def _methods() -> list[str]:
               help="Percentile of |x| per side for --calib-range percentile.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --calib synth:.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Torch device that generates --calib synth: samples.")
+              help="Torch device that generates --calib synth: samples and runs --reconstruct.")
 @click.option("--format", "fmt", type=click.Choice(["qdq", "qdq-packed", "fakequant"]), default="qdq",
               show_default=True,
               help="QDQ graph; QDQ with 4-/2-bit weights packed as INT4 (opset 21) / INT2 (opset 25) "

@@ -239,12 +239,12 @@ class ReconstructStage(Pass):
     def call(self, ws: Workspace) -> PassReport:
         from dataclasses import replace
 
-        from onnxdfq.eval.calibrate import calibration_samples
+        from onnxdfq.eval.calibrate import calibration_samples, input_shape
         from onnxdfq.quant.scheme import QuantScheme
         from onnxdfq.synth import reconstruct as rec
 
         config = self.config
-        spec = reconstruction_calib(config, ws.calib)
+        spec = reconstruction_calib(config, ws.calib, input_shape(self.template, ws.calib.size))
         samples, info = calibration_samples(self.template, spec, self.progress, input_range=config.input_range)
         info.pop("groups", None)
         weights = {}
@@ -267,6 +267,10 @@ class ReconstructStage(Pass):
             old = ws.weight_quant[name]
             ws.weight_quant[name] = replace(old, w_int=ints.astype(old.w_int.dtype if old.w_int.dtype.kind == "i"
                                                                    else np.int64))
+        if result.biases:
+            layers = {layer.name: layer for layer in graph_layers.read_layers(ws.graph)}
+            for name, bias in result.biases.items():
+                graph_layers.write_bias(layers[name], bias)
         for name, scale in result.act_scales.items():
             ws.act_qparams[name] = replace(ws.act_qparams[name], scale=float(scale))
         ws.float_model = None
@@ -281,7 +285,13 @@ class ReconstructStage(Pass):
         return report
 
 
-def reconstruction_calib(config: QuantConfig, calib: Any) -> Any:
+# from this image side up reconstruction takes fewer samples by default: it holds each block's float and quantized
+# inputs and its targets for every sample (MobileNet-V1's first block at 112 px: 0.3 MB a sample and tensor)
+LARGE_RECONSTRUCT_INPUT = 128
+LARGE_RECONSTRUCT_SAMPLES = 128
+
+
+def reconstruction_calib(config: QuantConfig, calib: Any, input_shape: tuple[int, ...] = ()) -> Any:
     """The samples reconstruction learns on: the run's own samples (data, synth, prior), and DFFG for a model
     whose statistics came from BN (its generator matches the BN statistics, no data)."""
     from dataclasses import replace
@@ -289,6 +299,9 @@ def reconstruction_calib(config: QuantConfig, calib: Any) -> Any:
     from onnxdfq.config import DEFAULT_RECONSTRUCT_SAMPLES
 
     count = config.reconstruct_samples or DEFAULT_RECONSTRUCT_SAMPLES
+    large = len(input_shape) == 3 and min(input_shape[1:]) >= LARGE_RECONSTRUCT_INPUT
+    if config.reconstruct_samples is None and large:
+        count = LARGE_RECONSTRUCT_SAMPLES  # every block's inputs and targets are held for all samples
     if calib.source == "data":
         return replace(calib, samples=config.reconstruct_samples or calib.samples)
     if calib.source in ("synth", "prior"):

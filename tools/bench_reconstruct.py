@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Block reconstruction (--reconstruct) against the grids it starts from: top-1, time and peak memory.
+
+Every row runs `onnxdfq quantize` as a user does (a fresh process, wall time and peak RSS from /usr/bin/time -v)
+and `onnxdfq eval` on the full test set (CIFAR-10 test, 10 000 images; ImageNet val1300). Sample sources: the
+default (DFFG for a model with BN, prior images for a BN-folded one) and real training images (the oracle row:
+`--calib data:` with 256 of CIFAR-10's train5000).
+
+    python tools/bench_reconstruct.py                      # every row; writes tools/results/reconstruct.md/json
+    python tools/bench_reconstruct.py --only resnet20      # one model
+    python tools/bench_reconstruct.py --limit 2000         # fewer test images (a quick look)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("ONNXDFQ_ASSETS", ROOT.parent / "shared" / "assets"))
+CIFAR = ["--preprocess", "imagenet"]  # the shared CIFAR ResNets were trained on ImageNet's mean/std
+MODELS = {
+    "resnet20": ("cifar10/resnet20.onnx", "cifar10/test.npz", CIFAR),
+    "resnet56": ("cifar10/resnet56.onnx", "cifar10/test.npz", CIFAR),
+    "resnet20_folded": ("fold:cifar10/resnet20.onnx", "cifar10/test.npz", CIFAR),
+    "mobilenet_v1_0.75": ("imagenet/mobilenet_v1_0.75.onnx", "imagenet/val1300", ["--preprocess", "inception"]),
+    "efficientnet_lite0": ("imagenet/efficientnet_lite0.onnx", "imagenet/val1300",
+                           ["--mean", "0.498,0.498,0.498", "--std", "0.502,0.502,0.502"]),
+}
+ORACLE = ["--calib", "data:" + str(ASSETS / "cifar10" / "train5000.npz"), "--reconstruct-samples", "256"]
+W4A4 = ["--method", "squant", "--bits", "4", "--act-bits", "4"]
+W3A3 = ["--method", "squant", "--bits", "3", "--act-bits", "3"]
+W4A8 = ["--method", "squant", "--bits", "4", "--act-bits", "8"]
+FL8 = ["--first-last-bits", "8"]
+REC = ["--reconstruct"]
+# (model, label, flags)
+ROWS = [
+    ("resnet20", "W4A4 squant", W4A4),
+    ("resnet20", "W4A4 squant + reconstruct (DFFG)", W4A4 + REC),
+    ("resnet20", "W4A4 fl8 squant", W4A4 + FL8),
+    ("resnet20", "W4A4 fl8 squant + reconstruct (DFFG)", W4A4 + FL8 + REC),
+    ("resnet20", "W4A4 fl8 squant + reconstruct (prior)", W4A4 + FL8 + REC + ["--calib", "prior"]),
+    ("resnet20", "W4A4 fl8 squant + reconstruct (real, oracle)", W4A4 + FL8 + REC + ORACLE),
+    ("resnet20", "W3A3 fl8 squant", W3A3 + FL8),
+    ("resnet20", "W3A3 fl8 squant + reconstruct (DFFG)", W3A3 + FL8 + REC),
+    ("resnet20", "W4A8 squant + reconstruct (DFFG)", W4A8 + REC),
+    ("resnet20", "W8A8 squant + reconstruct (DFFG)", ["--method", "squant"] + REC),
+    ("resnet20_folded", "W4A4 squant", W4A4),
+    ("resnet20_folded", "W4A4 squant + reconstruct (prior)", W4A4 + REC),
+    ("resnet56", "W4A4 fl8 squant", W4A4 + FL8),
+    ("resnet56", "W4A4 fl8 squant + reconstruct (DFFG)", W4A4 + FL8 + REC),
+]
+
+
+def _file(name: str, work: Path) -> Path:
+    source = MODELS[name][0]
+    if not source.startswith("fold:"):
+        return ASSETS / source
+    from onnxdfq.eval.session import fold_batchnorm_copy
+
+    folded = work / f"{name}.onnx"
+    if not folded.exists():
+        fold_batchnorm_copy(str(ASSETS / source.split(":", 1)[1]), folded)
+    return folded
+
+
+def run_row(model: str, flags: list[str], work: Path, limit: int | None) -> dict:
+    out, report = work / "q.onnx", work / "report.json"
+    bin_dir = Path(sys.executable).parent
+    _, data, pre = MODELS[model]
+    proc = subprocess.run(["/usr/bin/time", "-v", str(bin_dir / "onnxdfq"), "quantize", str(_file(model, work)), "-o",
+                           str(out), "-q", "--allow-broken", "--report", str(report), *pre, *flags],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    seconds = int(wall.group(1) or 0) * 3600 + int(wall.group(2)) * 60 + float(wall.group(3))
+    info = json.loads(report.read_text())
+    evaluated = subprocess.run([str(bin_dir / "onnxdfq"), "eval", str(out), "--data", str(ASSETS / data), "--json",
+                                "--batch-size", "250", *(["--limit", str(limit)] if limit else [])],
+                               capture_output=True, text=True, check=True)
+    rec = next((p for p in info["passes"] if p["name"] == "reconstruct"), None)
+    row = {"top1": round(json.loads(evaluated.stdout)["top1"], 2), "wall_s": round(seconds, 1),
+           "peak_mb": round(int(rss.group(1)) / 1024)}
+    if rec is not None:
+        blocks = rec["layers"].values()
+        row.update(samples=f"{rec['params']['samples']} {rec['params']['source']}",
+                   reconstruct_s=rec["params"]["seconds"],
+                   mse_before=round(sum(b["mse_before"] for b in blocks), 4),
+                   mse_after=round(sum(b["mse_after"] for b in blocks), 4))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=None, help="models to run")
+    parser.add_argument("--limit", type=int, default=None, help="test images (default: all)")
+    parser.add_argument("--out", default="reconstruct", help="results/NAME.md and .json")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="onnxdfq-rec-"))
+    rows = []
+    for model, label, flags in ROWS:
+        if args.only and model not in args.only:
+            continue
+        row = {"model": model, "config": label, "flags": " ".join(flags), **run_row(model, flags, work, args.limit)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = ROOT / "tools" / "results"
+    (out / f"{args.out}.json").write_text(json.dumps({"limit": args.limit, "rows": rows}, indent=1))
+    lines = ["# Block reconstruction (tools/bench_reconstruct.py)", "",
+             f"`onnxdfq quantize` then `onnxdfq eval` on {f'the first {args.limit}' if args.limit else 'all'} test "
+             "images (CIFAR-10 test; ImageNet val1300), a fresh process per row on this 2-core machine (wall time and "
+             "peak RSS of the quantize run, sample generation included). fl8 = `--first-last-bits 8`. Samples: DFFG "
+             "(generated from the BN statistics, the default for a model with BN), prior images (the default without "
+             "BN), 256 real CIFAR-10 training images (the oracle). Reconstruction MSE: block output against FP32, "
+             "summed over blocks, before -> after.", "",
+             "| model | config | top-1 | wall s | peak MB | samples | reconstruct s | MSE before -> after |",
+             "|---|---|---:|---:|---:|---|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['config']} | error: {r['error']} | | | | | |")
+            continue
+        mse = f"{r['mse_before']} -> {r['mse_after']}" if "mse_before" in r else ""
+        lines.append(f"| {r['model']} | {r['config']} | {r['top1']:.2f} | {r['wall_s']} | {r['peak_mb']} | "
+                     f"{r.get('samples', '')} | {r.get('reconstruct_s', '')} | {mse} |")
+    (out / f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
