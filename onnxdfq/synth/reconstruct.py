@@ -80,6 +80,9 @@ class ReconstructOptions:
     beta: tuple[float, float] = (20.0, 2.0)  # the regulariser's exponent, annealed from the first to the second
     drop_prob: float = 0.5  # QDrop: chance that an activation element skips quantization while learning
     learn_act: bool = True
+    # samples kept out of the optimisation: a block's loss before and after is measured on them, and a block
+    # that got worse there keeps its start (MobileNet-V1's 768 -> 1001 classifier, fit on 96 samples, fell apart)
+    holdout: float = 0.25
     learn_bias: bool = False  # a learnt offset on each layer's bias (lr_bias), on top of the analytic correction
     lr_bias: float = 1e-3
     seed: int = 0
@@ -91,7 +94,7 @@ class BlockReport:
     name: str
     layers: list[str]
     acts: list[str]
-    loss_before: float  # mean squared error of the block output against FP32, per element, before
+    loss_before: float  # mean squared error of the block output against FP32 per element, held-out samples
     loss_after: float
     flipped: int  # weights whose rounding differs from the start
     seconds: float
@@ -381,6 +384,9 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
     blocks = find_blocks(quant, floats, set(weights))
     result = ReconstructResult({}, {}, samples=count)
     # the FP32 and quantized inputs of the current block, for every sample (kept on the CPU)
+    held = (int(count * options.holdout) // batch) * batch if count >= 2 * batch else 0
+    train = count - held
+    judge = slice(train, count) if held else slice(0, count)  # the samples a block's loss is measured on
     fp_in = q_in = (x_all,)
     for index, block in enumerate(blocks):
         block_start = time.perf_counter()
@@ -401,7 +407,7 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
         fp_out = run_all(fp_in, False)
         for name in block.layers:
             runner.recipes[name].hard = True
-        loss_before = _mse(run_all(q_in, True), fp_out)
+        loss_before = _mse(run_all(q_in, True), fp_out, judge)
         params_round = [runner.recipes[name].v for name in block.layers]
         acts_here = [name for name in _block_acts(block, runner.acts)]
         params_act = [runner.acts[name].log_scale for name in acts_here] if options.learn_act else []
@@ -423,7 +429,7 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
             warm = int(options.warmup * options.steps)
             generator = torch.Generator().manual_seed(options.seed + index)
             for step in range(options.steps):
-                pick = torch.randint(0, count, (batch,), generator=generator)
+                pick = torch.randint(0, train, (batch,), generator=generator)
                 values = tuple(v[pick].to(device) for v in q_in)
                 targets = tuple(t[pick].to(device) for t in fp_out)
                 out = runner.run(block, values, quantized=True, drop=options.drop_prob)
@@ -441,13 +447,13 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
             for name in block.layers:
                 runner.recipes[name].hard = True
         q_out = run_all(q_in, True)
-        loss_after = _mse(q_out, fp_out)
-        if loss_after > loss_before:  # a short run can end worse than it started (QDrop's noise): keep the start
+        loss_after = _mse(q_out, fp_out, judge)
+        if loss_after > loss_before:  # worse on the held-out samples (overfit, or QDrop's noise): keep the start
             with torch.no_grad():
                 for param, value in zip(learnable, saved, strict=True):
                     param.copy_(value)
             q_out = run_all(q_in, True)
-            loss_after = _mse(q_out, fp_out)
+            loss_after = _mse(q_out, fp_out, judge)
         flipped = 0
         for name in block.layers:
             recipe = runner.recipes[name]
@@ -487,5 +493,5 @@ def _channel_sum_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return diff.sum(1).mean() if diff.dim() > 1 else diff.mean()
 
 
-def _mse(outs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...]) -> float:
-    return float(sum(float((o - t).pow(2).mean()) for o, t in zip(outs, targets, strict=True)))
+def _mse(outs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...], part: slice = slice(None)) -> float:
+    return float(sum(float((o[part] - t[part]).pow(2).mean()) for o, t in zip(outs, targets, strict=True)))
