@@ -317,7 +317,7 @@ def _block_bar(quiet: bool):
 
 def _reconstruct_rows(report: dict) -> list[list[str]]:
     params = next((p for p in report["passes"] if p["name"] == "reconstruct"), None)
-    if params is None:
+    if params is None or "skipped" in params["params"]:
         return []
     blocks = list(params["layers"].values())
     before = sum(b["mse_before"] for b in blocks)

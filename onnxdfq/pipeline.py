@@ -244,6 +244,11 @@ class ReconstructStage(Pass):
         from onnxdfq.synth import reconstruct as rec
 
         config = self.config
+        widths = [config.bits, config.act_bits or 8, config.first_last_bits or 8]
+        if config.high_bits is None and min(widths) >= 8:  # (reduce-range's 7-bit layers are 8-bit requests)
+            ws.skipped["reconstruct"] = ("every grid is 8-bit: nothing to gain (ResNet-20 W8A8 91.81 % without, "
+                                         "91.66 with it)")
+            return PassReport(self.name, params={"skipped": ws.skipped["reconstruct"]})
         spec = reconstruction_calib(config, ws.calib, input_shape(self.template, ws.calib.size))
         samples, info = calibration_samples(self.template, spec, self.progress, input_range=config.input_range)
         info.pop("groups", None)
@@ -279,9 +284,9 @@ class ReconstructStage(Pass):
                                                "sample_info": {k: v for k, v in info.items() if k != "groups"},
                                                "seconds": round(result.seconds, 3)}, modified=True)
         if spec.source == "prior":
-            report.warnings.append("--reconstruct learnt on prior images: on the BN-folded ResNet-20 W4A4 that measured "
-                                   "worse than no reconstruction (80.18 vs 81.33 %); check top-1 on real data, or give "
-                                   "samples like the real inputs with --calib data:PATH.npz")
+            report.warnings.append("--reconstruct learnt on prior images: on the BN-folded ResNet-20 W4A4 that "
+                                   "measured worse than no reconstruction (80.18 vs 81.33 %); check top-1 on real "
+                                   "data, or give samples like the real inputs with --calib data:PATH.npz")
         for block in result.blocks:
             report.rows.append(LayerRow(block.name, {"layers": block.layers, "activations": len(block.acts),
                                                      "mse_before": block.loss_before, "mse_after": block.loss_after,

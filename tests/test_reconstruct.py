@@ -143,6 +143,14 @@ def test_cli_reports_blocks_and_first_last_widths(tmp_path, noise_data):
         "mse_before" in row and "mse_after" in row for row in rec_pass["layers"].values())
 
 
+def test_eight_bit_grids_skip_reconstruction_and_say_why(tmp_path, noise_data, captured):
+    path, _ = noise_data
+    result = onnxdfq.quantize_model(basic_block_model(0), method="squant", check=False, calib=f"data:{path}",
+                                    reconstruct=True, reconstruct_steps=20)
+    assert "result" not in captured  # the engine never ran
+    assert "8-bit" in result.report["skipped"]["steps"]["reconstruct"]
+
+
 def test_reconstruct_without_torch_is_one_line(tmp_path):
     model, out = tmp_path / "m.onnx", tmp_path / "m.q.onnx"
     onnx.save(basic_block_model(0), model)
