@@ -134,8 +134,9 @@ def _methods() -> list[str]:
               help="7-bit weights where an 8-bit input is signed (avoids int16 saturation in x86 kernels).")
 @click.option("--calib", default="auto", show_default=True,
               help="Statistics and activation ranges from: auto (bn when the model kept its BatchNormalization, "
-                   "prior otherwise), bn (BN statistics, no data), prior[:pink|mixed|dead_leaves] (procedural "
-                   "images in the model's input space, no data; give --mean/--std), synth:zeroq|dsg|dffg (samples "
+                   "prior otherwise), bn (BN statistics, no data), prior[:auto|pink|dead_leaves|mixed|ensemble] "
+                   "(procedural images in the model's input space, no data; auto: pink below 128 px, a pink/dead-"
+                   "leaves ensemble from 128 px; give --mean/--std), synth:zeroq|dsg|dffg (samples "
                    "generated from the BN statistics; needs the synth extra), or data:PATH.npz (x float32 NCHW "
                    "preprocessed, or uint8 NHWC images with --mean/--std).")
 @click.option("--calib-range", type=click.Choice(["mse", "percentile", "minmax"]), default="mse",
