@@ -69,9 +69,8 @@ def _files(work: Path) -> dict[str, dict[str, Path]]:
     return files
 
 
-def run_cli(model: Path, flags: list[str], work: Path) -> dict:
-    """One `onnxdfq quantize` in a fresh process: wall seconds, peak RSS (MB), the report's quantize seconds."""
-    out, report = work / "q.onnx", work / "report.json"
+def timed_quantize(model: Path, flags: list[str], out: Path, report: Path) -> dict:
+    """`onnxdfq quantize` in a fresh process under /usr/bin/time -v: {"wall_s", "peak_mb"}, or {"error": last line}."""
     cli = Path(sys.executable).parent / "onnxdfq"
     proc = subprocess.run(["/usr/bin/time", "-v", str(cli), "quantize", str(model), "-o", str(out), "-q",
                            "--allow-broken", "--report", str(report), *flags], capture_output=True, text=True)
@@ -80,8 +79,17 @@ def run_cli(model: Path, flags: list[str], work: Path) -> dict:
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     seconds = int(wall.group(1) or 0) * 3600 + int(wall.group(2)) * 60 + float(wall.group(3))
+    return {"wall_s": round(seconds, 2), "peak_mb": round(int(rss.group(1)) / 1024)}
+
+
+def run_cli(model: Path, flags: list[str], work: Path) -> dict:
+    """One `onnxdfq quantize` in a fresh process: wall seconds, peak RSS (MB), the report's quantize seconds."""
+    out, report = work / "q.onnx", work / "report.json"
+    timed = timed_quantize(model, flags, out, report)
+    if "error" in timed:
+        return timed
     data = json.loads(report.read_text())
-    return {"wall_s": round(seconds, 2), "peak_mb": round(int(rss.group(1)) / 1024), "quantize_s":
+    return {**timed, "quantize_s":
             round(data["timings_s"]["total"], 2), "check_s": round(data["timings_s"].get("check", 0.0), 2),
             "statistics": data["statistics"]["source"], "grade": data["fidelity"]["grade"]}
 

@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from bench_cost import timed_quantize  # noqa: E402  (the same /usr/bin/time -v run as the cost table)
+
 ASSETS = Path(os.environ.get("ONNXDFQ_ASSETS", ROOT.parent / "shared" / "assets"))
 CIFAR = ["--preprocess", "imagenet"]  # the shared CIFAR ResNets were trained on ImageNet's mean/std
 MODELS = {
@@ -74,21 +76,16 @@ def run_row(model: str, flags: list[str], work: Path, limit: int | None) -> dict
     out, report = work / "q.onnx", work / "report.json"
     bin_dir = Path(sys.executable).parent
     _, data, pre = MODELS[model]
-    proc = subprocess.run(["/usr/bin/time", "-v", str(bin_dir / "onnxdfq"), "quantize", str(_file(model, work)), "-o",
-                           str(out), "-q", "--allow-broken", "--report", str(report), *pre, *flags],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
-    wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", proc.stderr)
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    seconds = int(wall.group(1) or 0) * 3600 + int(wall.group(2)) * 60 + float(wall.group(3))
+    timed = timed_quantize(_file(model, work), [*pre, *flags], out, report)
+    if "error" in timed:
+        return timed
     info = json.loads(report.read_text())
     evaluated = subprocess.run([str(bin_dir / "onnxdfq"), "eval", str(out), "--data", str(ASSETS / data), "--json",
                                 "--batch-size", "250", *(["--limit", str(limit)] if limit else [])],
                                capture_output=True, text=True, check=True)
     rec = next((p for p in info["passes"] if p["name"] == "reconstruct"), None)
-    row = {"top1": round(json.loads(evaluated.stdout)["top1"], 2), "wall_s": round(seconds, 1),
-           "peak_mb": round(int(rss.group(1)) / 1024)}
+    row = {"top1": round(json.loads(evaluated.stdout)["top1"], 2), "wall_s": round(timed["wall_s"], 1),
+           "peak_mb": timed["peak_mb"]}
     if rec is not None:
         blocks = rec["layers"].values()
         row.update(samples=f"{rec['params']['samples']} {rec['params']['source']}",
