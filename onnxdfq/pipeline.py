@@ -251,7 +251,6 @@ class ReconstructStage(Pass):
             return PassReport(self.name, params={"skipped": ws.skipped["reconstruct"]})
         spec = reconstruction_calib(config, ws.calib, input_shape(self.template, ws.calib.size))
         samples, info = calibration_samples(self.template, spec, self.progress, input_range=config.input_range)
-        info.pop("groups", None)
         weights = {}
         for layer in graph_layers.read_layers(ws.graph):
             quant = ws.weight_quant.get(layer.name)

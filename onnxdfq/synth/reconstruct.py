@@ -282,7 +282,6 @@ class _Runner:
         self.fp, self.quant, self.side = fp, quant, side
         self.recipes: dict[str, _RoundRecipe] = {}
         self.acts: dict[str, _ActQuant] = {}
-        self.bias: dict[str, torch.Tensor] = {}  # layer -> its (corrected) bias on the quantized path
 
     def run(self, block: Block, values: tuple[torch.Tensor, ...], *, quantized: bool, drop: float = 0.0,
             fp_nodes: list[NodeSpec] | None = None) -> tuple[torch.Tensor, ...]:
@@ -297,8 +296,6 @@ class _Runner:
             if quantized and node.name in self.recipes:
                 recipe = self.recipes[node.name]
                 args[1] = recipe.weight()
-                if node.name in self.bias and len(args) > 2:
-                    args[2] = self.bias[node.name]
                 if len(args) > 2 and args[2] is not None:
                     args[2] = args[2] + recipe.bias_delta
                 source = self.acts.get(node.inputs[0])
@@ -347,8 +344,7 @@ def _batches(count: int, batch: int) -> list[slice]:
 
 
 def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
-                weights: dict[str, WeightGrid], acts: dict[str, ActGrid],
-                biases: dict[str, np.ndarray] | None = None, options: ReconstructOptions | None = None,
+                weights: dict[str, WeightGrid], acts: dict[str, ActGrid], options: ReconstructOptions | None = None,
                 progress: Callable[[int, int, str, int, int], None] | None = None) -> ReconstructResult:
     """Learn the roundings and activation step sizes of ``quant_model`` block by block.
 
@@ -379,8 +375,6 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
         w = quant.constant(node.inputs[1]).detach().cpu().numpy()
         w = np.swapaxes(w, 0, 1) if grid.swap_axes else w
         runner.recipes[name] = _RoundRecipe(w.astype(np.float64), grid, device)
-    for name, bias in (biases or {}).items():
-        runner.bias[name] = torch.tensor(np.asarray(bias, np.float32), device=device)
     for name, grid in acts.items():
         runner.acts[name] = _ActQuant(grid, device)
     blocks = find_blocks(quant, floats, set(weights))
