@@ -104,7 +104,18 @@ def _methods() -> list[str]:
               help="squant (SQuant rounding + bias correction: the best W8A8 measured), nearest (round to nearest, "
                    "no correction), dfq (cross-layer equalization, high-bias absorption, bias correction: per-tensor "
                    "weights, depthwise nets), dfmpc (mixed precision --bits LOW/HIGH).")
-@click.option("--bits", default="8", show_default=True, help="Weight bits 2..8, or LOW/HIGH for dfmpc (e.g. 2/6).")
+@click.option("--bits", default="8", show_default=True,
+              help="Weight bits 2..8, LOW/HIGH for dfmpc (e.g. 2/6), or auto: a width per layer chosen without data "
+                   "under --avg-bits or --size-budget.")
+@click.option("--avg-bits", type=float, default=None, metavar="B",
+              help="With --bits auto: average weight bits over the parameters (e.g. 4.5).")
+@click.option("--size-budget", type=float, default=None, metavar="F",
+              help="With --bits auto: the output file at most this fraction of the FP32 file (e.g. 0.25); weights "
+                   "packed (INT4 up to 4 bits, INT2 at 2 bits, which runs unfused in onnxruntime).")
+@click.option("--sensitivity", type=click.Choice(["measured", "proxy"]), default="measured", show_default=True,
+              help="With --bits auto: each layer's cost at each width measured at the output on calibration "
+                   "samples (prior images unless --calib gives samples), or a proxy from weight noise and the "
+                   "layer statistics, with no inference.")
 @click.option("--act-bits", default="auto", show_default=True,
               help="Activation bits 2..8, 'none' (float), or auto: 8, and none (float) for dfmpc.")
 @click.option("--dfmpc-opt", "dfmpc_opts", multiple=True, metavar="KEY=VALUE",
@@ -180,7 +191,8 @@ def _methods() -> list[str]:
               help="Exit with status 3, writing nothing, when an output's SQNR on the probe images is below DB.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only warnings and errors.")
 @_friendly
-def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str, dfmpc_opts: tuple[str, ...],
+def quantize(model: Path, output: Path, method: str, bits: str, avg_bits: float | None, size_budget: float | None,
+             sensitivity: str, act_bits: str, dfmpc_opts: tuple[str, ...],
              granularity: str,
              cle: bool | None, absorb_bias: bool | None, bias_correction: bool | None, squant_stages: str | None,
              sigmas: float,
@@ -217,10 +229,13 @@ def quantize(model: Path, output: Path, method: str, bits: str, act_bits: str, d
                    calib_percentile=calib_percentile, seed=seed, device=device,
                    mean=_floats(mean, "--mean"), std=_floats(std, "--std"), preprocess=preprocess, size=_size(size),
                    reconstruct=reconstruct or None, reconstruct_steps=reconstruct_steps,
-                   reconstruct_samples=reconstruct_samples, first_last_bits=first_last_bits)
+                   reconstruct_samples=reconstruct_samples, first_last_bits=first_last_bits,
+                   avg_bits=avg_bits, size_budget=size_budget,
+                   sensitivity=sensitivity if bits.strip().lower() == "auto" else None)
     start = time.perf_counter()
     progress = _loss_bar("synth", quiet)
     progress.reconstruct = _block_bar(quiet)
+    progress.allocation = _count_bar("sensitivity", "run", quiet)
     result = quantize_model(str(model), method=method, bits=bits, act_bits=act_bits, granularity=granularity,
                             calib_progress=progress,
                             **{k: v for k, v in options.items() if v is not None})
@@ -316,6 +331,53 @@ def _block_bar(quiet: bool):
     return update
 
 
+def _count_bar(desc: str, unit: str, quiet: bool):
+    """A progress callback (done, total): a tqdm bar on a terminal, a line every 10 % elsewhere."""
+    from tqdm import tqdm
+
+    state: dict = {}
+
+    def update(done: int, total: int) -> None:
+        if quiet:
+            return
+        if not sys.stderr.isatty():
+            now = time.perf_counter()
+            state.setdefault("start", now)
+            tenth = done * 10 // max(total, 1)
+            if tenth > state.get("tenth", 0):
+                state["tenth"] = tenth
+                left = (now - state["start"]) / done * (total - done)
+                click.echo(f"{desc}: {done}/{total} {unit}s, about {left:.0f} s left", err=True)
+            return
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
+        state["bar"].update(done - state["bar"].n)
+        if done >= total:
+            state["bar"].close()
+
+    return update
+
+
+def _allocation_rows(report: dict) -> list[list[str]]:
+    """Summary rows for --bits auto: the budget, what was chosen, how many layers got each width."""
+    entry = next((p for p in report["passes"] if p["name"] == "bit_allocation"), None)
+    if entry is None:
+        return []
+    p = entry["params"]
+    counts: dict[int, int] = {}
+    for row in entry["layers"].values():
+        counts[row["bits"]] = counts.get(row["bits"], 0) + 1
+    for bits in p["fixed"].values():
+        counts[bits] = counts.get(bits, 0) + 1
+    budget = f"{p['budget_value']:g} bits a weight" if p["budget"] == "avg_bits" else \
+        f"{p['budget_value'] / 1024:.1f} KiB file"
+    samples = next((q["params"] for q in report["passes"] if q["name"] == "bit_allocation_samples"), {})
+    how = f"measured on {samples['samples']} {samples['source']} samples ({samples.get('runs', 0)} runs)" \
+        if p["sensitivity"] == "measured" else "proxy (no inference)"
+    return [["bit allocation", f"budget {budget}; {p['average_bits']:.2f} bits on average; sensitivity {how}"],
+            ["layers per width", ", ".join(f"{b}-bit: {n}" for b, n in sorted(counts.items()))]]
+
+
 def _reconstruct_rows(report: dict) -> list[list[str]]:
     params = next((p for p in report["passes"] if p["name"] == "reconstruct"), None)
     if params is None or "skipped" in params["params"]:
@@ -386,6 +448,7 @@ def _summary(report: dict, model: Path) -> str:
         ["layers quantized", f"{len(layers)}  (avg {report['average_weight_bits']:.2f} weight bits)"],
         ["layer inputs quantized", _coverage_line(report["layer_inputs"])],
         *_dfmpc_rows(report),
+        *_allocation_rows(report),
         ["layer statistics", _statistics_line(report["statistics"])],
         ["7-bit (reduce-range)", _names(report["reduced_range_layers"])],
         ["steps not run", ", ".join(f"{k} ({v})" for k, v in report["skipped"]["steps"].items()) or "-"],

@@ -24,7 +24,7 @@ from onnxdfq.quant.scheme import parse_act_bits, parse_bits
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "FORMATS", "TARGETS", "GRANULARITIES", "CALIB_SOURCES", "SAMPLE_SOURCES",
            "PRIOR_GENERATORS", "DEFAULT_SIGMAS", "LOW_BIT_SIGMAS", "PRIOR_SIGMAS", "CalibSpec", "SQuantOptions",
-           "DFMPCOptions", "QuantConfig", "make_config", "valid_options"]
+           "DFMPCOptions", "QuantConfig", "make_config", "valid_options", "AUTO_WIDTHS", "SENSITIVITY_MODES"]
 
 # method -> its weight rounder and the defaults of its optional steps (None in QuantConfig: use these)
 METHODS: dict[str, dict[str, Any]] = {
@@ -68,6 +68,9 @@ DEFAULT_ESTIMATOR = "mse"
 # block reconstruction (--reconstruct): optimiser steps per block and calibration samples
 DEFAULT_RECONSTRUCT_STEPS = 500
 DEFAULT_RECONSTRUCT_SAMPLES = 256
+# --bits auto: the weight widths each layer may get, and how their cost at the output is found
+AUTO_WIDTHS = (2, 3, 4, 5, 6, 8)
+SENSITIVITY_MODES = ("measured", "proxy")
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,13 @@ class QuantConfig:
     # the first layer (weights and input) and the last layer (weights and input) at this width: the protocol
     # the low-bit literature reports; None: every layer at --bits / --act-bits
     first_last_bits: int | None = None
+    # --bits auto: per-layer weight widths chosen under one budget, avg_bits (grid bits per weight, over
+    # parameters) or size_budget (fraction of the FP32 file, packed); see onnxdfq.passes.bit_allocation
+    auto_bits: bool = False
+    avg_bits: float | None = None
+    size_budget: float | None = None
+    sensitivity: str = "measured"
+    auto_widths: tuple[int, ...] = AUTO_WIDTHS
 
     @property
     def bn_sigmas(self) -> float:
@@ -283,7 +293,8 @@ CALIB_OPTIONS = {"calib_range": "estimator", "calib_samples": "samples", "calib_
                  "seed": "seed", "device": "device", "calib_batch_size": "batch_size", "mean": "mean",
                  "std": "std", "synth_options": "synth_options", "size": "size"}
 _DIRECT = ("cle", "absorb_bias", "bias_correction", "sigmas", "reduce_range", "input_range", "fmt", "target",
-           "quantize_outputs", "reconstruct", "reconstruct_steps", "reconstruct_samples", "first_last_bits")
+           "quantize_outputs", "reconstruct", "reconstruct_steps", "reconstruct_samples", "first_last_bits",
+           "avg_bits", "size_budget", "sensitivity", "auto_widths")
 # every keyword make_config takes besides method, bits, act_bits and granularity
 OPTIONS = (*_DIRECT, "calib", *CALIB_OPTIONS, "preprocess", "squant_stages", "dfmpc")
 
@@ -316,8 +327,9 @@ def make_config(method: str = DEFAULT_METHOD, bits: int | str = 8, act_bits: int
         raise OptionError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
     if isinstance(act_bits, str) and act_bits.strip().lower() == "auto":
         act_bits = METHODS[method]["act_bits"]
+    auto = isinstance(bits, str) and bits.strip().lower() == "auto"
     try:
-        low, high = parse_bits(bits)
+        low, high = (8, None) if auto else parse_bits(bits)
         act = parse_act_bits(act_bits)
     except ValueError as exc:
         raise OptionError(str(exc)) from None
@@ -351,6 +363,7 @@ def make_config(method: str = DEFAULT_METHOD, bits: int | str = 8, act_bits: int
             raise OptionError(f"--input-range takes LO,HI with LO < HI, got {direct['input_range']!r}")
         direct["input_range"] = (lo, hi)
     _check_reconstruct(direct, high)
+    _check_auto_bits(direct, auto, method)
     calib = _calib_spec(options)
     preprocessing = resolve_preprocessing(calib.mean, calib.std, preset=options.get("preprocess"),
                                           input_range=direct.get("input_range"))
@@ -360,7 +373,8 @@ def make_config(method: str = DEFAULT_METHOD, bits: int | str = 8, act_bits: int
         direct["input_range"] = preprocessing.input_range
     squant = SQuantOptions(tuple(options["squant_stages"])) if options.get("squant_stages") else SQuantOptions()
     return QuantConfig(method=method, bits=low, high_bits=high, act_bits=act, per_channel=granularity == "channel",
-                       calib=calib, squant=squant, dfmpc=DFMPCOptions.from_mapping(options.get("dfmpc")),
+                       auto_bits=auto, calib=calib, squant=squant,
+                       dfmpc=DFMPCOptions.from_mapping(options.get("dfmpc")),
                        preprocessing=preprocessing, **direct)
 
 
@@ -380,6 +394,43 @@ def _check_reconstruct(direct: dict[str, Any], high: int | None) -> None:
         if importlib.util.find_spec("torch") is None:
             raise OptionError("--reconstruct runs on PyTorch, which is not installed: pip install "
                               "'onnxdfq[synth]' torch==2.13.0 (the pin takes the CPU build)")
+
+
+def _check_auto_bits(direct: dict[str, Any], auto: bool, method: str) -> None:
+    """--bits auto takes exactly one budget (--avg-bits or --size-budget); the budgets need --bits auto."""
+    budgets = [key for key in ("avg_bits", "size_budget") if direct.get(key) is not None]
+    if not auto:
+        if budgets:
+            raise OptionError(f"--{budgets[0].replace('_', '-')} is a budget for per-layer widths: give --bits auto")
+        return
+    if len(budgets) != 1:
+        raise OptionError("--bits auto needs one budget: --avg-bits N (grid bits per weight, e.g. 4.5) or "
+                          "--size-budget F (fraction of the FP32 file, packed, e.g. 0.25)")
+    if method == "dfmpc":
+        raise OptionError("--bits auto chooses one width per layer with the method's rounding; DF-MPC pairs its "
+                          "own LOW/HIGH layers: use --method squant (default), nearest or dfq")
+    widths = tuple(sorted({int(b) for b in direct.get("auto_widths") or AUTO_WIDTHS}))
+    if not all(2 <= b <= 8 for b in widths):
+        raise OptionError(f"candidate widths must be in 2..8, got {list(widths)}")
+    direct["auto_widths"] = widths
+    if direct.get("avg_bits") is not None:
+        value = float(direct["avg_bits"])
+        if not widths[0] <= value <= widths[-1]:
+            raise OptionError(f"--avg-bits must be between {widths[0]} and {widths[-1]} (the candidate widths), "
+                              f"got {value:g}")
+        direct["avg_bits"] = value
+    if direct.get("size_budget") is not None:
+        value = float(direct["size_budget"])
+        if not 0 < value <= 1:
+            raise OptionError(f"--size-budget is a fraction of the FP32 file in (0, 1], got {value:g}")
+        direct["size_budget"] = value
+        fmt = direct.get("fmt", "qdq")
+        if fmt == "fakequant":
+            raise OptionError("--size-budget counts the packed QDQ file; --format fakequant stores float weights")
+        direct["fmt"] = "qdq-packed"  # the budget counts packed weights: the file must hold them packed
+    if direct.get("sensitivity", "measured") not in SENSITIVITY_MODES:
+        raise OptionError(f"--sensitivity must be one of {', '.join(SENSITIVITY_MODES)}, "
+                          f"got {direct['sensitivity']!r}")
 
 
 def _calib_spec(options: dict[str, Any]) -> CalibSpec:

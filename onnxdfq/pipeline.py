@@ -51,9 +51,12 @@ class QuantResult:
     config: QuantConfig | None = None  # the settings it was made with (defaults resolved)
 
 
-def build_passes(config: QuantConfig, template: Any, progress: Any = None) -> list[Pass]:
+def build_passes(config: QuantConfig, template: Any, progress: Any = None, *, fp32_bytes: int | None = None,
+                 size_overhead: float | None = None) -> list[Pass]:
     """The passes of one run, in order. ``template`` is the prepared FP32 ModelProto (samples run
-    through it; the output keeps its metadata); ``progress(step, total, loss)`` follows sample generation."""
+    through it; the output keeps its metadata); ``progress(step, total, loss)`` follows sample generation.
+    ``fp32_bytes`` (the user's file) and ``size_overhead`` (its non-weight bytes, None: estimated) size
+    --size-budget."""
     grids = config.act_bits is not None and config.fmt != "fakequant"
     # TensorRT's explicit quantization takes float biases (it folds them into its own kernels) and has no
     # int16-saturating x86 kernels to avoid: int32 biases and 7-bit weights are onnxruntime CPU's needs
@@ -68,6 +71,8 @@ def build_passes(config: QuantConfig, template: Any, progress: Any = None) -> li
     if config.step("absorb_bias"):
         passes.append(BiasAbsorptionPass())
     passes.append(WeightRangesPass("final"))
+    if config.auto_bits:
+        passes.append(BitAllocationStage(config, template, progress, fp32_bytes=fp32_bytes, overhead=size_overhead))
     if config.act_bits is not None:
         passes.append(ActivationRangeStage(config, template, progress))
     if grids:
@@ -90,7 +95,8 @@ def build_passes(config: QuantConfig, template: Any, progress: Any = None) -> li
         passes.append(ReconstructStage(config, template, progress))
     if int_bias:
         passes.append(BiasQParamsPass())
-    passes.append(EmitPass(template, config.fmt))
+    # a size budget counts 2-bit weights at 2 bits: they are stored in INT2 (run unfused, see graph/packing.py)
+    passes.append(EmitPass(template, config.fmt, int2=config.size_budget is not None))
     return passes
 
 
@@ -211,6 +217,106 @@ class FirstLastWidthsPass(Pass):
                           modified=True)
 
 
+# samples the sensitivity of each (layer, width) is measured on: one forward pass each (MobileNet-V1 at 224 px,
+# 28 layers x 6 widths x 32 images); below 128 px more, they are cheap
+SENSITIVITY_SAMPLES = 64
+LARGE_SENSITIVITY_SAMPLES = 32
+
+
+class BitAllocationStage(Pass):
+    """--bits auto: measure every layer's sensitivity at every candidate width on calibration samples (prior
+    images, or the run's own samples), then choose the widths under the budget (passes/bit_allocation.py)."""
+
+    name = "bit_allocation_samples"
+    changes_graph = False
+
+    def __init__(self, config: QuantConfig, template: Any, progress: Any = None, *, fp32_bytes: int | None = None,
+                 overhead: float | None = None) -> None:
+        self.config, self.template, self.progress = config, template, progress
+        self.fp32_bytes, self.overhead = fp32_bytes, overhead
+
+    def call(self, ws: Workspace) -> PassReport:
+        from onnxdfq.passes.bit_allocation import BitAllocationPass
+        from onnxdfq.passes.weight_quant import get_rounder
+
+        config = self.config
+        layers = graph_layers.read_layers(ws.graph)
+        budget = allocation_budget(config, self.fp32_bytes or self.template.ByteSize(), layers, self.overhead)
+        rounder = get_rounder(config.rounder, stages=config.squant.stages)
+        params: dict[str, Any] = {"sensitivity": config.sensitivity}
+        measure = None
+        if config.sensitivity == "measured":
+            measure, info = self._measurer(ws, layers)
+            params.update(info)
+        step = BitAllocationPass(budget, rounder, widths=config.auto_widths, per_channel=config.per_channel,
+                                 bias_correction=config.step("bias_correction"), measure=measure,
+                                 progress=getattr(self.progress, "allocation", None))
+        step(ws)
+        if measure is not None:
+            params["runs"] = measure.runs
+        return PassReport(self.name, params=params)
+
+    def _measurer(self, ws: Workspace, layers: list) -> tuple[Any, dict[str, Any]]:
+        from dataclasses import replace
+
+        from onnxdfq.eval.calibrate import calibration_samples, input_shape
+        from onnxdfq.eval.sensitivity import OutputSensitivity
+
+        shape = input_shape(self.template, ws.calib.size)
+        count = LARGE_SENSITIVITY_SAMPLES if len(shape) == 3 and min(shape[1:]) >= 128 else SENSITIVITY_SAMPLES
+        if ws.observer is not None and ws.observer.samples is not None:
+            samples = ws.observer.subset(count).samples
+            label = ws.calib.label
+        else:
+            spec = ws.calib if ws.calib.source in SAMPLE_SOURCES else ws.calib.resolved("prior")
+            spec = replace(spec, samples=min(spec.samples or count, count))
+            samples, _ = calibration_samples(self.template, spec, self.progress, input_range=self.config.input_range)
+            label = spec.label
+        model, names, defaults = surgery.model_with_weight_inputs(ws.graph, layers, self.template)
+        runner = OutputSensitivity(model, defaults, samples)
+
+        def measure(layer: Any, candidate: Any) -> float:
+            weight_name, bias_name = names[layer.name]
+            feeds = {weight_name: graph_layers.stored_weight(layer, candidate.weight)}
+            if bias_name is not None and candidate.bias is not None:
+                feeds[bias_name] = candidate.bias
+            return runner.noise(feeds)
+
+        return _Measure(measure, runner), {"samples": int(len(samples)), "source": label}
+
+
+class _Measure:
+    """The measure callable, with the number of forward passes it ran (for the report)."""
+
+    def __init__(self, function: Any, runner: Any) -> None:
+        self.function, self.runner = function, runner
+
+    def __call__(self, layer: Any, candidate: Any) -> float:
+        return self.function(layer, candidate)
+
+    @property
+    def runs(self) -> int:
+        return self.runner.runs
+
+
+def allocation_budget(config: QuantConfig, fp32_bytes: int, layers: list, overhead: float | None = None) -> Any:
+    """The --bits auto budget. A size budget counts the packed file: ``overhead`` bytes of it are not weights
+    (None: estimated from the FP32 file and the QDQ nodes each layer and activation brings)."""
+    from onnxdfq.passes.bit_allocation import Budget
+
+    if config.avg_bits is not None:
+        return Budget(avg_bits=config.avg_bits)
+    fp32 = float(fp32_bytes)
+    if overhead is None:
+        weights = sum(4.0 * layer.weight.size for layer in layers)
+        channels = sum(layer.out_channels for layer in layers)
+        # per output channel a weight scale, an int32 bias with its scale and zero point (measured ~13 B);
+        # per layer its DequantizeLinear nodes and value infos (~900 B); per activation grid a Q/DQ pair (~800 B)
+        acts = len(layers) if config.act_bits is not None else 0
+        overhead = max(fp32 - weights, 0.0) + 13.0 * channels + 900.0 * len(layers) + 800.0 * acts
+    return Budget(size_bytes=config.size_budget * fp32, overhead_bytes=overhead, packed=True, int2=True)
+
+
 class SnapshotFloatPass(Pass):
     """Keep the float graph as it stands before any weight is quantized (folded, equalized: the FP32 function),
     for block reconstruction's targets."""
@@ -245,7 +351,8 @@ class ReconstructStage(Pass):
 
         config = self.config
         widths = [config.bits, config.act_bits or 8, config.first_last_bits or 8]
-        if config.high_bits is None and min(widths) >= 8:  # (reduce-range's 7-bit layers are 8-bit requests)
+        # (reduce-range's 7-bit layers are 8-bit requests)
+        if config.high_bits is None and not config.auto_bits and min(widths) >= 8:
             ws.skipped["reconstruct"] = ("every grid is 8-bit: nothing to gain (ResNet-20 W8A8 91.81 % without, "
                                          "91.66 with it)")
             return PassReport(self.name, params={"skipped": ws.skipped["reconstruct"]})
@@ -378,17 +485,29 @@ def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int |
     timings: dict[str, float] = {}
     start = time.perf_counter()
     model, source = _load(model_or_path)
+    fp32_bytes = model.ByteSize()  # what --size-budget is a fraction of: the file as the user has it
     model = graph_io.prepare_model(model)
     preprocessing = _check_preprocessing(model, config)
-    ws = Workspace(graph=surgery.import_graph(model), input_range=config.input_range)
-    graph_layers.ensure_node_names(ws.graph)
     timings["load"] = time.perf_counter() - start
-    unhandled = patterns.unhandled_ops(ws.graph)
-    if unhandled:
-        ws.warnings.append("ops onnxdfq does not model run in float between the quantized layers: "
-                           + ", ".join(f"{op} (x{count})" for op, count in sorted(unhandled.items())))
-    for step in build_passes(config, model, calib_progress):
-        step(ws)
+    overhead = None
+    for _attempt in range(SIZE_BUDGET_ATTEMPTS):
+        ws = Workspace(graph=surgery.import_graph(model), input_range=config.input_range)
+        graph_layers.ensure_node_names(ws.graph)
+        unhandled = patterns.unhandled_ops(ws.graph)
+        if unhandled:
+            ws.warnings.append("ops onnxdfq does not model run in float between the quantized layers: "
+                               + ", ".join(f"{op} (x{count})" for op, count in sorted(unhandled.items())))
+        for step in build_passes(config, model, calib_progress, fp32_bytes=fp32_bytes, size_overhead=overhead):
+            step(ws)
+        if config.size_budget is None or ws.emitted.ByteSize() <= config.size_budget * fp32_bytes:
+            break
+        # the estimate of what is not weights was short: plan again with the exact figure of this file
+        overhead = ws.emitted.ByteSize() - _weight_file_bytes(ws)
+        logger.info("--size-budget: %d B over; allocating again with %d B of overhead",
+                    ws.emitted.ByteSize() - config.size_budget * fp32_bytes, overhead)
+    else:
+        raise OptionError(f"--size-budget {config.size_budget:g}: the file is {ws.emitted.ByteSize()} bytes, above "
+                          f"{config.size_budget * fp32_bytes:.0f}; give a larger budget")
     timings["total"] = time.perf_counter() - start
     for pass_report in ws.reports:
         timings[pass_report.name] = timings.get(pass_report.name, 0.0) + pass_report.seconds
@@ -408,6 +527,18 @@ def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int |
     return QuantResult(ws.emitted, report, config)
 
 
+SIZE_BUDGET_ATTEMPTS = 3
+
+
+def _weight_file_bytes(ws: Workspace) -> float:
+    """Bytes the quantized weights and their zero points take in the packed file, as the allocation counts them."""
+    from onnxdfq.quant.allocation import storage_bits
+
+    layers = {layer.name: layer for layer in ws.emitted_layers}
+    return sum((q.w_int.size + layers[name].out_channels) * storage_bits(q.bits, True, True) / 8
+               for name, q in ws.weight_quant.items() if name in layers)
+
+
 def _check_preprocessing(model: Any, config: QuantConfig) -> Preprocessing | None:
     """The preprocessing to record in the output: what the user gave (checked against the input's channels),
     else what the model's own metadata says; None when neither (the prior then assumes ImageNet's, and says so)."""
@@ -422,7 +553,10 @@ def _check_preprocessing(model: Any, config: QuantConfig) -> Preprocessing | Non
 def _width_setting(config: QuantConfig) -> tuple[str, bool]:
     """'W4A8'-style name of the widths asked for, and whether any is under 8 bits (lower fidelity expected)."""
     weights = f"{config.bits}/{config.high_bits}" if config.high_bits else str(config.bits)
-    narrow = config.bits < 8 or (config.act_bits is not None and config.act_bits < 8)
+    if config.auto_bits:
+        weights = f"auto({config.avg_bits:g} avg)" if config.avg_bits is not None else \
+            f"auto({config.size_budget:g} of FP32)"
+    narrow = config.auto_bits or config.bits < 8 or (config.act_bits is not None and config.act_bits < 8)
     return f"W{weights}A{config.act_bits or 'fp32'}", narrow
 
 

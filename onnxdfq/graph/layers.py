@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 __all__ = ["ACT_OPS", "LAYER_OPS", "Activation", "Layer", "read_layers", "write_weight", "write_bias",
-           "single_consumer", "producer", "const_value", "ensure_node_names", "activation_after"]
+           "stored_weight", "single_consumer", "producer", "const_value", "ensure_node_names", "activation_after"]
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +198,11 @@ def _stored_layout(layer: Layer, weight: np.ndarray) -> np.ndarray:
     if layer.stored_out_axis == 1 and layer.op_type in ("Gemm", "MatMul"):
         return weight.T
     return weight
+
+
+def stored_weight(layer: Layer, weight: np.ndarray) -> np.ndarray:
+    """A canonical-layout weight of ``layer`` in the layout its initializer stores (float32, contiguous)."""
+    return np.ascontiguousarray(_stored_layout(layer, np.asarray(weight, np.float32)))
 
 
 def write_weight(layer: Layer, weight: np.ndarray) -> None:

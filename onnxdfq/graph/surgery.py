@@ -10,7 +10,7 @@ from onnxdfq.graph.layers import Layer
 
 __all__ = ["import_graph", "export_model", "insert_activation_qdq", "dequantize_weight", "dequantize_bias",
            "insert_channel_min", "integer_channel_min", "replace_activation", "set_channel_bound", "bypass_node",
-           "model_with_outputs", "model_with_moments", "MOMENT_OUTPUTS"]
+           "model_with_outputs", "model_with_moments", "model_with_weight_inputs", "MOMENT_OUTPUTS"]
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -219,6 +219,42 @@ def model_with_outputs(graph: gs.Graph, tensors: list[str], template: onnx.Model
         extra.append(tensor)
     copy.outputs = list(copy.outputs) + extra
     return export_model(copy, template)
+
+
+def model_with_weight_inputs(graph: gs.Graph, layers: list[Layer], template: onnx.ModelProto
+                             ) -> tuple[onnx.ModelProto, dict[str, tuple[str, str | None]], dict[str, np.ndarray]]:
+    """A ModelProto of a copy of ``graph`` in which every layer's weight and bias are graph inputs, so that one
+    onnxruntime session can run the model with any layer's weights swapped (sensitivity measurements).
+
+    Conv and Gemm layers without a bias get a zero bias input (a bias-corrected candidate needs one).
+    Returns the model, layer -> (weight input, bias input or None for MatMul) and the float values to feed.
+    """
+    copy = graph.copy()
+    nodes = {node.name: node for node in copy.nodes}
+    names: dict[str, tuple[str, str | None]] = {}
+    values: dict[str, np.ndarray] = {}
+    new_inputs = []
+    for layer in layers:
+        node = nodes[layer.name]
+        weight = gs.Variable(f"{layer.name}/weight_input", dtype=np.float32, shape=list(node.inputs[1].shape))
+        values[weight.name] = np.asarray(node.inputs[1].values, np.float32)
+        node.inputs[1] = weight
+        new_inputs.append(weight)
+        bias_name = None
+        if layer.op_type != "MatMul":
+            bias = gs.Variable(f"{layer.name}/bias_input", dtype=np.float32, shape=[layer.out_channels])
+            values[bias.name] = np.zeros(layer.out_channels, np.float32) if layer.bias is None else \
+                np.asarray(layer.bias, np.float32)
+            if len(node.inputs) > 2:
+                node.inputs[2] = bias
+            else:
+                node.inputs.append(bias)
+            new_inputs.append(bias)
+            bias_name = bias.name
+        names[layer.name] = (weight.name, bias_name)
+    copy.inputs = list(copy.inputs) + new_inputs
+    copy.cleanup()
+    return export_model(copy, template), names, values
 
 
 # what `model_with_moments` adds per observed tensor (graph outputs named <tensor>/<KIND>)

@@ -28,8 +28,8 @@ class EmitPass(Pass):
     name = "emit"
     changes_graph = False  # the last step: nothing reads the graph after it
 
-    def __init__(self, template: Any, fmt: str = "qdq") -> None:
-        self.template, self.fmt = template, fmt
+    def __init__(self, template: Any, fmt: str = "qdq", int2: bool = False) -> None:
+        self.template, self.fmt, self.int2 = template, fmt, int2
 
     def call(self, ws: Workspace) -> PassReport:
         report = PassReport(self.name, params={"format": self.fmt})
@@ -49,7 +49,7 @@ class EmitPass(Pass):
                 report.rows.append(LayerRow(name, row))
                 continue
             surgery.dequantize_weight(graph, layer, quant.w_int, quant.scale)
-            width = packing.packed_type(quant.bits) if self.fmt == "qdq-packed" else None
+            width = packing.packed_type(quant.bits, self.int2) if self.fmt == "qdq-packed" else None
             if width is not None:
                 to_pack[f"{layer.name}.weight_quantized"] = width
             if name in ws.bias_qparams:
@@ -73,6 +73,9 @@ class EmitPass(Pass):
                 if width is not None:
                     row.values["storage"] = f"int{width}"
             report.params["packed_layers"] = len(packed)
+            guarded = packing.guard_int2_fusion(model)
+            if guarded:
+                report.params["int2_unfused_layers"] = guarded
         ws.emitted = model
         report.modified = True
         return report
