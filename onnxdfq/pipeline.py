@@ -52,11 +52,11 @@ class QuantResult:
 
 
 def build_passes(config: QuantConfig, template: Any, progress: Any = None, *, fp32_bytes: int | None = None,
-                 size_overhead: float | None = None) -> list[Pass]:
+                 size_overhead: float | None = None, sensitivity_cache: dict | None = None) -> list[Pass]:
     """The passes of one run, in order. ``template`` is the prepared FP32 ModelProto (samples run
     through it; the output keeps its metadata); ``progress(step, total, loss)`` follows sample generation.
     ``fp32_bytes`` (the user's file) and ``size_overhead`` (its non-weight bytes, None: estimated) size
-    --size-budget."""
+    --size-budget; ``sensitivity_cache`` keeps --bits auto's measurements for a second run over the same model."""
     grids = config.act_bits is not None and config.fmt != "fakequant"
     # TensorRT's explicit quantization takes float biases (it folds them into its own kernels) and has no
     # int16-saturating x86 kernels to avoid: int32 biases and 7-bit weights are onnxruntime CPU's needs
@@ -72,7 +72,8 @@ def build_passes(config: QuantConfig, template: Any, progress: Any = None, *, fp
         passes.append(BiasAbsorptionPass())
     passes.append(WeightRangesPass("final"))
     if config.auto_bits:
-        passes.append(BitAllocationStage(config, template, progress, fp32_bytes=fp32_bytes, overhead=size_overhead))
+        passes.append(BitAllocationStage(config, template, progress, fp32_bytes=fp32_bytes, overhead=size_overhead,
+                                         cache=sensitivity_cache))
     if config.act_bits is not None:
         passes.append(ActivationRangeStage(config, template, progress))
     if grids:
@@ -231,9 +232,10 @@ class BitAllocationStage(Pass):
     changes_graph = False
 
     def __init__(self, config: QuantConfig, template: Any, progress: Any = None, *, fp32_bytes: int | None = None,
-                 overhead: float | None = None) -> None:
+                 overhead: float | None = None, cache: dict | None = None) -> None:
         self.config, self.template, self.progress = config, template, progress
         self.fp32_bytes, self.overhead = fp32_bytes, overhead
+        self.cache = {} if cache is None else cache
 
     def call(self, ws: Workspace) -> PassReport:
         from onnxdfq.passes.bit_allocation import BitAllocationPass
@@ -245,15 +247,18 @@ class BitAllocationStage(Pass):
         rounder = get_rounder(config.rounder, stages=config.squant.stages)
         params: dict[str, Any] = {"sensitivity": config.sensitivity}
         measure = None
-        if config.sensitivity == "measured":
+        if config.sensitivity == "measured" and "noise" not in self.cache:
             measure, info = self._measurer(ws, layers)
-            params.update(info)
+            self.cache["info"] = info
+        params.update(self.cache.get("info", {}))
         step = BitAllocationPass(budget, rounder, widths=config.auto_widths, per_channel=config.per_channel,
                                  bias_correction=config.step("bias_correction"), measure=measure,
-                                 progress=getattr(self.progress, "allocation", None))
+                                 progress=getattr(self.progress, "allocation", None), cache=self.cache,
+                                 sensitivity=config.sensitivity)
         step(ws)
         if measure is not None:
-            params["runs"] = measure.runs
+            self.cache["info"]["runs"] = measure.runs
+        params.update(self.cache.get("info", {}))
         return PassReport(self.name, params=params)
 
     def _measurer(self, ws: Workspace, layers: list) -> tuple[Any, dict[str, Any]]:
@@ -490,6 +495,7 @@ def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int |
     preprocessing = _check_preprocessing(model, config)
     timings["load"] = time.perf_counter() - start
     overhead = None
+    sensitivity_cache: dict[str, Any] = {}  # a second --size-budget attempt reuses the measured sensitivities
     for _attempt in range(SIZE_BUDGET_ATTEMPTS):
         ws = Workspace(graph=surgery.import_graph(model), input_range=config.input_range)
         graph_layers.ensure_node_names(ws.graph)
@@ -497,14 +503,18 @@ def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int |
         if unhandled:
             ws.warnings.append("ops onnxdfq does not model run in float between the quantized layers: "
                                + ", ".join(f"{op} (x{count})" for op, count in sorted(unhandled.items())))
-        for step in build_passes(config, model, calib_progress, fp32_bytes=fp32_bytes, size_overhead=overhead):
+        for step in build_passes(config, model, calib_progress, fp32_bytes=fp32_bytes, size_overhead=overhead,
+                                 sensitivity_cache=sensitivity_cache):
             step(ws)
-        if config.size_budget is None or ws.emitted.ByteSize() <= config.size_budget * fp32_bytes:
+        if config.size_budget is None:
             break
-        # the estimate of what is not weights was short: plan again with the exact figure of this file
-        overhead = ws.emitted.ByteSize() - _weight_file_bytes(ws)
-        logger.info("--size-budget: %d B over; allocating again with %d B of overhead",
-                    ws.emitted.ByteSize() - config.size_budget * fp32_bytes, overhead)
+        limit, size = config.size_budget * fp32_bytes, ws.emitted.ByteSize()
+        if size <= limit and (overhead is not None or size >= limit * (1 - SIZE_BUDGET_SLACK)):
+            break
+        # what is not weights was estimated: plan again with this file's exact figure (the sensitivities are
+        # kept), leaving room for the few bytes a different plan's INT2 guards add
+        overhead = size - _weight_file_bytes(ws) + SIZE_BUDGET_MARGIN
+        logger.info("--size-budget: %d B against %d B; allocating again with %d B of overhead", size, limit, overhead)
     else:
         raise OptionError(f"--size-budget {config.size_budget:g}: the file is {ws.emitted.ByteSize()} bytes, above "
                           f"{config.size_budget * fp32_bytes:.0f}; give a larger budget")
@@ -528,6 +538,8 @@ def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int |
 
 
 SIZE_BUDGET_ATTEMPTS = 3
+SIZE_BUDGET_SLACK = 0.01  # a first plan this far under the budget is planned again with the exact overhead
+SIZE_BUDGET_MARGIN = 512.0  # bytes: INT2 guards (a Reshape and its shape, ~100 B each) of a different plan
 
 
 def _weight_file_bytes(ws: Workspace) -> float:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxdfq.config import AUTO_WIDTHS, SENSITIVITY_MODES
+from onnxdfq.errors import OptionError
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.passes.base import LayerRow, Pass, PassReport, Workspace
 from onnxdfq.passes.statistics import TensorStats, tensor_statistics
@@ -144,35 +145,30 @@ class BitAllocationPass(Pass):
 
     def __init__(self, budget: Budget, rounder: Callable, *, widths: Sequence[int] = AUTO_WIDTHS,
                  per_channel: bool = True, bias_correction: bool = True, measure: Measure | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None, cache: dict | None = None,
+                 sensitivity: str | None = None) -> None:
         self.budget, self.rounder, self.widths = budget, rounder, tuple(sorted(set(int(b) for b in widths)))
         self.per_channel, self.bias_correction, self.measure, self.progress = \
             per_channel, bias_correction, measure, progress
+        self.cache = cache  # sensitivities of an earlier run over the same graph (--size-budget's second plan)
+        # "measured" with measure None: the measurements come from the cache
+        self.sensitivity = sensitivity or ("measured" if measure is not None else "proxy")
+        if self.sensitivity not in SENSITIVITY_MODES:
+            raise ValueError(f"sensitivity must be one of {SENSITIVITY_MODES}, got {self.sensitivity!r}")
 
     def call(self, ws: Workspace) -> PassReport:
         layers = graph_layers.read_layers(ws.graph)
         fixed = dict(ws.bit_widths.by_name) if ws.bit_widths is not None else {}
         free = [layer for layer in layers if layer.name not in fixed]
-        stats = tensor_statistics(ws)
         widths = self.widths
-        noise = np.zeros((len(free), len(widths)))
-        proxy = np.zeros_like(noise)
-        sqnr = np.zeros_like(noise)
-        total_runs, done = len(free) * len(widths), 0
-        for row, layer in enumerate(free):
-            in_stats = stats.get(layer.input_name)
-            usable = in_stats is not None and in_stats.channels == layer.weight.shape[1] * layer.group
-            in_mean = in_stats.moments()[0] if (self.bias_correction and usable) else None
-            for col, bits in enumerate(widths):
-                cand = quantize_candidate(layer, bits, self.rounder, per_channel=self.per_channel, in_mean=in_mean)
-                proxy[row, col] = proxy_noise(layer, cand, in_stats if usable else None, in_mean is not None)
-                sqnr[row, col] = cand.weight_sqnr_db
-                if self.measure is not None:
-                    noise[row, col] = max(self.measure(layer, cand), NOISE_FLOOR)
-                done += 1
-                if self.progress is not None:
-                    self.progress(done, total_runs)
-        if self.measure is None:
+        key = (tuple(layer.name for layer in free), widths, self.sensitivity)
+        if self.cache is not None and self.cache.get("key") == key:
+            noise, proxy, sqnr = (self.cache[name].copy() for name in ("noise", "proxy", "sqnr"))
+        else:
+            noise, proxy, sqnr = self._sensitivities(free, tensor_statistics(ws))
+            if self.cache is not None:
+                self.cache.update(key=key, noise=noise.copy(), proxy=proxy.copy(), sqnr=sqnr.copy())
+        if self.sensitivity == "proxy":
             noise = np.maximum(proxy, NOISE_FLOOR)
         # a wider grid never costs more than a narrower one: measurement noise must not invert the order
         noise = np.minimum.accumulate(noise, axis=1)
@@ -194,7 +190,7 @@ class BitAllocationPass(Pass):
         front = pareto_front(noise, size)
         report = PassReport(self.name, params={
             "budget": self.budget.kind, "budget_value": self.budget.avg_bits if self.budget.kind == "avg_bits"
-            else self.budget.size_bytes, "sensitivity": "measured" if self.measure is not None else "proxy",
+            else self.budget.size_bytes, "sensitivity": self.sensitivity,
             "widths": list(widths), "fixed": fixed, "noise": chosen.noise,
             "average_bits": float(sum(widths_of[x.name] * x.weight.size for x in free) +
                                   sum(fixed[x.name] * x.weight.size for x in fixed_layers)) / max(all_params, 1.0),
@@ -211,7 +207,30 @@ class BitAllocationPass(Pass):
         return report
 
 
-class BudgetError(ValueError):
+    def _sensitivities(self, free: list, stats: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[L, B] measured noise (zeros without a measure), proxy noise and weight SQNR of every candidate."""
+        widths = self.widths
+        noise = np.zeros((len(free), len(widths)))
+        proxy = np.zeros_like(noise)
+        sqnr = np.zeros_like(noise)
+        total_runs, done = len(free) * len(widths), 0
+        for row, layer in enumerate(free):
+            in_stats = stats.get(layer.input_name)
+            usable = in_stats is not None and in_stats.channels == layer.weight.shape[1] * layer.group
+            in_mean = in_stats.moments()[0] if (self.bias_correction and usable) else None
+            for col, bits in enumerate(widths):
+                cand = quantize_candidate(layer, bits, self.rounder, per_channel=self.per_channel, in_mean=in_mean)
+                proxy[row, col] = proxy_noise(layer, cand, in_stats if usable else None, in_mean is not None)
+                sqnr[row, col] = cand.weight_sqnr_db
+                if self.measure is not None:
+                    noise[row, col] = max(self.measure(layer, cand), NOISE_FLOOR)
+                done += 1
+                if self.progress is not None:
+                    self.progress(done, total_runs)
+        return noise, proxy, sqnr
+
+
+class BudgetError(OptionError):
     """The budget is below what the narrowest candidate widths need."""
 
     def __init__(self, budget: Budget, smallest_bits: float, params: float) -> None:
@@ -220,4 +239,4 @@ class BudgetError(ValueError):
         else:
             what = (f"--size-budget allows {budget.size_bytes / 1024:.1f} KiB but the narrowest plan needs "
                     f"{(smallest_bits / 8 + budget.overhead_bytes) / 1024:.1f} KiB")
-        super().__init__(what)
+        super().__init__(what + "; give a larger budget")

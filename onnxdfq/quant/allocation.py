@@ -99,7 +99,8 @@ def pareto_front(noise: np.ndarray, size: np.ndarray, *, points: int = 64,
     noise = np.asarray(noise, np.float64)
     size = np.asarray(size, np.float64)
     top = float(size.max(axis=1).sum())
-    units, capacity, _ = _units(size, top, resolution)
+    units, _, _ = _units(size, top, resolution)
+    capacity = int(units.max(axis=1).sum())  # every layer at its largest option fits (rounding up included)
     best, picks = _table(noise, units, capacity)
     front: list[tuple[float, float]] = []
     rows = np.arange(noise.shape[0])
