@@ -442,7 +442,8 @@ def _summary(report: dict, model: Path) -> str:
     cfg = report["config"]
     rows = [
         ["model", str(model)],
-        ["method", f"{cfg['method']}  W{cfg['bits']}{'/' + str(cfg['high_bits']) if cfg['high_bits'] else ''}"
+        ["method", f"{cfg['method']}  W{'auto' if cfg.get('auto_bits') else cfg['bits']}"
+                   f"{'/' + str(cfg['high_bits']) if cfg['high_bits'] else ''}"
                    f"  A{cfg['act_bits'] or 'fp32'}  {'per-channel' if cfg['per_channel'] else 'per-tensor'}"
                    f"{'  target ' + cfg['target'] if cfg.get('target', 'ort') != 'ort' else ''}"],
         ["layers quantized", f"{len(layers)}  (avg {report['average_weight_bits']:.2f} weight bits)"],
@@ -915,7 +916,12 @@ def _synthetic_demo(work: Path, samples: int) -> None:
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--method", "methods", default="nearest,squant", show_default=True,
               help="Comma-separated methods (nearest, squant, dfq, dfmpc).")
-@click.option("--bits", default="8,4", show_default=True, help="Comma-separated weight widths; LOW/HIGH for dfmpc.")
+@click.option("--bits", default="8,4", show_default=True,
+              help="Comma-separated weight widths; LOW/HIGH for dfmpc; auto for per-layer widths, one config per "
+                   "--avg-bits / --size-budget value.")
+@click.option("--avg-bits", "sweep_avg_bits", default=None, help="Comma-separated average weight bits for --bits auto.")
+@click.option("--size-budget", "sweep_size_budgets", default=None,
+              help="Comma-separated file-size fractions (packed) for --bits auto.")
 @click.option("--act-bits", default="8", show_default=True, help="Comma-separated activation widths, or none.")
 @click.option("--granularity", default="channel", show_default=True, help="Comma-separated: channel, tensor.")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Labelled data to score every config on.")
@@ -938,8 +944,9 @@ def _synthetic_demo(work: Path, samples: int) -> None:
 @click.option("--retry-failed", is_flag=True, help="Run again the configs whose rows hold an error.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @_friendly
-def sweep(models, methods, bits, act_bits, granularity, data, mean, std, preprocess, limit, batch_size, shard_size,
-          latency_runs, out_dir, address, workers, retry_failed, quiet) -> None:
+def sweep(models, methods, bits, sweep_avg_bits, sweep_size_budgets, act_bits, granularity, data, mean, std,
+          preprocess, limit, batch_size, shard_size, latency_runs, out_dir, address, workers, retry_failed,
+          quiet) -> None:
     """Quantize and score every MODEL x --method x --bits x --act-bits on Ray (pip install -e ".[sweep]");
     writes OUT/results.json, results.md and results.html (top-1 vs size, Pareto front)."""
     from tqdm import tqdm
@@ -949,8 +956,10 @@ def sweep(models, methods, bits, act_bits, granularity, data, mean, std, preproc
     def split(text: str) -> list[str]:
         return [item.strip() for item in text.split(",") if item.strip()]
 
+    budgets = [("avg_bits", value) for value in _floats(sweep_avg_bits, "--avg-bits") or []] + \
+        [("size_budget", value) for value in _floats(sweep_size_budgets, "--size-budget") or []]
     configs, skipped = expand_grid([str(m) for m in models], split(methods), split(bits), split(act_bits),
-                                   split(granularity))
+                                   split(granularity), budgets)
     for key, reason in skipped:
         click.echo(f"skipped {key}: {reason}", err=True)
     if not configs:

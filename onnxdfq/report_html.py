@@ -139,6 +139,47 @@ def _activation_chart(activations: dict[str, dict]) -> str:
             f'<div class="legend">{legend}</div>')
 
 
+def _pareto_chart(entry: dict[str, Any]) -> str:
+    """--bits auto: the least summed output noise reachable at each size (log scale), the chosen plan in red."""
+    params = entry["params"]
+    front = [(p["size"], p["noise"]) for p in params.get("pareto", []) if p["noise"] > 0]
+    if len(front) < 2:
+        return "<p>No trade-off curve in this report.</p>"
+    chosen = (params["chosen"]["size"], params["chosen"]["noise"])
+    xs = [x for x, _ in front] + [chosen[0]]
+    x_lo, x_hi = min(xs), max(xs)
+    y = _log_y(min(n for _, n in front) / 1.5, max(n for _, n in front) * 1.5)
+
+    def x(v: float) -> float:
+        return PAD_L + (WIDTH - PAD_L - 20) * (v - x_lo) / max(x_hi - x_lo, 1e-12)
+
+    unit = "average weight bits" if params["budget"] == "avg_bits" else "weight bytes in the file"
+    line = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in front)
+    ticks = "".join(f'<text x="{x(v):.1f}" y="{HEIGHT - PAD_B + 16}" text-anchor="middle">{_fmt(float(v))}</text>'
+                    for v in (x_lo + (x_hi - x_lo) * k / 4 for k in range(5)))
+    return (f'<svg width="{WIDTH}" height="{HEIGHT}" role="img"><polyline points="{line}" fill="none" '
+            f'stroke="#1f77b4" stroke-width="2"/><circle cx="{x(chosen[0]):.1f}" cy="{y(chosen[1]):.1f}" r="6" '
+            f'fill="#d62728"/>{ticks}<text x="{WIDTH / 2}" y="{HEIGHT - PAD_B + 34}" text-anchor="middle">{unit}'
+            f'</text><text x="4" y="{PAD_T + 10}">summed output noise (log)</text></svg>'
+            f'<p>Chosen: {_fmt(float(chosen[0]))} ({unit}), noise {_fmt(float(chosen[1]))}; sensitivity '
+            f'{_esc(params["sensitivity"])}.</p>')
+
+
+def _allocation_section(report: dict[str, Any]) -> str:
+    entry = next((p for p in report.get("passes", []) if p.get("name") == "bit_allocation"), None)
+    if entry is None:
+        return ""
+    rows = [[name, row["params"], row["bits"], row["sensitivity"].get(str(row["bits"]),
+                                                                     row["sensitivity"].get(row["bits"])),
+             *(row["sensitivity"].get(str(b), row["sensitivity"].get(b)) for b in (2, 4, 8))]
+            for name, row in entry["layers"].items()]
+    return ("<h2>Bit allocation (--bits auto)</h2><p>Each layer's sensitivity is the relative output noise it adds "
+            "when quantized alone at a width; the widths minimise their sum under the budget. The curve is the "
+            "trade-off between size and that sum; the red point is this file.</p>" + _pareto_chart(entry)
+            + _table(["layer", "params", "bits", "sensitivity at its bits", "at 2 bits", "at 4 bits", "at 8 bits"],
+                     rows))
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
@@ -150,6 +191,9 @@ def render_report(report: dict[str, Any]) -> str:
     cfg = report.get("config", {})
     layers = report.get("layers", {})
     bits = f"{cfg.get('bits')}" + (f"/{cfg['high_bits']}" if cfg.get("high_bits") else "")
+    if cfg.get("auto_bits"):
+        bits = f"auto (--avg-bits {cfg['avg_bits']:g})" if cfg.get("avg_bits") is not None else \
+            f"auto (--size-budget {cfg['size_budget']:g})"
     fidelity = report.get("fidelity") or {}
     stats = report.get("statistics") or {}
     summary = [
@@ -187,6 +231,7 @@ def render_report(report: dict[str, Any]) -> str:
         + "<h2>Weight ranges per output channel</h2><p>Per-tensor and low-bit grids suffer when one layer's "
         "channels span orders of magnitude; cross-layer equalization narrows the bars.</p>"
         + _weight_range_chart(report.get("weight_ranges", {}))
+        + _allocation_section(report)
         + "<h2>Weight SQNR per layer</h2>" + _sqnr_chart(layers)
         + "<h2>Activation ranges</h2>" + _activation_chart(report.get("activations", {}))
         + "<h2>Layers</h2>"

@@ -83,12 +83,14 @@ class ShardCounts:
 
 
 def expand_grid(models: Sequence[str], methods: Sequence[str], bits: Sequence[str], act_bits: Sequence[str],
-                granularities: Sequence[str] = ("channel",)) -> tuple[list[SweepConfig], list[tuple[str, str]]]:
+                granularities: Sequence[str] = ("channel",), budgets: Sequence[tuple[str, float]] = ()
+                ) -> tuple[list[SweepConfig], list[tuple[str, str]]]:
     """Every valid config of the grid, in grid order, and the skipped combinations with the reason.
 
     Validity is `onnxdfq.config.make_config`'s (dfmpc needs LOW/HIGH, the others a single width, ...);
     the same combination given twice is one config. Two models with the same file stem are refused
-    (rows and files are named by it).
+    (rows and files are named by it). ``budgets`` ((``avg_bits`` | ``size_budget``, value) pairs) expand the
+    width ``auto``: one config per budget.
     """
     stems: dict[str, str] = {}
     for model in models:
@@ -96,20 +98,25 @@ def expand_grid(models: Sequence[str], methods: Sequence[str], bits: Sequence[st
         if other != str(model):
             raise OptionError(f"two models named {Path(model).stem!r} ({other}, {model}); rename one")
     _check_axes(methods, bits, act_bits, granularities)
+    if any(str(b).strip().lower() == "auto" for b in bits) and not budgets:
+        raise OptionError("--bits auto needs budgets: --avg-bits B[,B...] and/or --size-budget F[,F...]")
     configs: dict[str, SweepConfig] = {}
     skipped: list[tuple[str, str]] = []
     for model in models:
         for method in methods:
             for width in bits:
-                for act in act_bits:
-                    for granularity in granularities:
-                        config = SweepConfig(str(model), method, str(width), str(act).lower(), granularity)
-                        try:
-                            make_config(method, config.bits, config.act_bits, granularity)
-                        except OptionError as exc:
-                            skipped.append((config.key, str(exc)))
-                            continue
-                        configs.setdefault(config.key, config)
+                auto = str(width).strip().lower() == "auto"
+                for options in ([((key, value),) for key, value in budgets] if auto else [()]):
+                    for act in act_bits:
+                        for granularity in granularities:
+                            config = SweepConfig(str(model), method, "auto" if auto else str(width), str(act).lower(),
+                                                 granularity, options)
+                            try:
+                                make_config(method, config.bits, config.act_bits, granularity, **dict(options))
+                            except OptionError as exc:
+                                skipped.append((config.key, str(exc)))
+                                continue
+                            configs.setdefault(config.key, config)
     return list(configs.values()), skipped
 
 
@@ -120,6 +127,7 @@ def _check_axes(methods: Sequence[str], bits: Sequence[str], act_bits: Sequence[
     for method in methods:
         if method not in METHODS:
             raise OptionError(f"--method {method!r}: unknown method; choose from {', '.join(sorted(METHODS))}")
+    bits = [b for b in bits if str(b).strip().lower() != "auto"]
     for values, check, flag in ((bits, parse_bits, "--bits"), (act_bits, parse_act_bits, "--act-bits")):
         for value in values:
             try:

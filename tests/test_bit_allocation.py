@@ -168,10 +168,15 @@ def test_a_sensitive_layer_gets_more_bits(sensitivity):
 
 def test_cli_and_api_write_the_same_file(tmp_path):
     out = tmp_path / "cli.onnx"
+    report = tmp_path / "report.json"
     result = CliRunner().invoke(main, ["quantize", DEMO, "-o", str(out), "--bits", "auto", "--avg-bits", "3.5",
-                                       "--preprocess", "imagenet"])
+                                       "--preprocess", "imagenet", "--report", str(report)])
     assert result.exit_code == 0, result.output
     assert "bit allocation" in result.output and "layers per width" in result.output
+    page = tmp_path / "report.html"
+    assert CliRunner().invoke(main, ["report", str(report), "-o", str(page)]).exit_code == 0
+    text = page.read_text()
+    assert "Bit allocation" in text and "<polyline" in text and "<circle" in text  # the front, the chosen plan
     api = quantize_model(DEMO, bits="auto", avg_bits=3.5, preprocess="imagenet")
     save_quantized(api, tmp_path / "api.onnx")
     assert (tmp_path / "api.onnx").read_bytes() == out.read_bytes()

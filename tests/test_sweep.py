@@ -259,3 +259,15 @@ def test_per_model_data_options_and_latency_alone(resnet20, cifar_test, tmp_path
         {i.name: i.raw_data for i in with_bc.graph.initializer}
     with pytest.raises(OptionError, match="no evaluation data for twin20"):
         run_sweep(configs, {"resnet20": specs["resnet20"]}, tmp_path / "other")
+
+
+def test_grid_expands_auto_widths_per_budget():
+    configs, skipped = expand_grid(["a/r20.onnx"], ["squant", "dfmpc"], ["4", "auto"], ["8"],
+                                   budgets=[("avg_bits", 4.5), ("size_budget", 0.2)])
+    keys = [c.key for c in configs]
+    assert keys == ["r20 squant W4A8 channel", "r20 squant avg_bits=4.5 WautoA8 channel",
+                    "r20 squant size_budget=0.2 WautoA8 channel"]
+    assert len({c.file_name for c in configs}) == 3
+    assert any("dfmpc" in key for key, _ in skipped)
+    with pytest.raises(OptionError, match="needs budgets"):
+        expand_grid(["a/r20.onnx"], ["squant"], ["auto"], ["8"])
