@@ -106,7 +106,7 @@ def _file_widths(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
 
 
 def test_avg_bits_budget_holds_in_the_file():
-    result = quantize_model(DEMO, bits="auto", avg_bits=4.5, act_bits=8, check=False)
+    result = quantize_model(DEMO, bits="auto", avg_bits=4.5, act_bits=8, sensitivity="proxy", check=False)
     widths = _widths(result)
     stored = _file_widths(result.model)
     assert set(stored) == set(widths)
@@ -170,14 +170,14 @@ def test_cli_and_api_write_the_same_file(tmp_path):
     out = tmp_path / "cli.onnx"
     report = tmp_path / "report.json"
     result = CliRunner().invoke(main, ["quantize", DEMO, "-o", str(out), "--bits", "auto", "--avg-bits", "3.5",
-                                       "--preprocess", "imagenet", "--report", str(report)])
+                                       "--preprocess", "imagenet", "--report", str(report), "--sensitivity", "proxy"])
     assert result.exit_code == 0, result.output
     assert "bit allocation" in result.output and "layers per width" in result.output
     page = tmp_path / "report.html"
     assert CliRunner().invoke(main, ["report", str(report), "-o", str(page)]).exit_code == 0
     text = page.read_text()
     assert "Bit allocation" in text and "<polyline" in text and "<circle" in text  # the front, the chosen plan
-    api = quantize_model(DEMO, bits="auto", avg_bits=3.5, preprocess="imagenet")
+    api = quantize_model(DEMO, bits="auto", avg_bits=3.5, preprocess="imagenet", sensitivity="proxy")
     save_quantized(api, tmp_path / "api.onnx")
     assert (tmp_path / "api.onnx").read_bytes() == out.read_bytes()
 

@@ -161,6 +161,16 @@ class BitAllocationPass(Pass):
         fixed = dict(ws.bit_widths.by_name) if ws.bit_widths is not None else {}
         free = [layer for layer in layers if layer.name not in fixed]
         widths = self.widths
+        params = np.array([layer.weight.size for layer in free], np.float64)
+        channels = np.array([layer.out_channels for layer in free], np.float64)
+        size = self.budget.layer_sizes(params, channels, widths)
+        fixed_layers = [layer for layer in layers if layer.name in fixed]
+        fixed_size = sum(float(self.budget.layer_sizes(np.array([x.weight.size], float), np.array([x.out_channels],
+                                                       float), [fixed[x.name]])[0, 0]) for x in fixed_layers)
+        all_params = float(sum(layer.weight.size for layer in layers))
+        budget = self.budget.total(np.array([all_params])) - fixed_size
+        if budget < float(size.min(axis=1).sum()) - 1e-9:  # before any measurement: a budget no plan meets
+            raise BudgetError(self.budget, float(size.min(axis=1).sum()) + fixed_size, all_params)
         key = (tuple(layer.name for layer in free), widths, self.sensitivity)
         if self.cache is not None and self.cache.get("key") == key:
             noise, proxy, sqnr = (self.cache[name].copy() for name in ("noise", "proxy", "sqnr"))
@@ -172,14 +182,6 @@ class BitAllocationPass(Pass):
             noise = np.maximum(proxy, NOISE_FLOOR)
         # a wider grid never costs more than a narrower one: measurement noise must not invert the order
         noise = np.minimum.accumulate(noise, axis=1)
-        params = np.array([layer.weight.size for layer in free], np.float64)
-        channels = np.array([layer.out_channels for layer in free], np.float64)
-        size = self.budget.layer_sizes(params, channels, widths)
-        fixed_layers = [layer for layer in layers if layer.name in fixed]
-        fixed_size = sum(float(self.budget.layer_sizes(np.array([x.weight.size], float), np.array([x.out_channels],
-                                                       float), [fixed[x.name]])[0, 0]) for x in fixed_layers)
-        all_params = float(sum(layer.weight.size for layer in layers))
-        budget = self.budget.total(np.array([all_params])) - fixed_size
         try:
             chosen = allocate_widths(noise, size, budget)
         except ValueError:
