@@ -277,13 +277,8 @@ def _loss_bar(desc: str, quiet: bool):
         if quiet:
             return
         if not interactive:
-            now = time.perf_counter()
-            state.setdefault("start", now)
-            tenth = step * 10 // max(total, 1)
-            if tenth > state.get("tenth", 0):
-                state["tenth"] = tenth
-                left = (now - state["start"]) / step * (total - step)
-                click.echo(f"{desc}: {step}/{total} steps, BN loss {loss:.4g}, about {left:.0f} s left", err=True)
+            _log_tenths(state, step, total, lambda left: f"{desc}: {step}/{total} steps, BN loss {loss:.4g}, "
+                                                         f"about {left:.0f} s left")
             return
         if "bar" not in state:
             state["bar"] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False,
@@ -331,6 +326,16 @@ def _block_bar(quiet: bool):
     return update
 
 
+def _log_tenths(state: dict, done: int, total: int, line) -> None:
+    """Off a terminal (a log, CI): print ``line(seconds left)`` each time another tenth of the work is done."""
+    now = time.perf_counter()
+    state.setdefault("start", now)
+    tenth = done * 10 // max(total, 1)
+    if tenth > state.get("tenth", 0):
+        state["tenth"] = tenth
+        click.echo(line((now - state["start"]) / done * (total - done)), err=True)
+
+
 def _count_bar(desc: str, unit: str, quiet: bool):
     """A progress callback (done, total): a tqdm bar on a terminal, a line every 10 % elsewhere."""
     from tqdm import tqdm
@@ -341,13 +346,7 @@ def _count_bar(desc: str, unit: str, quiet: bool):
         if quiet:
             return
         if not sys.stderr.isatty():
-            now = time.perf_counter()
-            state.setdefault("start", now)
-            tenth = done * 10 // max(total, 1)
-            if tenth > state.get("tenth", 0):
-                state["tenth"] = tenth
-                left = (now - state["start"]) / done * (total - done)
-                click.echo(f"{desc}: {done}/{total} {unit}s, about {left:.0f} s left", err=True)
+            _log_tenths(state, done, total, lambda left: f"{desc}: {done}/{total} {unit}s, about {left:.0f} s left")
             return
         if "bar" not in state:
             state["bar"] = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)

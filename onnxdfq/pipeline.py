@@ -245,23 +245,20 @@ class BitAllocationStage(Pass):
         layers = graph_layers.read_layers(ws.graph)
         budget = allocation_budget(config, self.fp32_bytes or self.template.ByteSize(), layers, self.overhead)
         rounder = get_rounder(config.rounder, stages=config.squant.stages)
-        params: dict[str, Any] = {"sensitivity": config.sensitivity}
-        measure = None
+        measure = runner = None
         if config.sensitivity == "measured" and "noise" not in self.cache:
-            measure, info = self._measurer(ws, layers)
-            self.cache["info"] = info
-        params.update(self.cache.get("info", {}))
+            measure, runner, self.cache["info"] = self._measurer(ws, layers)
         step = BitAllocationPass(budget, rounder, widths=config.auto_widths, per_channel=config.per_channel,
                                  bias_correction=config.step("bias_correction"), measure=measure,
                                  progress=getattr(self.progress, "allocation", None), cache=self.cache,
                                  sensitivity=config.sensitivity)
         step(ws)
-        if measure is not None:
-            self.cache["info"]["runs"] = measure.runs
-        params.update(self.cache.get("info", {}))
-        return PassReport(self.name, params=params)
+        if runner is not None:
+            self.cache["info"]["runs"] = runner.runs
+        return PassReport(self.name, params={"sensitivity": config.sensitivity, **self.cache.get("info", {})})
 
-    def _measurer(self, ws: Workspace, layers: list) -> tuple[Any, dict[str, Any]]:
+    def _measurer(self, ws: Workspace, layers: list) -> tuple[Any, Any, dict[str, Any]]:
+        """The measure callable the pass takes, the runner behind it (its forward-pass count) and what it ran on."""
         from dataclasses import replace
 
         from onnxdfq.eval.calibrate import calibration_samples, input_shape
@@ -287,21 +284,7 @@ class BitAllocationStage(Pass):
                 feeds[bias_name] = candidate.bias
             return runner.noise(feeds)
 
-        return _Measure(measure, runner), {"samples": int(len(samples)), "source": label}
-
-
-class _Measure:
-    """The measure callable, with the number of forward passes it ran (for the report)."""
-
-    def __init__(self, function: Any, runner: Any) -> None:
-        self.function, self.runner = function, runner
-
-    def __call__(self, layer: Any, candidate: Any) -> float:
-        return self.function(layer, candidate)
-
-    @property
-    def runs(self) -> int:
-        return self.runner.runs
+        return measure, runner, {"samples": int(len(samples)), "source": label}
 
 
 def allocation_budget(config: QuantConfig, fp32_bytes: int, layers: list, overhead: float | None = None) -> Any:
@@ -315,8 +298,9 @@ def allocation_budget(config: QuantConfig, fp32_bytes: int, layers: list, overhe
     if overhead is None:
         weights = sum(4.0 * layer.weight.size for layer in layers)
         channels = sum(layer.out_channels for layer in layers)
-        # per output channel a weight scale, an int32 bias with its scale and zero point (measured ~13 B);
-        # per layer its DequantizeLinear nodes and value infos (~900 B); per activation grid a Q/DQ pair (~800 B)
+        # deliberately generous (per output channel a weight scale, an int32 bias and its scale, ~13 B; per layer
+        # its DequantizeLinear nodes, ~900 B; per activation grid a Q/DQ pair, ~800 B): the first plan fits, and
+        # quantize_model plans again with the written file's exact overhead
         acts = len(layers) if config.act_bits is not None else 0
         overhead = max(fp32 - weights, 0.0) + 13.0 * channels + 900.0 * len(layers) + 800.0 * acts
     return Budget(size_bytes=config.size_budget * fp32, overhead_bytes=overhead, packed=True, int2=True)
@@ -544,10 +528,10 @@ SIZE_BUDGET_MARGIN = 512.0  # bytes: INT2 guards (a Reshape and its shape, ~100 
 
 def _weight_file_bytes(ws: Workspace) -> float:
     """Bytes the quantized weights and their zero points take in the packed file, as the allocation counts them."""
-    from onnxdfq.quant.allocation import storage_bits
+    from onnxdfq.quant.allocation import stored_bits
 
     layers = {layer.name: layer for layer in ws.emitted_layers}
-    return sum((q.w_int.size + layers[name].out_channels) * storage_bits(q.bits, True, True) / 8
+    return sum(stored_bits(q.w_int.size, layers[name].out_channels, q.bits, packed=True, int2=True) / 8
                for name, q in ws.weight_quant.items() if name in layers)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from bench_cost import timed_quantize  # noqa: E402  (the same /usr/bin/time -v run as the cost table)
+from bench_cost import asset_file, eval_top1, timed_quantize  # noqa: E402  (the same /usr/bin/time -v run as the cost table)
 
 ASSETS = Path(os.environ.get("ONNXDFQ_ASSETS", ROOT.parent / "shared" / "assets"))
 CIFAR = ["--preprocess", "imagenet"]  # the shared CIFAR ResNets were trained on ImageNet's mean/std
@@ -70,18 +69,6 @@ ROWS = [
 ]
 
 
-def _file(name: str, work: Path) -> Path:
-    source = MODELS[name][0]
-    if not source.startswith("fold:"):
-        return ASSETS / source
-    from onnxdfq.eval.session import fold_batchnorm_copy
-
-    folded = work / f"{name}.onnx"
-    if not folded.exists():
-        fold_batchnorm_copy(str(ASSETS / source.split(":", 1)[1]), folded)
-    return folded
-
-
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     ranks = [np.argsort(np.argsort(v)) for v in (a, b)]
     return float(np.corrcoef(*ranks)[0, 1])
@@ -107,18 +94,14 @@ def _proxy_plan(entry: dict) -> dict[str, int]:
 
 def run_row(model: str, flags: list[str], work: Path) -> dict:
     out, report = work / "q.onnx", work / "report.json"
-    bin_dir = Path(sys.executable).parent
     source, data, pre = MODELS[model]
-    path = _file(model, work)
+    path = asset_file(model, source, work)
     timed = timed_quantize(path, [*pre, *flags], out, report)
     if "error" in timed:
         return timed
     info = json.loads(report.read_text())
-    evaluated = subprocess.run([str(bin_dir / "onnxdfq"), "eval", str(out), "--data", str(ASSETS / data), "--json",
-                                "--batch-size", "250"], capture_output=True, text=True, check=True)
-    fp32 = (ASSETS / source.removeprefix("fold:")).stat().st_size if not source.startswith("fold:") \
-        else path.stat().st_size
-    row = {"top1": round(json.loads(evaluated.stdout)["top1"], 2), "wall_s": round(timed["wall_s"], 1),
+    fp32 = path.stat().st_size  # the file quantized: the asset, or its folded copy
+    row = {"top1": eval_top1(out, data), "wall_s": round(timed["wall_s"], 1),
            "peak_mb": timed["peak_mb"], "avg_bits": round(info["average_weight_bits"], 3),
            "size_fraction": round(out.stat().st_size / fp32, 4)}
     entry = next((p for p in info["passes"] if p["name"] == "bit_allocation"), None)

@@ -82,6 +82,28 @@ def timed_quantize(model: Path, flags: list[str], out: Path, report: Path) -> di
     return {"wall_s": round(seconds, 2), "peak_mb": round(int(rss.group(1)) / 1024)}
 
 
+def asset_file(name: str, source: str, work: Path) -> Path:
+    """A shared asset, or for ``fold:RELATIVE`` its BN-folded copy (onnxruntime basic optimization), made once in
+    ``work`` under ``name``."""
+    if not source.startswith("fold:"):
+        return ASSETS / source
+    from onnxdfq.eval.session import fold_batchnorm_copy
+
+    folded = work / f"{name}.onnx"
+    if not folded.exists():
+        fold_batchnorm_copy(str(ASSETS / source.split(":", 1)[1]), folded)
+    return folded
+
+
+def eval_top1(model: Path, data: str, limit: int | None = None) -> float:
+    """`onnxdfq eval --json` in a fresh process on the asset ``data``: top-1 in percent, two decimals."""
+    cli = Path(sys.executable).parent / "onnxdfq"
+    evaluated = subprocess.run([str(cli), "eval", str(model), "--data", str(ASSETS / data), "--json",
+                                "--batch-size", "250", *(["--limit", str(limit)] if limit else [])],
+                               capture_output=True, text=True, check=True)
+    return round(json.loads(evaluated.stdout)["top1"], 2)
+
+
 def run_cli(model: Path, flags: list[str], work: Path) -> dict:
     """One `onnxdfq quantize` in a fresh process: wall seconds, peak RSS (MB), the report's quantize seconds."""
     out, report = work / "q.onnx", work / "report.json"

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-from bench_cost import timed_quantize  # noqa: E402  (the same /usr/bin/time -v run as the cost table)
+from bench_cost import asset_file, eval_top1, timed_quantize  # noqa: E402  (the same /usr/bin/time -v run as the cost table)
 
 ASSETS = Path(os.environ.get("ONNXDFQ_ASSETS", ROOT.parent / "shared" / "assets"))
 CIFAR = ["--preprocess", "imagenet"]  # the shared CIFAR ResNets were trained on ImageNet's mean/std
@@ -60,31 +59,15 @@ ROWS = [
 ]
 
 
-def _file(name: str, work: Path) -> Path:
-    source = MODELS[name][0]
-    if not source.startswith("fold:"):
-        return ASSETS / source
-    from onnxdfq.eval.session import fold_batchnorm_copy
-
-    folded = work / f"{name}.onnx"
-    if not folded.exists():
-        fold_batchnorm_copy(str(ASSETS / source.split(":", 1)[1]), folded)
-    return folded
-
-
 def run_row(model: str, flags: list[str], work: Path, limit: int | None) -> dict:
     out, report = work / "q.onnx", work / "report.json"
-    bin_dir = Path(sys.executable).parent
-    _, data, pre = MODELS[model]
-    timed = timed_quantize(_file(model, work), [*pre, *flags], out, report)
+    source, data, pre = MODELS[model]
+    timed = timed_quantize(asset_file(model, source, work), [*pre, *flags], out, report)
     if "error" in timed:
         return timed
     info = json.loads(report.read_text())
-    evaluated = subprocess.run([str(bin_dir / "onnxdfq"), "eval", str(out), "--data", str(ASSETS / data), "--json",
-                                "--batch-size", "250", *(["--limit", str(limit)] if limit else [])],
-                               capture_output=True, text=True, check=True)
     rec = next((p for p in info["passes"] if p["name"] == "reconstruct"), None)
-    row = {"top1": round(json.loads(evaluated.stdout)["top1"], 2), "wall_s": round(timed["wall_s"], 1),
+    row = {"top1": eval_top1(out, data, limit), "wall_s": round(timed["wall_s"], 1),
            "peak_mb": timed["peak_mb"]}
     if rec is not None:
         blocks = rec["layers"].values()

@@ -28,7 +28,7 @@ from onnxdfq.errors import OptionError
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.passes.base import LayerRow, Pass, PassReport, Workspace
 from onnxdfq.passes.statistics import TensorStats, tensor_statistics
-from onnxdfq.quant.allocation import allocate_widths, pareto_front, storage_bits
+from onnxdfq.quant.allocation import allocate_widths, pareto_front, stored_bits
 from onnxdfq.quant.qparams import weight_scale
 from onnxdfq.quant.scheme import BitWidthMap, QuantScheme
 from onnxdfq.quant.shift import correct_bias
@@ -60,11 +60,9 @@ class Budget:
 
     def layer_sizes(self, params: np.ndarray, channels: np.ndarray, widths: Sequence[int]) -> np.ndarray:
         """[L, B]: grid bits (avg_bits) or file bits (size: weights and their zero points, in their containers)."""
-        widths = np.asarray(widths)
         if self.kind == "avg_bits":
-            return params[:, None] * widths[None, :].astype(np.float64)
-        stored = np.array([storage_bits(int(b), self.packed, self.int2) for b in widths], np.float64)
-        return (params + channels)[:, None] * stored[None, :]
+            return params[:, None] * np.asarray(widths, np.float64)[None, :]
+        return np.stack([stored_bits(params, channels, int(b), self.packed, self.int2) for b in widths], axis=1)
 
     def total(self, params: np.ndarray) -> float:
         if self.kind == "avg_bits":
@@ -165,8 +163,9 @@ class BitAllocationPass(Pass):
         channels = np.array([layer.out_channels for layer in free], np.float64)
         size = self.budget.layer_sizes(params, channels, widths)
         fixed_layers = [layer for layer in layers if layer.name in fixed]
-        fixed_size = sum(float(self.budget.layer_sizes(np.array([x.weight.size], float), np.array([x.out_channels],
-                                                       float), [fixed[x.name]])[0, 0]) for x in fixed_layers)
+        fixed_size = sum(float(self.budget.layer_sizes(np.array([x.weight.size], np.float64),
+                                                       np.array([x.out_channels], np.float64), [fixed[x.name]])[0, 0])
+                         for x in fixed_layers)
         all_params = float(sum(layer.weight.size for layer in layers))
         budget = self.budget.total(np.array([all_params])) - fixed_size
         if budget < float(size.min(axis=1).sum()) - 1e-9:  # before any measurement: a budget no plan meets
@@ -182,11 +181,7 @@ class BitAllocationPass(Pass):
             noise = np.maximum(proxy, NOISE_FLOOR)
         # a wider grid never costs more than a narrower one: measurement noise must not invert the order
         noise = np.minimum.accumulate(noise, axis=1)
-        try:
-            chosen = allocate_widths(noise, size, budget)
-        except ValueError:
-            smallest = (float(size.min(axis=1).sum()) + fixed_size)
-            raise BudgetError(self.budget, smallest, all_params) from None
+        chosen = allocate_widths(noise, size, budget)  # feasible: checked above
         widths_of = {layer.name: widths[int(c)] for layer, c in zip(free, chosen.choice, strict=True)}
         ws.bit_widths = BitWidthMap(max(widths), {}, {**widths_of, **fixed})
         front = pareto_front(noise, size)

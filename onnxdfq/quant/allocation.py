@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DEFAULT_RESOLUTION", "Allocation", "allocate_widths", "pareto_front", "storage_bits"]
+__all__ = ["DEFAULT_RESOLUTION", "Allocation", "allocate_widths", "pareto_front", "storage_bits", "stored_bits"]
 
 DEFAULT_RESOLUTION = 4096  # budget units of the dynamic programme: sizes are rounded up to 1/4096 of the slack
 
@@ -28,6 +28,12 @@ def storage_bits(bits: int, packed: bool, int2: bool = False) -> int:
     if bits <= 2 and int2:
         return 2
     return 4 if bits <= 4 else 8
+
+
+def stored_bits(params: np.ndarray | float, channels: np.ndarray | float, bits: int, packed: bool,
+                int2: bool = False) -> np.ndarray | float:
+    """Bits a layer's weights and their per-channel zero points take in the file at a ``bits``-bit grid."""
+    return (np.asarray(params, np.float64) + channels) * storage_bits(bits, packed, int2)
 
 
 @dataclass(frozen=True)
