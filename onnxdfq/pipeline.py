@@ -249,7 +249,7 @@ class BitAllocationStage(Pass):
         if config.sensitivity == "measured" and "noise" not in self.cache:
             measure, runner, self.cache["info"] = self._measurer(ws, layers)
         step = BitAllocationPass(budget, rounder, widths=config.auto_widths, per_channel=config.per_channel,
-                                 bias_correction=config.step("bias_correction"), measure=measure,
+                                 measure=measure,
                                  progress=getattr(self.progress, "allocation", None), cache=self.cache,
                                  sensitivity=config.sensitivity)
         step(ws)
