@@ -231,7 +231,9 @@ def quantize_task(config: SweepConfig, path: str, mean: list[float] | None, std:
                   for name, layer in result.report["layers"].items() if "bits" in layer}
         widths = {name: width for name, width in widths.items() if width is not None}
         packed = None
-        if widths:  # what --format qdq-packed writes for the same quantization (the file stays plain qdq)
+        if result.config is not None and result.config.fmt == "qdq-packed":
+            packed = size  # already packed (--size-budget writes packed files, INT2 included)
+        elif widths:  # what --format qdq-packed writes for the same quantization (the file stays plain qdq)
             try:
                 packed_model, done = packing.pack_weights(result.model, widths)
                 packed = len(packed_model.SerializeToString()) if done else None

@@ -271,3 +271,14 @@ def test_grid_expands_auto_widths_per_budget():
     assert any("dfmpc" in key for key, _ in skipped)
     with pytest.raises(OptionError, match="needs budgets"):
         expand_grid(["a/r20.onnx"], ["squant"], ["auto"], ["8"])
+
+
+def test_a_size_budget_row_reports_the_packed_file_it_wrote(tmp_path):
+    from onnxdfq.sweep import quantize_task
+
+    demo = str(Path(onnxdfq.__file__).parent / "data" / "resnet20_cifar10.onnx")
+    config = SweepConfig(demo, "squant", "auto", "8", "channel", (("size_budget", 0.17), ("sensitivity", "proxy")))
+    row = quantize_task(config, str(tmp_path / config.file_name), CIFAR_MEAN, CIFAR_STD)
+    assert "error" not in row, row
+    assert row["packed_bytes"] == row["bytes"] == (tmp_path / config.file_name).stat().st_size
+    assert row["bytes"] <= 0.17 * Path(demo).stat().st_size
