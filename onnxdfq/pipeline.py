@@ -249,6 +249,9 @@ class BitAllocationStage(Pass):
         if config.sensitivity == "measured" and "noise" not in self.cache:
             measure, runner, self.cache["info"] = self._measurer(ws, layers)
         step = BitAllocationPass(budget, rounder, widths=config.auto_widths, per_channel=config.per_channel,
+                                 # a correction from BN statistics is independent of the samples and is measured;
+                                 # one from the prior's (or samples') statistics is circular on them: left out
+                                 bias_correction=config.step("bias_correction") and ws.calib.source == "bn",
                                  measure=measure,
                                  progress=getattr(self.progress, "allocation", None), cache=self.cache,
                                  sensitivity=config.sensitivity)
