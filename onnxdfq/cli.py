@@ -116,6 +116,9 @@ def _methods() -> list[str]:
               help="With --bits auto: each layer's cost at each width measured at the output on calibration "
                    "samples (prior images unless --calib gives samples), or a proxy from weight noise and the "
                    "layer statistics, with no inference.")
+@click.option("--dfmpc-pairs/--no-dfmpc-pairs", default=None,
+              help="With --bits auto and measured sensitivity: DF-MPC's compensated pairs (a low layer at 2-4 "
+                   "bits, the next at a wider width, rescaled) are candidates beside plain widths (default: on).")
 @click.option("--act-bits", default="auto", show_default=True,
               help="Activation bits 2..8, 'none' (float), or auto: 8, and none (float) for dfmpc.")
 @click.option("--dfmpc-opt", "dfmpc_opts", multiple=True, metavar="KEY=VALUE",
@@ -192,7 +195,7 @@ def _methods() -> list[str]:
 @click.option("-q", "--quiet", is_flag=True, help="Print only warnings and errors.")
 @_friendly
 def quantize(model: Path, output: Path, method: str, bits: str, avg_bits: float | None, size_budget: float | None,
-             sensitivity: str, act_bits: str, dfmpc_opts: tuple[str, ...],
+             sensitivity: str, dfmpc_pairs: bool | None, act_bits: str, dfmpc_opts: tuple[str, ...],
              granularity: str,
              cle: bool | None, absorb_bias: bool | None, bias_correction: bool | None, squant_stages: str | None,
              sigmas: float,
@@ -231,7 +234,7 @@ def quantize(model: Path, output: Path, method: str, bits: str, avg_bits: float 
                    reconstruct=reconstruct or None, reconstruct_steps=reconstruct_steps,
                    reconstruct_samples=reconstruct_samples, first_last_bits=first_last_bits,
                    avg_bits=avg_bits, size_budget=size_budget,
-                   sensitivity=sensitivity if bits.strip().lower() == "auto" else None)
+                   sensitivity=sensitivity if bits.strip().lower() == "auto" else None, dfmpc_pairs=dfmpc_pairs)
     start = time.perf_counter()
     progress = _loss_bar("synth", quiet)
     progress.reconstruct = _block_bar(quiet)
@@ -373,8 +376,14 @@ def _allocation_rows(report: dict) -> list[list[str]]:
     samples = next((q["params"] for q in report["passes"] if q["name"] == "bit_allocation_samples"), {})
     how = f"measured on {samples['samples']} {samples['source']} samples ({samples.get('runs', 0)} runs)" \
         if p["sensitivity"] == "measured" else "proxy (no inference)"
-    return [["bit allocation", f"budget {budget}; {p['average_bits']:.2f} bits on average; sensitivity {how}"],
+    rows = [["bit allocation", f"budget {budget}; {p['average_bits']:.2f} bits on average; sensitivity {how}"],
             ["layers per width", ", ".join(f"{b}-bit: {n}" for b, n in sorted(counts.items()))]]
+    if p.get("dfmpc_pairs_offered"):
+        chosen = p.get("dfmpc_pairs", [])
+        rows.append(["DF-MPC pairs", f"{len(chosen)} of {p['dfmpc_pairs_offered']} offered chosen"
+                     + "".join(f"; {low} {lb}-bit -> {high} {hb}-bit" for low, high, lb, hb in chosen[:4])
+                     + ("; ..." if len(chosen) > 4 else "")])
+    return rows
 
 
 def _reconstruct_rows(report: dict) -> list[list[str]]:

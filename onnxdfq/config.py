@@ -250,6 +250,7 @@ class QuantConfig:
     size_budget: float | None = None
     sensitivity: str = "measured"
     auto_widths: tuple[int, ...] = AUTO_WIDTHS
+    dfmpc_pairs: bool = True  # DF-MPC's compensated low/high pairs are candidates too (measured sensitivities)
 
     @property
     def bn_sigmas(self) -> float:
@@ -294,7 +295,7 @@ CALIB_OPTIONS = {"calib_range": "estimator", "calib_samples": "samples", "calib_
                  "std": "std", "synth_options": "synth_options", "size": "size"}
 _DIRECT = ("cle", "absorb_bias", "bias_correction", "sigmas", "reduce_range", "input_range", "fmt", "target",
            "quantize_outputs", "reconstruct", "reconstruct_steps", "reconstruct_samples", "first_last_bits",
-           "avg_bits", "size_budget", "sensitivity", "auto_widths")
+           "avg_bits", "size_budget", "sensitivity", "auto_widths", "dfmpc_pairs")
 # every keyword make_config takes besides method, bits, act_bits and granularity
 OPTIONS = (*_DIRECT, "calib", *CALIB_OPTIONS, "preprocess", "squant_stages", "dfmpc")
 
@@ -344,8 +345,8 @@ def make_config(method: str = DEFAULT_METHOD, bits: int | str = 8, act_bits: int
         # its compensation folds one gain per output channel into the low layers' scales
         raise OptionError("--method dfmpc quantizes per output channel: its compensation folds one gain per channel "
                           "into the low layers' scales; --granularity tensor is not supported")
-    if options.get("dfmpc") and method != "dfmpc":
-        raise OptionError(f"DF-MPC options apply to --method dfmpc, not {method}")
+    if options.get("dfmpc") and method != "dfmpc" and not (auto and options.get("dfmpc_pairs") is not False):
+        raise OptionError(f"DF-MPC options apply to --method dfmpc (or --bits auto's DF-MPC pairs), not {method}")
     if options.get("squant_stages") and METHODS[method]["rounder"] != "squant":
         raise OptionError(f"--squant-stages applies to --method squant, not {method}")
     granularity = str(granularity).removeprefix("per-")  # users type per-channel / per-tensor
@@ -402,6 +403,8 @@ def _check_auto_bits(direct: dict[str, Any], auto: bool, method: str) -> None:
     if not auto:
         if budgets:
             raise OptionError(f"--{budgets[0].replace('_', '-')} is a budget for per-layer widths: give --bits auto")
+        if direct.get("dfmpc_pairs") is not None:
+            raise OptionError("--dfmpc-pairs / --no-dfmpc-pairs choose --bits auto's candidates: give --bits auto")
         return
     if len(budgets) != 1:
         raise OptionError("--bits auto needs one budget: --avg-bits N (grid bits per weight, e.g. 4.5) or "

@@ -30,7 +30,7 @@ from onnxdfq.passes.bias_correction import AnalyticBiasCorrectionPass
 from onnxdfq.passes.calib_ranges import CalibrationRangePass, SampleObserver
 from onnxdfq.passes.channel_stats import MeasureChannelStatsPass
 from onnxdfq.passes.cle import CrossLayerEqualizationPass, share_min_ranges
-from onnxdfq.passes.dfmpc import DFMPCPass
+from onnxdfq.passes.dfmpc import AllocatedPairsPass, DFMPCPass
 from onnxdfq.passes.emit import EmitPass
 from onnxdfq.passes.fold_bn import FoldBatchNormPass
 from onnxdfq.passes.qparams import ActivationQParamsPass, BiasQParamsPass, BiasSafeWeightsPass
@@ -85,6 +85,8 @@ def build_passes(config: QuantConfig, template: Any, progress: Any = None, *, fp
             passes.append(DFMPCPass(config.bits, config.high_bits, config.dfmpc))
         except ValueError as exc:
             raise OptionError(f"DF-MPC options: {exc}") from None
+    elif config.auto_bits and config.dfmpc_pairs:
+        passes.append(AllocatedPairsPass(config.dfmpc))
     passes.append(WeightQuantPass(config.bits, per_channel=config.per_channel, method=config.rounder,
                                   stages=config.squant.stages, reduce_range=reduce_range,
                                   act_bits=config.act_bits))
@@ -254,7 +256,8 @@ class BitAllocationStage(Pass):
                                  bias_correction=config.step("bias_correction") and ws.calib.source == "bn",
                                  measure=measure,
                                  progress=getattr(self.progress, "allocation", None), cache=self.cache,
-                                 sensitivity=config.sensitivity)
+                                 sensitivity=config.sensitivity,
+                                 pairs=AllocatedPairsPass(config.dfmpc) if config.dfmpc_pairs else None)
         step(ws)
         if runner is not None:
             self.cache["info"]["runs"] = runner.runs
@@ -280,11 +283,13 @@ class BitAllocationStage(Pass):
         model, names, defaults = surgery.model_with_weight_inputs(ws.graph, layers, self.template)
         runner = OutputSensitivity(model, defaults, samples)
 
-        def measure(layer: Any, candidate: Any) -> float:
-            weight_name, bias_name = names[layer.name]
-            feeds = {weight_name: graph_layers.stored_weight(layer, candidate.weight)}
-            if bias_name is not None and candidate.bias is not None:
-                feeds[bias_name] = candidate.bias
+        def measure(swaps: list) -> float:
+            feeds = {}
+            for layer, candidate in swaps:
+                weight_name, bias_name = names[layer.name]
+                feeds[weight_name] = graph_layers.stored_weight(layer, candidate.weight)
+                if bias_name is not None and candidate.bias is not None:
+                    feeds[bias_name] = candidate.bias
             return runner.noise(feeds)
 
         return measure, runner, {"samples": int(len(samples)), "source": label}

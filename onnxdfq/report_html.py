@@ -169,15 +169,20 @@ def _allocation_section(report: dict[str, Any]) -> str:
     entry = next((p for p in report.get("passes", []) if p.get("name") == "bit_allocation"), None)
     if entry is None:
         return ""
-    rows = [[name, row["params"], row["bits"], row["sensitivity"].get(str(row["bits"]),
-                                                                     row["sensitivity"].get(row["bits"])),
-             *(row["sensitivity"].get(str(b), row["sensitivity"].get(b)) for b in (2, 4, 8))]
+    rows = [[name, row["params"], f"{row['bits']} (DF-MPC)" if row.get("dfmpc") else row["bits"],
+             row["sensitivity"].get(str(row["bits"]), row["sensitivity"].get(row["bits"])),
+             *(row["sensitivity"].get(str(b), row["sensitivity"].get(b)) for b in (2, 4, 8)),
+             _first(row.get("dfmpc_sensitivity"))]
             for name, row in entry["layers"].items()]
     return ("<h2>Bit allocation (--bits auto)</h2><p>Each layer's sensitivity is the relative output noise it adds "
             "when quantized alone at a width; the widths minimise their sum under the budget. The curve is the "
             "trade-off between size and that sum; the red point is this file.</p>" + _pareto_chart(entry)
-            + _table(["layer", "params", "bits", "sensitivity at its bits", "at 2 bits", "at 4 bits", "at 8 bits"],
-                     rows))
+            + _table(["layer", "params", "bits", "sensitivity at its bits", "at 2 bits", "at 4 bits", "at 8 bits",
+                      "DF-MPC pair at 2 bits (low layer compensated, high float)"], rows))
+
+
+def _first(values: dict | None) -> Any:
+    return next(iter(values.values())) if values else None
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:

@@ -122,6 +122,7 @@ class Workspace:
     reduced_range: list[str] = field(default_factory=list)  # layers given 7-bit weights (see pipeline)
     weight_ranges: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # stage -> layer -> per-channel
     bit_widths: Any = None  # onnxdfq.quant.scheme.BitWidthMap when a pass planned per-layer widths (DF-MPC)
+    dfmpc_pairs: list = field(default_factory=list)  # (passes.dfmpc.PairPlan, low bits) --bits auto chose
     act_qparams: dict[str, Any] = field(default_factory=dict)  # tensor -> quant.qparams.ActQParams
     act_widths: dict[str, int] = field(default_factory=dict)  # tensor -> activation bits where not the default
     float_model: Any = None  # the float graph before any weight is quantized (block reconstruction's targets)

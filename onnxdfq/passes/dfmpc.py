@@ -37,7 +37,8 @@ from onnxdfq.passes.statistics import tensor_statistics
 from onnxdfq.quant.fake import sqnr_db
 from onnxdfq.quant.scheme import BitWidthMap
 
-__all__ = ["PairPlan", "MixedPrecisionPlan", "LOW_RULES", "DEFAULT_REFINE_STEPS", "plan_pairs", "DFMPCPass"]
+__all__ = ["PairPlan", "PairUpdate", "MixedPrecisionPlan", "AllocatedPairsPass", "LOW_RULES", "DEFAULT_REFINE_STEPS",
+           "plan_pairs", "DFMPCPass"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,18 @@ class MixedPrecisionPlan:
 
     def bitmap(self) -> BitWidthMap:
         return BitWidthMap(self.high_bits, by_name={name: self.low_bits for name in self.low_layers})
+
+
+@dataclass
+class PairUpdate:
+    """One pair decided: its low layer compensated at ``bits`` and the high layer's (layer, weight, bias, row)
+    update, None when the high layer is left as it is."""
+
+    pair: PairPlan
+    bits: int
+    low: graph_layers.Layer
+    result: Any  # dfmpc_math.Compensation
+    high: tuple | None
 
 
 LOW_ACTS = ("relu", "relu6", "none")  # activations a compensated pre-activation may feed
@@ -212,10 +225,8 @@ class DFMPCPass(Pass):
                              f"got {quantizer!r}")
         if reestimate not in REESTIMATE:
             raise ValueError(f"reestimate must be one of {', '.join(REESTIMATE)}, got {reestimate!r}")
-        if refine_steps is None:  # measured: +0.7 on ResNet-56 2/6, -1.8 on MobileNet-V1 4/8 (ablation)
-            refine_steps = DEFAULT_REFINE_STEPS if quantizer == "corr" and low_bits == 2 else 0
-        if sigma_model is None:  # a grid fitted to the tap model makes "tap" (and so "blend") biased: see class doc
-            sigma_model = "regression" if refine_steps else "blend"
+        self._refine_steps, self._sigma_model = refine_steps, sigma_model  # None: resolved per low width
+        refine_steps, sigma_model = self._width_defaults(quantizer, low_bits)
         if sigma_model not in SIGMA_MODELS:
             raise ValueError(f"sigma_model must be one of {', '.join(SIGMA_MODELS)}, got {sigma_model!r}")
         if rho != "fit" and not (isinstance(rho, (int, float)) and 0.0 <= rho < 1.0):
@@ -240,6 +251,22 @@ class DFMPCPass(Pass):
         self.low_rule = low_rule
         self.shortcut_corr = float(shortcut_corr)
         self.plan: MixedPrecisionPlan | None = None
+
+    def _width_defaults(self, quantizer: str, bits: int) -> tuple[int, str]:
+        """refine_steps and sigma_model at a low width, where the options left them to it (None)."""
+        refine_steps = self._refine_steps
+        if refine_steps is None:  # measured: +0.7 on ResNet-56 2/6, -1.8 on MobileNet-V1 4/8 (ablation)
+            refine_steps = DEFAULT_REFINE_STEPS if quantizer == "corr" and bits == 2 else 0
+        # a grid fitted to the tap model makes "tap" (and so "blend") biased: see the class doc
+        sigma_model = self._sigma_model or ("regression" if refine_steps else "blend")
+        return refine_steps, sigma_model
+
+    def options_at(self, bits: int) -> dict[str, Any]:
+        """The compensation options for a low layer at ``bits`` (--bits auto gives each pair its own width)."""
+        if bits == self.low_bits:
+            return self.options
+        refine_steps, sigma_model = self._width_defaults(self.options["quantizer"], bits)
+        return {**self.options, "refine_steps": refine_steps, "sigma_model": sigma_model}
 
     def ensures(self, ws: Workspace) -> None:
         for name in self.plan.low_layers if self.plan else ():
@@ -301,41 +328,35 @@ class DFMPCPass(Pass):
             row.update(high_gain_mean=float(np.mean(gain)), high_gain_min=float(np.min(gain)))
         return high, weight, bias, row
 
-    def call(self, ws: Workspace) -> PassReport:
-        layers = graph_layers.read_layers(ws.graph)
-        plan = plan_pairs(layers, ws.graph, ws.channel_stats, self.low_bits, self.high_bits, self.low_rule)
-        stats = tensor_statistics(ws)
-        report = PassReport(self.name, params={"low_bits": self.low_bits, "high_bits": self.high_bits,
-                                               "high_gain": self.high_gain,
-                                               "high_correction": self.high_correction,
-                                               "low_rule": self.low_rule, "shortcut_corr": self.shortcut_corr,
-                                               **self.options})
-        updates = []
-        for layer in layers:
-            if layer.name not in plan.low_layers:
-                continue
-            in_stats = stats.get(layer.input_name)
-            if in_stats is None or in_stats.channels != layer.weight.shape[1] * layer.group:
+    def pair_update(self, ws: Workspace, layers: dict[str, graph_layers.Layer], pair: PairPlan, bits: int,
+                    stats: dict, report: PassReport | None = None) -> PairUpdate:
+        """Pair ``pair`` with its low layer compensated at ``bits``: nothing is written (see `write`)."""
+        layer = layers[pair.low]
+        in_stats = stats.get(layer.input_name)
+        options = self.options_at(bits)
+        if in_stats is None or in_stats.channels != layer.weight.shape[1] * layer.group:
+            if report is not None:
                 report.skipped[layer.name] = "no input statistics: plain low-bit weights, uncompensated"
                 report.warnings.append(f"{layer.name}: no input statistics; plain low-bit weights, uncompensated")
-                in_mean = np.zeros(layer.weight.shape[1] * layer.group)
-                in_var = np.ones_like(in_mean)
-                options = {**self.options, "reestimate": "none"}
-            else:
-                in_mean, in_var = self._input_moments(layer, in_stats, stats, ws.graph)
-                options = self.options
-            result = compensate_mixed_precision(layer.weight, layer.bias, ws.channel_stats[layer.name], in_mean, in_var,
-                                                self.low_bits, group=layer.group, **options)
-            updates.append((layer, result, in_var))
-        by_name = {layer.name: layer for layer in layers}
-        pair_of = {p.low: p for p in plan.pairs}
-        tensors, outputs = ws.graph.tensors(), {t.name for t in ws.graph.outputs}
-        high_updates = [update for layer, result, in_var in updates if pair_of[layer.name].high_reads_low
-                        and (update := self._high_update(layer, result, in_var, by_name[pair_of[layer.name].high],
-                                                         stats, ws, self._act_bounds(layer, tensors, outputs),
-                                                         pooled=bool(pair_of[layer.name].via)))]
-        for layer, result, _ in updates:  # decide first, then write once
-            quant = WeightQuant(self.low_bits, result.quant.scale, result.quant.w_int, True, "dfmpc")
+            in_mean = np.zeros(layer.weight.shape[1] * layer.group)
+            in_var = np.ones_like(in_mean)
+            options = {**options, "reestimate": "none"}
+        else:
+            in_mean, in_var = self._input_moments(layer, in_stats, stats, ws.graph)
+        result = compensate_mixed_precision(layer.weight, layer.bias, ws.channel_stats[layer.name], in_mean, in_var,
+                                            bits, group=layer.group, **options)
+        high = None
+        if pair.high_reads_low:
+            tensors, outputs = ws.graph.tensors(), {t.name for t in ws.graph.outputs}
+            high = self._high_update(layer, result, in_var, layers[pair.high], stats, ws,
+                                     self._act_bounds(layer, tensors, outputs), pooled=bool(pair.via))
+        return PairUpdate(pair, bits, layer, result, high)
+
+    def write(self, ws: Workspace, updates: list[PairUpdate], report: PassReport) -> None:
+        """Write the low layers' integers (ws.weight_quant) and compensated weights, and the high layers' updates."""
+        for update in updates:
+            layer, result, bits = update.low, update.result, update.bits
+            quant = WeightQuant(bits, result.quant.scale, result.quant.w_int, True, "dfmpc")
             ws.weight_quant[layer.name] = quant
             graph_layers.write_weight(layer, quant.dequantized())
             graph_layers.write_bias(layer, result.bias)
@@ -345,17 +366,34 @@ class DFMPCPass(Pass):
             grid = result.quant.scale / np.where(renorm > 0, renorm, 1.0)
             w_grid = result.quant.w_int * grid.reshape((-1,) + (1,) * (layer.weight.ndim - 1))
             report.rows.append(LayerRow(layer.name, {
-                "bits": self.low_bits, "weight_sqnr_db": round(sqnr_db(layer.weight, w_grid), 3),
+                "bits": bits, "weight_sqnr_db": round(sqnr_db(layer.weight, w_grid), 3),
                 "scale_min": float(quant.scale.min()), "scale_max": float(quant.scale.max()),
-                "pair_high": next(p.high for p in plan.pairs if p.low == layer.name),
+                "pair_high": update.pair.high,
                 "sigma_ratio_mean": float(np.mean(result.estimated.std / np.maximum(stats_fp.std, 1e-30))),
                 "mean_shift_max": float(np.max(np.abs(result.estimated.mean - stats_fp.mean))),
                 "c_mean": float(np.mean(result.c)), "c_min": float(np.min(result.c)),
             }))
-        for high, weight, bias, row in high_updates:
-            graph_layers.write_weight(high, weight)
-            graph_layers.write_bias(high, bias)
-            report.rows.append(LayerRow(high.name, row))
+        for update in updates:
+            if update.high is not None:
+                high, weight, bias, row = update.high
+                graph_layers.write_weight(high, weight)
+                graph_layers.write_bias(high, bias)
+                report.rows.append(LayerRow(high.name, row))
+        report.modified = bool(updates)
+
+    def call(self, ws: Workspace) -> PassReport:
+        layers = graph_layers.read_layers(ws.graph)
+        plan = plan_pairs(layers, ws.graph, ws.channel_stats, self.low_bits, self.high_bits, self.low_rule)
+        stats = tensor_statistics(ws)
+        report = PassReport(self.name, params={"low_bits": self.low_bits, "high_bits": self.high_bits,
+                                               "high_gain": self.high_gain,
+                                               "high_correction": self.high_correction,
+                                               "low_rule": self.low_rule, "shortcut_corr": self.shortcut_corr,
+                                               **self.options})
+        by_name = {layer.name: layer for layer in layers}
+        # decide every pair first (the high updates read the float weights), then write once
+        updates = [self.pair_update(ws, by_name, pair, self.low_bits, stats, report) for pair in plan.pairs]
+        self.write(ws, updates, report)
         self.plan = plan
         ws.bit_widths = plan.bitmap()  # the weight pass quantizes every layer DF-MPC left at the high width
         report.params["pairs"] = [[p.low, p.high] for p in plan.pairs]
@@ -367,5 +405,24 @@ class DFMPCPass(Pass):
             report.warnings.append(f"DF-MPC paired no layer: every layer stays at {self.high_bits} bits "
                                    f"({'; '.join(reasons[:3]) or 'no convolutions'})")
         report.skipped.update({name: f"not paired: {why}" for name, why in plan.unpaired.items()})
-        report.modified = bool(updates)
+        return report
+
+
+class AllocatedPairsPass(DFMPCPass):
+    """Compensate the DF-MPC pairs that --bits auto chose (ws.dfmpc_pairs: (PairPlan, low bits)); every width is
+    already in ws.bit_widths, so this only writes the pairs. Run where DFMPCPass runs, before WeightQuantPass."""
+
+    name = "dfmpc_pairs"
+
+    def __init__(self, options: DFMPCOptions | None = None) -> None:
+        super().__init__(2, 8, options)
+
+    def call(self, ws: Workspace) -> PassReport:
+        report = PassReport(self.name, params={"pairs": [[p.low, p.high, bits] for p, bits in ws.dfmpc_pairs]})
+        if not ws.dfmpc_pairs:
+            return report
+        by_name = {layer.name: layer for layer in graph_layers.read_layers(ws.graph)}
+        stats = tensor_statistics(ws)
+        updates = [self.pair_update(ws, by_name, pair, bits, stats, report) for pair, bits in ws.dfmpc_pairs]
+        self.write(ws, updates, report)
         return report

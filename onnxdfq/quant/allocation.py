@@ -1,8 +1,9 @@
 """Per-layer weight widths under a budget: a multiple-choice knapsack over the layers (numpy only).
 
-Each layer l takes one width b from a candidate list; it then costs ``size[l, b]`` (bits in the file or grid
-bits, whatever the budget counts) and adds ``noise[l, b]`` to the network's output (relative noise power:
-the quantization noise of independent layers adds up in power, so the sum over layers is what to minimise).
+Each item l (a layer, or a pair of layers decided together) takes one option b from a candidate list; it then
+costs ``size[l, b]`` (bits in the file or grid bits, whatever the budget counts) and adds ``noise[l, b]`` to the
+network's output (relative noise power: the quantization noise of independent layers adds up in power, so the
+sum over items is what to minimise). Items with fewer options pad their rows with noise inf.
 
 `allocate_widths` solves it exactly up to a size resolution by dynamic programming over the budget, rounding
 every size *up* to the resolution's unit, so that the widths it returns never exceed the budget as counted in
@@ -82,6 +83,16 @@ def _backtrack(picks: np.ndarray, units: np.ndarray, budget_units: int) -> np.nd
     return choice
 
 
+def _check_options(noise: np.ndarray, size: np.ndarray) -> None:
+    """Every option finite, except padding (noise inf: items with fewer options than others), which must never be
+    an item's smallest size (the dynamic programme starts from each item's smallest option)."""
+    if np.isnan(noise).any() or not np.isfinite(size).all() or (noise == -np.inf).any():
+        raise ValueError("noise and size must be finite (noise inf marks an option that does not exist)")
+    smallest = np.argmin(size, axis=1)
+    if not np.isfinite(noise[np.arange(noise.shape[0]), smallest]).all():
+        raise ValueError("each row's smallest option must be a real (finite-noise) option")
+
+
 def allocate_widths(noise: np.ndarray, size: np.ndarray, budget: float, *,
                     resolution: int = DEFAULT_RESOLUTION) -> Allocation:
     """The choice per layer (rows of ``noise``/``size``, [L, B]) with the least summed noise whose summed size
@@ -90,8 +101,7 @@ def allocate_widths(noise: np.ndarray, size: np.ndarray, budget: float, *,
     size = np.asarray(size, np.float64)
     if noise.shape != size.shape or noise.ndim != 2:
         raise ValueError(f"noise {noise.shape} and size {size.shape} must be the same [layers, options]")
-    if not np.isfinite(noise).all():
-        raise ValueError("noise must be finite")
+    _check_options(noise, size)
     units, capacity, _ = _units(size, budget, resolution)
     _, picks = _table(noise, units, capacity)
     choice = _backtrack(picks, units, capacity)
@@ -104,6 +114,7 @@ def pareto_front(noise: np.ndarray, size: np.ndarray, *, points: int = 64,
     """(size, least summed noise) along the whole range of sizes: the allocations no other beats on both."""
     noise = np.asarray(noise, np.float64)
     size = np.asarray(size, np.float64)
+    _check_options(noise, size)
     top = float(size.max(axis=1).sum())
     units, _, _ = _units(size, top, resolution)
     capacity = int(units.max(axis=1).sum())  # every layer at its largest option fits (rounding up included)
