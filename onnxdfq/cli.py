@@ -119,6 +119,10 @@ def _methods() -> list[str]:
 @click.option("--dfmpc-pairs/--no-dfmpc-pairs", default=None,
               help="With --bits auto and measured sensitivity: DF-MPC's compensated pairs (a low layer at 2-4 "
                    "bits, the next at a wider width, rescaled) are candidates beside plain widths (default: on).")
+@click.option("--avg-act-bits", type=float, default=None, metavar="B",
+              help="Activations at 4 bits where they cost least and at --act-bits elsewhere, B bits on average "
+                   "over the activation elements of one image; each activation's cost measured at the output on "
+                   "calibration samples, like --bits auto's.")
 @click.option("--act-bits", default="auto", show_default=True,
               help="Activation bits 2..8, 'none' (float), or auto: 8, and none (float) for dfmpc.")
 @click.option("--dfmpc-opt", "dfmpc_opts", multiple=True, metavar="KEY=VALUE",
@@ -195,7 +199,8 @@ def _methods() -> list[str]:
 @click.option("-q", "--quiet", is_flag=True, help="Print only warnings and errors.")
 @_friendly
 def quantize(model: Path, output: Path, method: str, bits: str, avg_bits: float | None, size_budget: float | None,
-             sensitivity: str, dfmpc_pairs: bool | None, act_bits: str, dfmpc_opts: tuple[str, ...],
+             sensitivity: str, dfmpc_pairs: bool | None, avg_act_bits: float | None, act_bits: str,
+             dfmpc_opts: tuple[str, ...],
              granularity: str,
              cle: bool | None, absorb_bias: bool | None, bias_correction: bool | None, squant_stages: str | None,
              sigmas: float,
@@ -234,7 +239,8 @@ def quantize(model: Path, output: Path, method: str, bits: str, avg_bits: float 
                    reconstruct=reconstruct or None, reconstruct_steps=reconstruct_steps,
                    reconstruct_samples=reconstruct_samples, first_last_bits=first_last_bits,
                    avg_bits=avg_bits, size_budget=size_budget,
-                   sensitivity=sensitivity if bits.strip().lower() == "auto" else None, dfmpc_pairs=dfmpc_pairs)
+                   sensitivity=sensitivity if bits.strip().lower() == "auto" else None, dfmpc_pairs=dfmpc_pairs,
+                   avg_act_bits=avg_act_bits)
     start = time.perf_counter()
     progress = _loss_bar("synth", quiet)
     progress.reconstruct = _block_bar(quiet)
@@ -386,6 +392,19 @@ def _allocation_rows(report: dict) -> list[list[str]]:
     return rows
 
 
+def _act_allocation_rows(report: dict) -> list[list[str]]:
+    entry = next((p for p in report["passes"] if p["name"] == "act_width_allocation"), None)
+    if entry is None:
+        return []
+    p = entry["params"]
+    samples = next((q["params"] for q in report["passes"] if q["name"] == "act_width_allocation_samples"), {})
+    return [["activation widths", f"budget {p['budget_avg_act_bits']:g} bits an element; "
+                                  f"{p['average_act_bits']:.2f} on average; {p['narrow_tensors']} of {p['tensors']} "
+                                  f"tensors at {min(p['widths'])} bits; sensitivity measured on "
+                                  f"{samples.get('samples', 0)} {samples.get('source', '')} samples "
+                                  f"({samples.get('runs', 0)} runs)"]]
+
+
 def _reconstruct_rows(report: dict) -> list[list[str]]:
     params = next((p for p in report["passes"] if p["name"] == "reconstruct"), None)
     if params is None or "skipped" in params["params"]:
@@ -458,6 +477,7 @@ def _summary(report: dict, model: Path) -> str:
         ["layer inputs quantized", _coverage_line(report["layer_inputs"])],
         *_dfmpc_rows(report),
         *_allocation_rows(report),
+        *_act_allocation_rows(report),
         ["layer statistics", _statistics_line(report["statistics"])],
         ["7-bit (reduce-range)", _names(report["reduced_range_layers"])],
         ["steps not run", ", ".join(f"{k} ({v})" for k, v in report["skipped"]["steps"].items()) or "-"],

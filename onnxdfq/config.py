@@ -24,7 +24,8 @@ from onnxdfq.quant.scheme import parse_act_bits, parse_bits
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "FORMATS", "TARGETS", "GRANULARITIES", "CALIB_SOURCES", "SAMPLE_SOURCES",
            "PRIOR_GENERATORS", "DEFAULT_SIGMAS", "LOW_BIT_SIGMAS", "PRIOR_SIGMAS", "CalibSpec", "SQuantOptions",
-           "DFMPCOptions", "QuantConfig", "make_config", "valid_options", "AUTO_WIDTHS", "SENSITIVITY_MODES"]
+           "DFMPCOptions", "QuantConfig", "make_config", "valid_options", "AUTO_WIDTHS", "SENSITIVITY_MODES",
+           "AUTO_ACT_WIDTHS"]
 
 # method -> its weight rounder and the defaults of its optional steps (None in QuantConfig: use these)
 METHODS: dict[str, dict[str, Any]] = {
@@ -70,6 +71,7 @@ DEFAULT_RECONSTRUCT_STEPS = 500
 DEFAULT_RECONSTRUCT_SAMPLES = 256
 # --bits auto: the weight widths each layer may get, and how their cost at the output is found
 AUTO_WIDTHS = (2, 3, 4, 5, 6, 8)
+AUTO_ACT_WIDTHS = (4, 8)  # --avg-act-bits: each activation at 4 bits or at --act-bits
 SENSITIVITY_MODES = ("measured", "proxy")
 
 
@@ -251,6 +253,8 @@ class QuantConfig:
     sensitivity: str = "measured"
     auto_widths: tuple[int, ...] = AUTO_WIDTHS
     dfmpc_pairs: bool = True  # DF-MPC's compensated low/high pairs are candidates too (measured sensitivities)
+    # --avg-act-bits: activations at 4 bits or act_bits, averaging this many bits over the activation elements
+    avg_act_bits: float | None = None
 
     @property
     def bn_sigmas(self) -> float:
@@ -295,7 +299,8 @@ CALIB_OPTIONS = {"calib_range": "estimator", "calib_samples": "samples", "calib_
                  "std": "std", "synth_options": "synth_options", "size": "size"}
 _DIRECT = ("cle", "absorb_bias", "bias_correction", "sigmas", "reduce_range", "input_range", "fmt", "target",
            "quantize_outputs", "reconstruct", "reconstruct_steps", "reconstruct_samples", "first_last_bits",
-           "avg_bits", "size_budget", "sensitivity", "auto_widths", "dfmpc_pairs")
+           "avg_bits", "size_budget", "sensitivity", "auto_widths", "dfmpc_pairs",
+           "avg_act_bits")
 # every keyword make_config takes besides method, bits, act_bits and granularity
 OPTIONS = (*_DIRECT, "calib", *CALIB_OPTIONS, "preprocess", "squant_stages", "dfmpc")
 
@@ -365,6 +370,7 @@ def make_config(method: str = DEFAULT_METHOD, bits: int | str = 8, act_bits: int
         direct["input_range"] = (lo, hi)
     _check_reconstruct(direct, high)
     _check_auto_bits(direct, auto, method)
+    _check_act_budget(direct, act)
     calib = _calib_spec(options)
     preprocessing = resolve_preprocessing(calib.mean, calib.std, preset=options.get("preprocess"),
                                           input_range=direct.get("input_range"))
@@ -395,6 +401,23 @@ def _check_reconstruct(direct: dict[str, Any], high: int | None) -> None:
         if importlib.util.find_spec("torch") is None:
             raise OptionError("--reconstruct runs on PyTorch, which is not installed: pip install "
                               "'onnxdfq[synth]' torch==2.13.0 (the pin takes the CPU build)")
+
+
+def _check_act_budget(direct: dict[str, Any], act_bits: int | None) -> None:
+    """--avg-act-bits: activations at 4 bits or --act-bits, on average within the budget."""
+    if direct.get("avg_act_bits") is None:
+        return
+    value = float(direct["avg_act_bits"])
+    low = min(AUTO_ACT_WIDTHS)
+    if act_bits is None or direct.get("fmt") == "fakequant":
+        raise OptionError("--avg-act-bits chooses activation widths: it needs quantized activations (--act-bits) "
+                          "and a QDQ format")
+    if act_bits <= low:
+        raise OptionError(f"--avg-act-bits chooses between {low} bits and --act-bits: give --act-bits above {low}, "
+                          f"got {act_bits}")
+    if not low <= value <= act_bits:
+        raise OptionError(f"--avg-act-bits must be between {low} and --act-bits ({act_bits}), got {value:g}")
+    direct["avg_act_bits"] = value
 
 
 def _check_auto_bits(direct: dict[str, Any], auto: bool, method: str) -> None:

@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from onnxdfq.config import DEFAULT_METHOD, METHODS, SAMPLE_SOURCES, CalibSpec, QuantConfig, make_config
+from onnxdfq.config import (
+    AUTO_ACT_WIDTHS,
+    DEFAULT_METHOD,
+    METHODS,
+    SAMPLE_SOURCES,
+    CalibSpec,
+    QuantConfig,
+    make_config,
+)
 from onnxdfq.errors import FidelityError, OptionError, UnsupportedModelError
 from onnxdfq.graph import io as graph_io
 from onnxdfq.graph import layers as graph_layers
@@ -75,7 +83,8 @@ def build_passes(config: QuantConfig, template: Any, progress: Any = None, *, fp
         passes.append(BitAllocationStage(config, template, progress, fp32_bytes=fp32_bytes, overhead=size_overhead,
                                          cache=sensitivity_cache))
     if config.act_bits is not None:
-        passes.append(ActivationRangeStage(config, template, progress))
+        passes.append(ActWidthAllocationStage(config, template, progress) if config.avg_act_bits is not None
+                      else ActivationRangeStage(config, template, progress))
     if grids:
         passes.append(ActivationQParamsPass(config.act_bits, config.target))
     if config.reconstruct:
@@ -164,15 +173,16 @@ class ActivationRangeStage(Pass):
     name = "activation_ranges"
     changes_graph = False
 
-    def __init__(self, config: QuantConfig, template: Any, progress: Any = None) -> None:
+    def __init__(self, config: QuantConfig, template: Any, progress: Any = None, *, release: bool = True) -> None:
         self.config, self.template, self.progress = config, template, progress
+        self.release = release  # False: another range pass follows on the same samples (--avg-act-bits)
 
     def call(self, ws: Workspace) -> PassReport:
         config, calib = self.config, ws.calib
         layers = graph_layers.read_layers(ws.graph)
         tensors = patterns.activation_tensors(ws.graph, layers, {layer.name for layer in layers},
                                               quantize_outputs=config.quantize_outputs)
-        BNRangePass(tensors, sigmas=ws.range_sigmas or config.bn_sigmas)(ws)
+        BNRangePass(tensors, sigmas=config.range_sigmas(calib.source))(ws)
         # samples (synthetic or real data) calibrate every range on the float graph as it stands now (folded,
         # after CLE); prior images do not look like data, so for 6-bit grids and up their per-channel statistics
         # feed the engine instead, like BN's, and only the tensors it cannot describe are calibrated on them
@@ -191,7 +201,7 @@ class ActivationRangeStage(Pass):
                 fallback = fallback.subset(FALLBACK_IMAGES)
             CalibrationRangePass(missing, fallback, prior, config.act_bits)(ws)
         shared = share_min_ranges(ws)  # Relu -> Min(per-channel bound) from CLE / absorption: one range
-        if ws.observer is not None:  # no pass reads the samples after this one
+        if ws.observer is not None and self.release:  # no pass reads the samples after this one
             ws.observer.release()
         return PassReport(self.name, params={"tensors": len(tensors), "prior_fallback": len(missing),
                                              "shared_min_ranges": len(shared)})
@@ -265,21 +275,9 @@ class BitAllocationStage(Pass):
 
     def _measurer(self, ws: Workspace, layers: list) -> tuple[Any, Any, dict[str, Any]]:
         """The measure callable the pass takes, the runner behind it (its forward-pass count) and what it ran on."""
-        from dataclasses import replace
-
-        from onnxdfq.eval.calibrate import calibration_samples, input_shape
         from onnxdfq.eval.sensitivity import OutputSensitivity
 
-        shape = input_shape(self.template, ws.calib.size)
-        count = LARGE_SENSITIVITY_SAMPLES if len(shape) == 3 and min(shape[1:]) >= 128 else SENSITIVITY_SAMPLES
-        if ws.observer is not None and ws.observer.samples is not None:
-            samples = ws.observer.subset(count).samples
-            label = ws.calib.label
-        else:
-            spec = ws.calib if ws.calib.source in SAMPLE_SOURCES else ws.calib.resolved("prior")
-            spec = replace(spec, samples=min(spec.samples or count, count))
-            samples, _ = calibration_samples(self.template, spec, self.progress, input_range=self.config.input_range)
-            label = spec.label
+        samples, label = sensitivity_samples(ws, self.config, self.template, self.progress)
         model, names, defaults = surgery.model_with_weight_inputs(ws.graph, layers, self.template)
         runner = OutputSensitivity(model, defaults, samples)
 
@@ -293,6 +291,67 @@ class BitAllocationStage(Pass):
             return runner.noise(feeds)
 
         return measure, runner, {"samples": int(len(samples)), "source": label}
+
+
+def sensitivity_samples(ws: Workspace, config: QuantConfig, template: Any, progress: Any = None
+                        ) -> tuple[np.ndarray, str]:
+    """The samples sensitivities are measured on (the run's own samples, else prior images) and their label."""
+    from dataclasses import replace
+
+    from onnxdfq.eval.calibrate import calibration_samples, input_shape
+
+    shape = input_shape(template, ws.calib.size)
+    count = LARGE_SENSITIVITY_SAMPLES if len(shape) == 3 and min(shape[1:]) >= 128 else SENSITIVITY_SAMPLES
+    if ws.observer is not None and ws.observer.samples is not None:
+        return ws.observer.subset(count).samples, ws.calib.label
+    spec = ws.calib if ws.calib.source in SAMPLE_SOURCES else ws.calib.resolved("prior")
+    spec = replace(spec, samples=min(spec.samples or count, count))
+    samples, _ = calibration_samples(template, spec, progress, input_range=config.input_range)
+    return samples, spec.label
+
+
+class ActWidthAllocationStage(Pass):
+    """--avg-act-bits: the activation ranges at every candidate width (as uniform runs at those widths would take
+    them), then each activation's sensitivity at each width measured on calibration samples, and the widths chosen
+    under the budget (passes/act_allocation.py). Takes ActivationRangeStage's place."""
+
+    name = "act_width_allocation_samples"
+    changes_graph = False
+
+    def __init__(self, config: QuantConfig, template: Any, progress: Any = None) -> None:
+        self.config, self.template, self.progress = config, template, progress
+
+    def call(self, ws: Workspace) -> PassReport:
+        from dataclasses import replace
+
+        from onnxdfq.eval.sensitivity import OutputSensitivity, per_sample_elements
+        from onnxdfq.passes.act_allocation import ActWidthAllocationPass
+
+        config = self.config
+        widths = tuple(sorted({*AUTO_ACT_WIDTHS, config.act_bits}))
+        ranges = {}
+        for bits in widths[:-1]:  # the narrower grids' own ranges (MSE clipping or sigmas at that width)
+            ActivationRangeStage(replace(config, act_bits=bits), self.template, self.progress, release=False)(ws)
+            ranges[bits], ws.act_ranges = dict(ws.act_ranges), {}
+        ActivationRangeStage(config, self.template, self.progress, release=False)(ws)
+        tensors = list(ws.act_ranges)
+        samples, label = sensitivity_samples(ws, config, self.template, self.progress)
+        model, names, defaults = surgery.model_with_act_switches(ws.graph, tensors, self.template)
+        runner = OutputSensitivity(model, defaults, samples)
+        elements = per_sample_elements(surgery.model_with_outputs(ws.graph, tensors, self.template), tensors, samples)
+
+        def measure(tensor: str, grid: Any) -> float:
+            lo, hi = grid.own_levels()
+            gate, scale, zero, low, high = names[tensor]
+            return runner.noise({gate: np.array(1.0, np.float32), scale: np.array(grid.scale, np.float32),
+                                 zero: np.array(grid.zero_point, np.float32),
+                                 low: np.array(lo, np.float32), high: np.array(hi, np.float32)})
+
+        ActWidthAllocationPass(config.avg_act_bits, widths, ranges, elements, measure, target=config.target,
+                               progress=getattr(self.progress, "allocation", None))(ws)
+        if ws.observer is not None:
+            ws.observer.release()
+        return PassReport(self.name, params={"samples": int(len(samples)), "source": label, "runs": runner.runs})
 
 
 def allocation_budget(config: QuantConfig, fp32_bytes: int, layers: list, overhead: float | None = None) -> Any:

@@ -181,6 +181,20 @@ def _allocation_section(report: dict[str, Any]) -> str:
                       "DF-MPC pair at 2 bits (low layer compensated, high float)"], rows))
 
 
+def _act_allocation_section(report: dict[str, Any]) -> str:
+    entry = next((p for p in report.get("passes", []) if p.get("name") == "act_width_allocation"), None)
+    if entry is None:
+        return ""
+    p = entry["params"]
+    rows = [[name, row["elements"], row["act_bits"], *(row["act_sensitivity"].get(str(b), row["act_sensitivity"].get(b))
+                                                       for b in p["widths"])]
+            for name, row in entry["layers"].items()]
+    return (f"<h2>Activation widths (--avg-act-bits {p['budget_avg_act_bits']:g})</h2><p>Each activation's "
+            "sensitivity is the relative output noise it adds when it alone is quantized at a width (weights float); "
+            f"the widths minimise their sum with {p['average_act_bits']:.2f} bits per element on average.</p>"
+            + _table(["tensor", "elements per image", "bits", *(f"at {b} bits" for b in p["widths"])], rows))
+
+
 def _first(values: dict | None) -> Any:
     return next(iter(values.values())) if values else None
 
@@ -237,6 +251,7 @@ def render_report(report: dict[str, Any]) -> str:
         "channels span orders of magnitude; cross-layer equalization narrows the bars.</p>"
         + _weight_range_chart(report.get("weight_ranges", {}))
         + _allocation_section(report)
+        + _act_allocation_section(report)
         + "<h2>Weight SQNR per layer</h2>" + _sqnr_chart(layers)
         + "<h2>Activation ranges</h2>" + _activation_chart(report.get("activations", {}))
         + "<h2>Layers</h2>"

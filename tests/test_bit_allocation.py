@@ -241,6 +241,9 @@ def test_cli_and_api_write_the_same_file(tmp_path):
     (["--bits", "auto", "--size-budget", "0.01"], "give a larger budget"),
     (["--bits", "auto", "--avg-bits", "4", "--method", "dfmpc"], "--method dfmpc takes"),
     (["--bits", "4", "--no-dfmpc-pairs"], "give --bits auto"),
+    (["--avg-act-bits", "3"], "between 4 and --act-bits"),
+    (["--act-bits", "4", "--avg-act-bits", "4"], "above 4"),
+    (["--act-bits", "none", "--avg-act-bits", "6"], "needs quantized activations"),
 ])
 def test_budget_mistakes_are_one_line(tmp_path, args, message):
     out = tmp_path / "q.onnx"

@@ -13,7 +13,7 @@ import numpy as np
 
 from onnxdfq.eval.session import make_session, run_session
 
-__all__ = ["OutputSensitivity"]
+__all__ = ["OutputSensitivity", "per_sample_elements"]
 
 
 class OutputSensitivity:
@@ -47,3 +47,16 @@ class OutputSensitivity:
         outputs = self._outputs(overrides)
         return float(sum(np.mean((y - ref) ** 2) / power
                          for y, ref, power in zip(outputs, self.reference, self.power, strict=True)))
+
+
+def per_sample_elements(model: Any, tensors: list[str], samples: np.ndarray) -> dict[str, int]:
+    """Elements of each of ``tensors`` per sample: one run of ``model`` (which outputs them) on one batch."""
+    session = make_session(model, "cpu")
+    first = session.get_inputs()[0]
+    batch = first.shape[0] if first.shape and isinstance(first.shape[0], int) and first.shape[0] > 0 else 1
+    chunk = np.ascontiguousarray(samples[:batch], np.float32)
+    outputs = [o.name for o in session.get_outputs()]
+    feeds = {first.name: chunk}
+    known = {name: value for name, value in zip(outputs, run_session(session, None, feeds), strict=True)}
+    known[first.name] = chunk  # the network input is no output of the model
+    return {name: int(known[name].size // len(chunk)) for name in tensors if name in known}

@@ -10,7 +10,8 @@ from onnxdfq.graph.layers import Layer
 
 __all__ = ["import_graph", "export_model", "insert_activation_qdq", "dequantize_weight", "dequantize_bias",
            "insert_channel_min", "integer_channel_min", "replace_activation", "set_channel_bound", "bypass_node",
-           "model_with_outputs", "model_with_moments", "model_with_weight_inputs", "MOMENT_OUTPUTS"]
+           "model_with_outputs", "model_with_moments", "model_with_weight_inputs", "MOMENT_OUTPUTS",
+           "model_with_act_switches", "ACT_SWITCH_INPUTS"]
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -254,6 +255,53 @@ def model_with_weight_inputs(graph: gs.Graph, layers: list[Layer], template: onn
         names[layer.name] = (weight.name, bias_name)
     copy.inputs = list(copy.inputs) + new_inputs
     copy.cleanup()
+    return export_model(copy, template), names, values
+
+
+# the graph inputs `model_with_act_switches` gives every switched tensor, in this order
+ACT_SWITCH_INPUTS = ("gate", "scale", "zero", "lo", "hi")
+
+
+def model_with_act_switches(graph: gs.Graph, tensors: list[str], template: onnx.ModelProto
+                            ) -> tuple[onnx.ModelProto, dict[str, tuple[str, ...]], dict[str, np.ndarray]]:
+    """A ModelProto of a copy of ``graph`` in which every tensor of ``tensors`` can be fake-quantized on demand:
+    x -> x + gate * ((clip(round(x / scale) + zero, lo, hi) - zero) * scale - x), with the five scalars graph
+    inputs (``ACT_SWITCH_INPUTS``). The defaults (gate 0) leave the model exact; feeding one tensor's gate 1 and its
+    grid measures what quantizing that activation alone costs. Float ops only, so any width runs.
+    Returns the model, tensor -> its five input names, and the default feeds."""
+    copy = graph.copy()
+    by_name = copy.tensors()
+    names: dict[str, tuple[str, ...]] = {}
+    values: dict[str, np.ndarray] = {}
+    new_inputs = []
+    defaults = {"gate": 0.0, "scale": 1.0, "zero": 0.0, "lo": -3.0e38, "hi": 3.0e38}
+    for index, name in enumerate(tensors):
+        tensor = by_name[name]
+        consumers = list(tensor.outputs)
+        switch = {kind: gs.Variable(f"{name}/switch_{kind}", dtype=np.float32, shape=[]) for kind in ACT_SWITCH_INPUTS}
+        for kind, var in switch.items():
+            values[var.name] = np.array(defaults[kind], np.float32)
+        new_inputs.extend(switch.values())
+        names[name] = tuple(switch[kind].name for kind in ACT_SWITCH_INPUTS)
+
+        def step(op: str, a, b, tag: str, k: int = index):
+            out = gs.Variable(f"act_switch{k}/{tag}", dtype=np.float32)
+            copy.nodes.append(gs.Node(op, f"act_switch{k}/{tag}_{op}", inputs=[a, b] if b is not None else [a],
+                                      outputs=[out]))
+            return out
+
+        q = step("Round", step("Div", tensor, switch["scale"], "div"), None, "round")
+        q = step("Min", step("Max", step("Add", q, switch["zero"], "shift"), switch["lo"], "lo"), switch["hi"], "hi")
+        fake = step("Mul", step("Sub", q, switch["zero"], "unshift"), switch["scale"], "dequant")
+        switched = step("Add", tensor, step("Mul", step("Sub", fake, tensor, "error"), switch["gate"], "gated"), "out")
+        for node in consumers:
+            for i, value in enumerate(node.inputs):
+                if value is tensor:
+                    node.inputs[i] = switched
+        if tensor in copy.outputs:
+            copy.outputs = [switched if t is tensor else t for t in copy.outputs]
+    copy.inputs = list(copy.inputs) + new_inputs
+    copy.toposort()
     return export_model(copy, template), names, values
 
 

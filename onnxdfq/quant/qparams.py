@@ -82,6 +82,13 @@ class ActQParams:
     stored_zero_point: int
     levels: tuple[int, int] | None
 
+    def own_levels(self) -> tuple[int, int]:
+        """The grid's own integer range (around ``zero_point``, before the storage shift)."""
+        shift = self.stored_zero_point - self.zero_point
+        if self.levels is not None:
+            return self.levels[0] - shift, self.levels[1] - shift
+        return (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1) if self.signed else (0, 2 ** self.bits - 1)
+
 
 def activation_grid(lo: float, hi: float, bits: int, target: str = "ort") -> ActQParams:
     """The grid of a tensor observed in [lo, hi].
