@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""--bits auto (per-layer widths under a budget) against uniform widths at the same size, measured and proxy.
+"""--bits auto (per-layer widths under a budget) against uniform widths at the same size, measured and proxy;
+DF-MPC pairs as candidates against the same budget without them; --avg-act-bits (4- or 8-bit activations).
 
 Every row runs `onnxdfq quantize` as a user does (a fresh process; wall time and peak RSS from /usr/bin/time -v)
 and `onnxdfq eval` on the full test set (CIFAR-10 test, 10 000 images; ImageNet val1300). No data anywhere:
@@ -9,6 +10,7 @@ sensitivities over every (layer, width) pair, and the share of layers where the 
 
     python tools/bench_allocation.py                     # every row; writes tools/results/allocation.md/json
     python tools/bench_allocation.py --only resnet20     # one model
+    python tools/bench_allocation.py --only resnet20 --update   # re-run it, keep the other rows
 """
 
 from __future__ import annotations
@@ -66,6 +68,29 @@ ROWS = [
     ("resnet20", "uniform W2A8, packed", uniform(2, packed=True)),
     ("resnet20", "auto --size-budget 0.15, measured", auto("size-budget", "0.15")),
     ("resnet20", "auto --size-budget 0.15, proxy", auto("size-budget", "0.15", "proxy")),
+    # DF-MPC pairs as candidates (default on) at ultra-low budgets, against the same budget without them
+    ("resnet20", "uniform W2A8", uniform(2)),
+    ("resnet20", "uniform W3A8", uniform(3)),
+    ("resnet20", "auto --avg-bits 2.5, measured", auto("avg-bits", "2.5")),
+    ("resnet20", "auto --avg-bits 2.5, measured, --no-dfmpc-pairs", [*auto("avg-bits", "2.5"), "--no-dfmpc-pairs"]),
+    ("resnet56", "dfmpc 2/6 A8", ["--method", "dfmpc", "--bits", "2/6", *A8]),
+    ("resnet56", "auto --avg-bits 2.5, measured", auto("avg-bits", "2.5")),
+    ("resnet56", "auto --avg-bits 2.5, measured, --no-dfmpc-pairs", [*auto("avg-bits", "2.5"), "--no-dfmpc-pairs"]),
+    ("mobilenet_v1_0.75", "auto --avg-bits 3, measured", auto("avg-bits", "3")),
+    ("mobilenet_v1_0.75", "auto --avg-bits 3, measured, --no-dfmpc-pairs",
+     [*auto("avg-bits", "3"), "--no-dfmpc-pairs"]),
+    # activation widths (--avg-act-bits: 4 or 8 per tensor), weights 8-bit or auto
+    ("resnet20", "W8A8", ["--bits", "8", *A8]),
+    ("resnet20", "W8A4", ["--bits", "8", "--act-bits", "4"]),
+    ("resnet20", "W8, --avg-act-bits 6", ["--bits", "8", *A8, "--avg-act-bits", "6"]),
+    ("resnet20", "W8, --avg-act-bits 5", ["--bits", "8", *A8, "--avg-act-bits", "5"]),
+    ("resnet56", "W8A4", ["--bits", "8", "--act-bits", "4"]),
+    ("resnet56", "W8, --avg-act-bits 5", ["--bits", "8", *A8, "--avg-act-bits", "5"]),
+    ("mobilenet_v1_0.75", "W8A8", ["--bits", "8", *A8]),
+    ("mobilenet_v1_0.75", "W8A4", ["--bits", "8", "--act-bits", "4"]),
+    ("mobilenet_v1_0.75", "W8, --avg-act-bits 6", ["--bits", "8", *A8, "--avg-act-bits", "6"]),
+    ("mobilenet_v1_0.75", "auto --avg-bits 5, --avg-act-bits 6", [*auto("avg-bits", "5"), "--avg-act-bits", "6"]),
+    ("mobilenet_v1_0.75_folded", "W8, --avg-act-bits 6", ["--bits", "8", *A8, "--avg-act-bits", "6"]),
 ]
 
 
@@ -104,8 +129,13 @@ def run_row(model: str, flags: list[str], work: Path) -> dict:
     row = {"top1": eval_top1(out, data), "wall_s": round(timed["wall_s"], 1),
            "peak_mb": timed["peak_mb"], "avg_bits": round(info["average_weight_bits"], 3),
            "size_fraction": round(out.stat().st_size / fp32, 4)}
+    acts = next((p for p in info["passes"] if p["name"] == "act_width_allocation"), None)
+    if acts is not None:
+        row["avg_act_bits"] = round(acts["params"]["average_act_bits"], 2)
+        row["act_allocation_s"] = round(info["timings_s"].get("act_width_allocation_samples", 0.0), 1)
     entry = next((p for p in info["passes"] if p["name"] == "bit_allocation"), None)
     if entry is not None:
+        row["dfmpc_pairs"] = len(entry["params"].get("dfmpc_pairs", []))
         row["allocation_s"] = round(info["timings_s"].get("bit_allocation_samples",
                                                           info["timings_s"].get("bit_allocation", 0.0)), 1)
         row["widths"] = {name: layer["bits"] for name, layer in entry["layers"].items()}
@@ -124,32 +154,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", default=None, help="models to run")
     parser.add_argument("--out", default="allocation", help="results/NAME.md and .json")
+    parser.add_argument("--update", action="store_true",
+                        help="with --only: re-run those models and keep the other rows of results/NAME.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="onnxdfq-alloc-"))
+    out = ROOT / "tools" / "results"
+    kept = {}
+    if args.update and (out / f"{args.out}.json").exists():
+        kept = {(r["model"], r["config"]): r for r in json.loads((out / f"{args.out}.json").read_text())["rows"]}
     rows = []
     for model, label, flags in ROWS:
         if args.only and model not in args.only:
+            if (model, label) in kept:
+                rows.append(kept[(model, label)])
             continue
         row = {"model": model, "config": label, "flags": " ".join(flags), **run_row(model, flags, work)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = ROOT / "tools" / "results"
     (out / f"{args.out}.json").write_text(json.dumps({"rows": rows}, indent=1))
     lines = ["# Per-layer widths without data (tools/bench_allocation.py)", "",
              "`onnxdfq quantize` then `onnxdfq eval` on every test image (CIFAR-10 test; ImageNet val1300), a fresh "
              "process per row on this 2-core machine (wall time and peak RSS of the quantize run). Method squant "
              "(the default), 8-bit activations. avg bits: grid bits per weight over the parameters; size: the written "
              "file / the FP32 file. Spearman: rank correlation of the proxy's and the measured sensitivities over "
-             "every (layer, width); plans agree: share of layers given the same width by the proxy's allocation.", "",
-             "| model | config | top-1 | avg bits | size | wall s | peak MB | allocation s | Spearman | plans agree |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "every (layer, width); plans agree: share of layers given the same width by the proxy's allocation; "
+             "DF-MPC pairs: pairs the allocation chose (ternary low layer compensated, next layer wider); act bits: "
+             "average activation bits per element under --avg-act-bits (act s: its measurement time).", "",
+             "| model | config | top-1 | avg bits | size | wall s | peak MB | allocation s | Spearman | plans agree "
+             "| DF-MPC pairs | act bits | act s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['config']} | error: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['model']} | {r['config']} | error: {r['error']} | | | | | | | | | | |")
             continue
         lines.append(f"| {r['model']} | {r['config']} | {r['top1']:.2f} | {r['avg_bits']:.2f} | "
                      f"{r['size_fraction']:.3f} | {r['wall_s']} | {r['peak_mb']} | {r.get('allocation_s', '')} | "
-                     f"{r.get('spearman_proxy_measured', '')} | {r.get('plans_agree', '')} |")
+                     f"{r.get('spearman_proxy_measured', '')} | {r.get('plans_agree', '')} | "
+                     f"{r.get('dfmpc_pairs', '')} | {r.get('avg_act_bits', '')} | {r.get('act_allocation_s', '')} |")
     (out / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -19,14 +19,15 @@ Quantization noise of different layers adds up in power at the output, so the wi
 sensitivity under the budget (onnxdfq.quant.allocation: a multiple-choice knapsack, solved exactly).
 
 DF-MPC's pairs (passes/dfmpc.py: a low layer compensated in closed form, the next layer rescaled) are candidates
-too, with measured sensitivities: each pair is one knapsack item whose options are its two layers' plain widths
-and DF-MPC at a 2-bit low layer with the high layer at any wider width. The pair is measured once with its high
-layer in float and the high layer's own noise at each width is added (per-channel grids do not see DF-MPC's
-per-channel rescaling). Measured (squant, A8, full test sets): ResNet-20 --avg-bits 2.5 82.73 % with pairs against
-78.44 without, ResNet-56 89.64 against 88.08, MobileNet-V1 --avg-bits 3 20.85 against 10.54; at --avg-bits 4 and
-up no pair is chosen. Low layers at 3 and 4 bits (DF-MPC's least-squares grid) were offered too and measured
-worse on real images than the plain plan they displaced (MobileNet-V1 --avg-bits 4: 68.77 / 68.31 against
-70.31), so only the ternary low layer is offered (PAIR_LOW_WIDTHS).
+too, with measured sensitivities and BN statistics (compensated from prior statistics, a pair is circular on the
+prior images like the bias correction: see BitAllocationPass._pair_plans). Each pair is one knapsack item whose
+options are its two layers' plain widths and DF-MPC at a 2-bit low layer with the high layer at any wider width.
+The pair is measured once with its high layer in float and the high layer's own noise at each width is added
+(per-channel grids do not see DF-MPC's per-channel rescaling). Measured (squant, A8, full test sets): ResNet-20
+--avg-bits 2.5 82.73 % with pairs against 78.44 without, ResNet-56 89.64 against 88.08, MobileNet-V1 --avg-bits 3
+20.85 against 10.54; at --avg-bits 4 and up no pair is chosen. Low layers at 3 and 4 bits (DF-MPC's least-squares
+grid) were offered too and measured worse on real images than the plain plan they displaced (MobileNet-V1
+--avg-bits 4: 68.77 / 68.31 against 70.31), so only the ternary low layer is offered (PAIR_LOW_WIDTHS).
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ class BitAllocationPass(Pass):
     docstring for when). With ``pairs`` (a DFMPCPass: its options and compensation) and measured sensitivities,
     every DF-MPC pair (low, high) of the free layers is one item: its two layers' widths chosen together, plus
     DF-MPC's options (low compensated at 2-4 bits, high at any wider width); the chosen pairs go to
-    ws.dfmpc_pairs for passes.dfmpc.AllocatedPairsPass.
+    ws.dfmpc_pairs for passes.dfmpc.AllocatedPairsPass. Pairs are offered only where the low layer's statistics
+    came from BN (see `_pair_plans`).
     """
 
     name = "bit_allocation"
@@ -260,13 +262,17 @@ class BitAllocationPass(Pass):
         return report
 
     def _pair_plans(self, ws: Workspace, layers: list, free: list) -> list:
-        """DF-MPC's pairs among the free layers (none without a DFMPCPass, or with proxy sensitivities: the
-        compensation changes the weights on purpose, which a weight-noise proxy cannot score)."""
+        """DF-MPC's pairs among the free layers whose low layer has BN statistics. None without a DFMPCPass, or
+        with proxy sensitivities (the compensation changes the weights on purpose, which a weight-noise proxy
+        cannot score). Statistics measured on prior images are circular on them, as for the bias correction:
+        offered on BN-folded MobileNet-V1 at --avg-bits 5, a pair compensated from prior statistics measured
+        well on the prior images and was chosen, and the file scored 63.15 % (75.92 without pairs)."""
         if self.pairs is None or self.sensitivity != "measured":
             return []
         names = {layer.name for layer in free}
         plan = plan_pairs(layers, ws.graph, ws.channel_stats, 2, max(self.widths), self.pairs.low_rule)
-        return [p for p in plan.pairs if p.low in names and p.high in names]
+        return [p for p in plan.pairs if p.low in names and p.high in names
+                and ws.channel_stats[p.low].source == "bn"]
 
     def _pair_sensitivities(self, ws: Workspace, layers: list, pairs: list, pair_widths: tuple[int, ...],
                             stats: dict, done: int) -> np.ndarray:
