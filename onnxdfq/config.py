@@ -242,6 +242,9 @@ class QuantConfig:
     reconstruct: bool = False
     reconstruct_steps: int = DEFAULT_RECONSTRUCT_STEPS
     reconstruct_samples: int | None = None  # None: DEFAULT_RECONSTRUCT_SAMPLES
+    # BN folded away: reconstruction learns on DFFG samples matched to the prior's statistics (pseudo-BN) instead
+    # of on the prior images themselves (see pipeline.ReconstructStage; off: measured far worse at 224 px)
+    pseudo_bn: bool = False
     # the first layer (weights and input) and the last layer (weights and input) at this width: the protocol
     # the low-bit literature reports; None: every layer at --bits / --act-bits
     first_last_bits: int | None = None
@@ -298,7 +301,8 @@ CALIB_OPTIONS = {"calib_range": "estimator", "calib_samples": "samples", "calib_
                  "seed": "seed", "device": "device", "calib_batch_size": "batch_size", "mean": "mean",
                  "std": "std", "synth_options": "synth_options", "size": "size"}
 _DIRECT = ("cle", "absorb_bias", "bias_correction", "sigmas", "reduce_range", "input_range", "fmt", "target",
-           "quantize_outputs", "reconstruct", "reconstruct_steps", "reconstruct_samples", "first_last_bits",
+           "quantize_outputs", "reconstruct", "reconstruct_steps", "reconstruct_samples", "pseudo_bn",
+           "first_last_bits",
            "avg_bits", "size_budget", "sensitivity", "auto_widths", "dfmpc_pairs",
            "avg_act_bits")
 # every keyword make_config takes besides method, bits, act_bits and granularity
@@ -392,6 +396,8 @@ def _check_reconstruct(direct: dict[str, Any], high: int | None) -> None:
         raise OptionError(f"--first-last-bits must be in 2..8, got {first_last}")
     if first_last is not None and high is not None:
         raise OptionError("--first-last-bits sets uniform widths' ends; DF-MPC chooses its own pairs (--bits LOW/HIGH)")
+    if direct.get("pseudo_bn") is not None and not direct.get("reconstruct"):
+        raise OptionError("--pseudo-bn / --no-pseudo-bn choose --reconstruct's samples: give --reconstruct")
     for key, least in (("reconstruct_steps", 0), ("reconstruct_samples", 1)):
         if direct.get(key) is not None and int(direct[key]) < least:
             raise OptionError(f"--{key.replace('_', '-')} must be >= {least}, got {direct[key]}")

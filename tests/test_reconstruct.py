@@ -178,3 +178,44 @@ def test_resnet20_w4a4_rises_with_reconstruction(resnet20, cifar_test):
     top_plain = evaluate(plain.model, cifar_test, mean=CIFAR_MEAN, std=CIFAR_STD, limit=1000).top1
     top_learnt = evaluate(learnt.model, cifar_test, mean=CIFAR_MEAN, std=CIFAR_STD, limit=1000).top1
     assert top_learnt >= 89.0 and top_learnt > top_plain, (top_plain, top_learnt)
+
+
+def test_pseudo_bn_model_is_the_same_function_and_carries_the_statistics(tmp_path):
+    """The identity BN nodes change nothing, and a generator's BN loss on them measures against the given
+    statistics: zero for the statistics of the very inputs it sees, positive for shifted ones."""
+    from onnxdfq import synth
+    from onnxdfq.eval.session import fold_batchnorm_copy
+    from onnxdfq.graph import surgery
+
+    folded = tmp_path / "folded.onnx"
+    fold_batchnorm_copy(basic_block_model(0), folded)
+    model = onnx.load(folded)
+    assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    x = np.random.default_rng(2).standard_normal((32, 3, 16, 16)).astype(np.float32)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None)
+                              for n in convs)
+    outs = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        [n.output[0] for n in convs], {probe.graph.input[0].name: x})
+    stats = {n.name: (o.mean(axis=(0, 2, 3)), o.std(axis=(0, 2, 3))) for n, o in zip(convs, outs, strict=True)}
+    pseudo = surgery.model_with_pseudo_bn(model, stats)
+    assert sum(n.op_type == "BatchNormalization" for n in pseudo.graph.node) == len(convs)
+    np.testing.assert_allclose(_run(pseudo, x), _run(model, x), rtol=1e-4, atol=1e-4)
+    exact = synth.bn_statistics_loss(pseudo, x, batch_size=32)
+    shifted = synth.bn_statistics_loss(surgery.model_with_pseudo_bn(
+        model, {k: (m + s, s) for k, (m, s) in stats.items()}), x, batch_size=32)
+    assert exact < 1e-3 < shifted
+
+
+def test_pseudo_bn_reconstruction_runs_on_a_folded_model(tmp_path):
+    from onnxdfq.eval.session import fold_batchnorm_copy
+
+    folded = tmp_path / "folded.onnx"
+    fold_batchnorm_copy(basic_block_model(0), folded)
+    result = onnxdfq.quantize_model(str(folded), bits=4, act_bits=4, reconstruct=True, reconstruct_steps=5,
+                                    reconstruct_samples=16, pseudo_bn=True, check=False)
+    entry = next(p for p in result.report["passes"] if p["name"] == "reconstruct")
+    assert "pseudo-BN" in entry["params"]["source"] and entry["params"]["sample_info"]["method"] == "dffg"
+    with pytest.raises(onnxdfq.errors.OptionError, match="--reconstruct"):
+        onnxdfq.quantize_model(str(folded), bits=4, pseudo_bn=True, check=False)

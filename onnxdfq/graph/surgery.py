@@ -11,7 +11,7 @@ from onnxdfq.graph.layers import Layer
 __all__ = ["import_graph", "export_model", "insert_activation_qdq", "dequantize_weight", "dequantize_bias",
            "insert_channel_min", "integer_channel_min", "replace_activation", "set_channel_bound", "bypass_node",
            "model_with_outputs", "model_with_moments", "model_with_weight_inputs", "MOMENT_OUTPUTS",
-           "model_with_act_switches", "ACT_SWITCH_INPUTS"]
+           "model_with_act_switches", "ACT_SWITCH_INPUTS", "model_with_pseudo_bn"]
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -256,6 +256,38 @@ def model_with_weight_inputs(graph: gs.Graph, layers: list[Layer], template: onn
     copy.inputs = list(copy.inputs) + new_inputs
     copy.cleanup()
     return export_model(copy, template), names, values
+
+
+PSEUDO_BN_EPS = 1e-5
+
+
+def model_with_pseudo_bn(model: onnx.ModelProto, stats: dict[str, tuple[np.ndarray, np.ndarray]]
+                         ) -> onnx.ModelProto:
+    """A copy of ``model`` with an identity BatchNormalization after each named node's output that carries that
+    output's per-channel (mean, std) as its running statistics: scale sqrt(var + eps) and bias mean undo the
+    normalisation, so the function is unchanged, and generators that match BN statistics (onnxdfq.synth) can
+    match these instead on a model whose BN was folded away."""
+    out = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = out.graph
+    nodes = list(graph.node)
+    del graph.node[:]
+    for node in nodes:
+        if node.name not in stats or not node.output:
+            graph.node.append(node)
+            continue
+        mean, std = (np.asarray(v, np.float64).reshape(-1) for v in stats[node.name])
+        var = std ** 2
+        raw = f"{node.output[0]}/pseudo_bn_input"
+        names = [f"{node.name}/pseudo_bn_{kind}" for kind in ("scale", "bias", "mean", "var")]
+        values = (np.sqrt(var + PSEUDO_BN_EPS), mean, mean, var)
+        graph.initializer.extend(onnx.numpy_helper.from_array(v.astype(np.float32), n) for n, v in zip(names, values,
+                                                                                                      strict=True))
+        bn = onnx.helper.make_node("BatchNormalization", [raw, *names], [node.output[0]],
+                                   name=f"{node.name}/pseudo_bn", epsilon=PSEUDO_BN_EPS)
+        node.output[0] = raw
+        graph.node.append(node)  # appending copies the message: rename first
+        graph.node.append(bn)
+    return out
 
 
 # the graph inputs `model_with_act_switches` gives every switched tensor, in this order
