@@ -956,6 +956,9 @@ def _synthetic_demo(work: Path, samples: int) -> None:
 @click.option("--size-budget", "sweep_size_budgets", default=None,
               help="Comma-separated file-size fractions (packed) for --bits auto.")
 @click.option("--act-bits", default="8", show_default=True, help="Comma-separated activation widths, or none.")
+@click.option("--avg-act-bits", "sweep_avg_act_bits", default=None,
+              help="Comma-separated activation budgets (4 or --act-bits per tensor, B bits an element on average): "
+                   "one config per value for every config with quantized activations.")
 @click.option("--granularity", default="channel", show_default=True, help="Comma-separated: channel, tensor.")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Labelled data to score every config on.")
 @click.option("--mean", default=None, help="Per-channel mean on the 0-1 scale, with --std (also the models' input "
@@ -977,7 +980,8 @@ def _synthetic_demo(work: Path, samples: int) -> None:
 @click.option("--retry-failed", is_flag=True, help="Run again the configs whose rows hold an error.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @_friendly
-def sweep(models, methods, bits, sweep_avg_bits, sweep_size_budgets, act_bits, granularity, data, mean, std,
+def sweep(models, methods, bits, sweep_avg_bits, sweep_size_budgets, act_bits, sweep_avg_act_bits, granularity,
+          data, mean, std,
           preprocess, limit, batch_size, shard_size, latency_runs, out_dir, address, workers, retry_failed,
           quiet) -> None:
     """Quantize and score every MODEL x --method x --bits x --act-bits on Ray (pip install -e ".[sweep]");
@@ -992,7 +996,7 @@ def sweep(models, methods, bits, sweep_avg_bits, sweep_size_budgets, act_bits, g
     budgets = [("avg_bits", value) for value in _floats(sweep_avg_bits, "--avg-bits") or []] + \
         [("size_budget", value) for value in _floats(sweep_size_budgets, "--size-budget") or []]
     configs, skipped = expand_grid([str(m) for m in models], split(methods), split(bits), split(act_bits),
-                                   split(granularity), budgets)
+                                   split(granularity), budgets, _floats(sweep_avg_act_bits, "--avg-act-bits") or [])
     for key, reason in skipped:
         click.echo(f"skipped {key}: {reason}", err=True)
     if not configs:

@@ -83,14 +83,15 @@ class ShardCounts:
 
 
 def expand_grid(models: Sequence[str], methods: Sequence[str], bits: Sequence[str], act_bits: Sequence[str],
-                granularities: Sequence[str] = ("channel",), budgets: Sequence[tuple[str, float]] = ()
-                ) -> tuple[list[SweepConfig], list[tuple[str, str]]]:
+                granularities: Sequence[str] = ("channel",), budgets: Sequence[tuple[str, float]] = (),
+                act_budgets: Sequence[float] = ()) -> tuple[list[SweepConfig], list[tuple[str, str]]]:
     """Every valid config of the grid, in grid order, and the skipped combinations with the reason.
 
     Validity is `onnxdfq.config.make_config`'s (dfmpc needs LOW/HIGH, the others a single width, ...);
     the same combination given twice is one config. Two models with the same file stem are refused
     (rows and files are named by it). ``budgets`` ((``avg_bits`` | ``size_budget``, value) pairs) expand the
-    width ``auto``: one config per budget.
+    width ``auto``: one config per budget. ``act_budgets`` (``--avg-act-bits`` values) expand every config with
+    quantized activations: one per value.
     """
     stems: dict[str, str] = {}
     for model in models:
@@ -106,8 +107,8 @@ def expand_grid(models: Sequence[str], methods: Sequence[str], bits: Sequence[st
         for method in methods:
             for width in bits:
                 auto = str(width).strip().lower() == "auto"
-                for options in ([((key, value),) for key, value in budgets] if auto else [()]):
-                    for act in act_bits:
+                for weight_options in ([((key, value),) for key, value in budgets] if auto else [()]):
+                    for act, options in _act_axis(act_bits, act_budgets, weight_options):
                         for granularity in granularities:
                             config = SweepConfig(str(model), method, "auto" if auto else str(width), str(act).lower(),
                                                  granularity, options)
@@ -118,6 +119,17 @@ def expand_grid(models: Sequence[str], methods: Sequence[str], bits: Sequence[st
                                 continue
                             configs.setdefault(config.key, config)
     return list(configs.values()), skipped
+
+
+def _act_axis(act_bits: Sequence[str], act_budgets: Sequence[float], options: tuple
+              ) -> list[tuple[str, tuple[tuple[str, Any], ...]]]:
+    """(activation width, options) pairs: each quantized width once per --avg-act-bits value, if any are given."""
+    pairs = []
+    for act in act_bits:
+        quantized = str(act).strip().lower() != "none"
+        extras = [(("avg_act_bits", value),) for value in act_budgets] if act_budgets and quantized else [()]
+        pairs.extend((act, options + extra) for extra in extras)
+    return pairs
 
 
 def _check_axes(methods: Sequence[str], bits: Sequence[str], act_bits: Sequence[str],
@@ -367,7 +379,7 @@ def _row(job: _Job, fp32: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     config = job.config
     row: dict[str, Any] = {"key": config.key, "model": config.name, "model_path": config.model,
                            "method": config.method, "bits": config.bits, "act_bits": config.act_bits,
-                           "granularity": config.granularity, "error": job.error()}
+                           "granularity": config.granularity, "options": dict(config.options), "error": job.error()}
     if row["error"] is None:
         quantized, latency = job.quantized, job.latency or {}
         row.update(combine_shards([ShardCounts(**s) for s in job.shards]))

@@ -43,7 +43,9 @@ def _mb(n: int | None) -> str:
 
 def _label(row: dict[str, Any]) -> str:
     act = "fp32" if row["act_bits"] == "none" else row["act_bits"]
-    return f"W{row['bits']}A{act}"
+    budgets = "".join(f" {key.replace('_', '-')} {value:g}" for key, value in row.get("options", {}).items()
+                      if key in ("avg_bits", "size_budget", "avg_act_bits"))  # which budget a row was planned under
+    return f"W{row['bits']}A{act}{budgets}"
 
 
 def _ok(rows: list[dict]) -> list[dict]:

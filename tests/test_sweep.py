@@ -273,6 +273,14 @@ def test_grid_expands_auto_widths_per_budget():
         expand_grid(["a/r20.onnx"], ["squant"], ["auto"], ["8"])
 
 
+def test_grid_expands_activation_budgets():
+    configs, skipped = expand_grid(["a/r20.onnx"], ["squant"], ["8"], ["8", "none"], act_budgets=[5.0, 6.0])
+    assert [c.key for c in configs] == ["r20 squant avg_act_bits=5.0 W8A8 channel",
+                                        "r20 squant avg_act_bits=6.0 W8A8 channel", "r20 squant W8Anone channel"]
+    _, skipped = expand_grid(["a/r20.onnx"], ["squant"], ["8"], ["4"], act_budgets=[5.0])
+    assert skipped and "above 4" in skipped[0][1]
+
+
 def test_a_size_budget_row_reports_the_packed_file_it_wrote(tmp_path):
     from onnxdfq.sweep import quantize_task
 
@@ -282,3 +290,11 @@ def test_a_size_budget_row_reports_the_packed_file_it_wrote(tmp_path):
     assert "error" not in row, row
     assert row["packed_bytes"] == row["bytes"] == (tmp_path / config.file_name).stat().st_size
     assert row["bytes"] <= 0.17 * Path(demo).stat().st_size
+
+
+def test_rows_name_the_budget_they_were_planned_under():
+    from onnxdfq.sweep_report import _label
+
+    assert _label({"bits": "auto", "act_bits": "8", "options": {"avg_bits": 4.5}}) == "WautoA8 avg-bits 4.5"
+    assert _label({"bits": "8", "act_bits": "8", "options": {"avg_act_bits": 6.0}}) == "W8A8 avg-act-bits 6"
+    assert _label({"bits": "4", "act_bits": "none"}) == "W4Afp32"
