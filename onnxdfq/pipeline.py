@@ -304,9 +304,12 @@ def sensitivity_samples(ws: Workspace, config: QuantConfig, template: Any, progr
     count = LARGE_SENSITIVITY_SAMPLES if len(shape) == 3 and min(shape[1:]) >= 128 else SENSITIVITY_SAMPLES
     if ws.observer is not None and ws.observer.samples is not None:
         return ws.observer.subset(count).samples, ws.calib.label
+    if "sensitivity_samples" in ws.cache:  # --bits auto and --avg-act-bits measure on the same images
+        return ws.cache["sensitivity_samples"]
     spec = ws.calib if ws.calib.source in SAMPLE_SOURCES else ws.calib.resolved("prior")
     spec = replace(spec, samples=min(spec.samples or count, count))
     samples, _ = calibration_samples(template, spec, progress, input_range=config.input_range)
+    ws.cache["sensitivity_samples"] = (samples, spec.label)
     return samples, spec.label
 
 

@@ -166,7 +166,7 @@ class BitAllocationPass(Pass):
     the proxy). ``bias_correction`` corrects each candidate's bias before it is measured (see the module's
     docstring for when). With ``pairs`` (a DFMPCPass: its options and compensation) and measured sensitivities,
     every DF-MPC pair (low, high) of the free layers is one item: its two layers' widths chosen together, plus
-    DF-MPC's options (low compensated at 2-4 bits, high at any wider width); the chosen pairs go to
+    DF-MPC's options (low compensated at PAIR_LOW_WIDTHS, high at any wider width); the chosen pairs go to
     ws.dfmpc_pairs for passes.dfmpc.AllocatedPairsPass. Pairs are offered only where the low layer's statistics
     came from BN (see `_pair_plans`).
     """
@@ -224,14 +224,14 @@ class BitAllocationPass(Pass):
         noise = np.minimum.accumulate(noise, axis=1)
         items, options, item_noise, item_size = _items(free, pairs, pair_widths, widths, noise, size, pair_noise)
         chosen = allocate_widths(item_noise, item_size, budget)  # feasible: checked above
+        pair_of = {p.low: p for p in pairs}
         widths_of: dict[str, int] = {}
         ws.dfmpc_pairs = []
         for members, opts, c in zip(items, options, chosen.choice, strict=True):
             option = opts[int(c)]
             widths_of.update({free[m].name: b for m, b in zip(members, option.widths, strict=True)})
-            if option.dfmpc:
-                ws.dfmpc_pairs.append((pairs[[p.low for p in pairs].index(free[members[0]].name)],
-                                       option.widths[0]))
+            if option.dfmpc:  # a pair item's first member is its low layer
+                ws.dfmpc_pairs.append((pair_of[free[members[0]].name], option.widths[0]))
         ws.bit_widths = BitWidthMap(max(widths), {}, {**widths_of, **fixed})
         front = pareto_front(item_noise, item_size)
         unit = all_params if self.budget.kind == "avg_bits" else 8.0
@@ -245,7 +245,7 @@ class BitAllocationPass(Pass):
             "dfmpc_pairs": [[p.low, p.high, bits, widths_of[p.high]] for p, bits in ws.dfmpc_pairs],
             "pareto": [{"size": (s + fixed_size) / unit, "noise": n} for s, n in front],
             "chosen": {"size": (chosen.size + fixed_size) / unit, "noise": chosen.noise}}, modified=True)
-        chosen_pairs = {p.low: bits for p, bits in ws.dfmpc_pairs}
+        chosen_pairs = {p.low for p, _ in ws.dfmpc_pairs}
         low_row = {p.low: i for i, p in enumerate(pairs)}
         for row, layer in enumerate(free):
             values = {
@@ -290,6 +290,7 @@ class BitAllocationPass(Pass):
                                          update.result.bias.astype(np.float32), 0.0))]
                 if update.high is not None:
                     high, weight, bias, _ = update.high
+                    # the high layer in float (bits 32): its own noise at each width is added per option (_items)
                     swaps.append((high, Candidate(32, weight.astype(np.float32), bias.astype(np.float32), 0.0)))
                 noise[row, col] = max(self.measure(swaps), NOISE_FLOOR)
                 done += 1
