@@ -22,6 +22,7 @@ from conftest import ROOT, asset  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from onnxdfq import synth  # noqa: E402
+from onnxdfq.synth.base import SynthOptionError  # noqa: E402
 from onnxdfq.synth.dsg import slack_margins  # noqa: E402
 from onnxdfq.synth.stats import BNTarget  # noqa: E402
 
@@ -106,6 +107,31 @@ def test_dffg_keeps_intermediate_iterates(resnet20_model: onnx.ModelProto) -> No
     final, earlier = x[:4], x[4:8]
     assert not np.array_equal(final, earlier)
     assert np.abs(final - earlier).max() <= 2 * 0.1 + 1e-5  # two sign steps of at most alpha apart
+
+
+IMAGENET_BOX = ((np.array([0.0, 0.0, 0.0]) - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225),
+                (np.array([1.0, 1.0, 1.0]) - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bounded_samples_stay_in_the_input_box(resnet20_model: onnx.ModelProto, method: str) -> None:
+    """Unbounded, BN matching drives pixels out of what the preprocessing can give (the case this exists
+    for); bounded, every sample of every method is inside each channel's box and still matches BN."""
+    lows, highs = (b.reshape(1, 3, 1, 1) for b in IMAGENET_BOX)
+    free = synth.generate(resnet20_model, method, 16, batch_size=16, steps=25, seed=0)
+    boxed = synth.generate(resnet20_model, method, 16, batch_size=16, steps=25, seed=0, input_bounds=IMAGENET_BOX)
+    assert ((free < lows - 1e-3) | (free > highs + 1e-3)).mean() > 0.005
+    assert (boxed >= lows - 1e-6).all() and (boxed <= highs + 1e-6).all()
+    # the box costs little of the statistics match: well below noise's loss
+    noise = _noise_loss("resnet20", resnet20_model, 16, 32)
+    assert synth.bn_statistics_loss(resnet20_model, boxed) < 0.1 * noise
+
+
+def test_impossible_input_bounds_are_an_option_error(resnet20_model: onnx.ModelProto) -> None:
+    with pytest.raises(SynthOptionError, match="input_bounds"):
+        synth.generate(resnet20_model, "dffg", 4, batch_size=4, steps=1, input_bounds=((0.0, 0.0), (1.0, 1.0)))
+    with pytest.raises(SynthOptionError, match="low < high"):
+        synth.generate(resnet20_model, "dffg", 4, batch_size=4, steps=1, input_bounds=((1.0,), (0.0,)))
 
 
 def test_progress_counts_steps_over_all_batches(resnet20_model: onnx.ModelProto) -> None:

@@ -80,6 +80,13 @@ class Generator(ABC):
     def __init__(self, graph: TorchGraph, targets: Sequence[BNTarget]) -> None:
         self.graph = graph
         self.targets = list(targets)
+        self.bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # set by generate() when the input box is known
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` clamped into the input's box (each channel's image of pixels 0..1), when it is known."""
+        if self.bounds is None:
+            return x
+        return torch.maximum(torch.minimum(x, self.bounds[1]), self.bounds[0])
 
     def samples_per_run(self, batch_size: int, steps: int) -> int:
         """How many samples one call of :meth:`run` on a batch of ``batch_size`` returns."""
@@ -114,11 +121,13 @@ LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x -> (lo
 
 
 def run_adam(
-    x0: torch.Tensor, steps: int, loss_fn: LossFn, on_step: StepFn, *, lr: float, plateau_patience: int
+    x0: torch.Tensor, steps: int, loss_fn: LossFn, on_step: StepFn, *, lr: float, plateau_patience: int,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Minimise ``loss_fn`` over the batch with Adam; the learning rate drops 10x on plateaus.
 
-    This is ZeroQ's optimiser (``ReduceLROnPlateau``, floor 1e-4); DSG uses it too.
+    This is ZeroQ's optimiser (``ReduceLROnPlateau``, floor 1e-4); DSG uses it too. ``project`` maps the
+    iterate back into the input's box after every step.
     """
     x = x0.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([x], lr=lr)
@@ -132,6 +141,9 @@ def run_adam(
         loss.backward()
         optimizer.step()
         scheduler.step(float(loss.detach()))
+        if project is not None:
+            with torch.no_grad():
+                x.copy_(project(x))
     return x.detach()
 
 
@@ -191,6 +203,7 @@ def generate(
     device: str = "cpu",
     steps: int | None = None,
     progress: ProgressFn | None = None,
+    input_bounds: tuple[Sequence[float], Sequence[float]] | None = None,
     **options: Any,
 ) -> np.ndarray:
     """Generate ``n`` synthetic calibration inputs for ``model`` with ``method``.
@@ -208,6 +221,11 @@ def generate(
     progress : callable, optional
         ``progress(step, total, loss)`` after every step; ``loss`` is the current batch's
         :func:`bn_statistics_loss`, ``total`` the number of steps over all batches.
+    input_bounds : (lows, highs), optional
+        Per-channel (or one) bounds of real inputs, e.g. the image of pixels 0 and 1 under the
+        preprocessing. Every iterate is projected into them: unbounded, BN matching drives some pixels
+        far outside what an image can give (ResNet-20's DFFG samples reached -6.8 where real inputs end
+        at -2.1), and whatever learns on the samples widens its input grid for them.
     **options
         Method-specific keyword options (e.g. ``lr`` for ZeroQ, ``alpha`` for DFFG).
 
@@ -228,6 +246,8 @@ def generate(
         generator = generator_cls(graph, targets, **options)
     except TypeError as exc:  # an option the method does not take
         raise SynthOptionError(f"{generator_cls.name}: {exc}") from None
+    if input_bounds is not None:
+        generator.bounds = _bounds_tensors(input_bounds, sample_shape, device)
     steps = generator_cls.default_steps if steps is None else steps
     if steps < 1:
         raise SynthOptionError(f"steps must be >= 1, got {steps}")
@@ -245,10 +265,21 @@ def generate(
     generator.prepare(batch_shape, rng)
     chunks: list[torch.Tensor] = []
     for run in range(runs):
-        x0 = torch.randn(batch_shape, generator=rng).to(device)
+        x0 = generator.project(torch.randn(batch_shape, generator=rng).to(device))
         chunks.extend(sample.detach().cpu() for sample in generator.run(x0, steps, on_step))
         logger.debug("%s: batch %d/%d done", generator_cls.name, run + 1, runs)
     return torch.cat(chunks)[:n].numpy().astype(np.float32, copy=False)
+
+
+def _bounds_tensors(bounds: tuple[Sequence[float], Sequence[float]], sample_shape: tuple[int, ...],
+                    device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lows, highs) as tensors broadcasting over a batch: one value, or one per channel (axis 1)."""
+    shape = (1, -1) + (1,) * (len(sample_shape) - 1)
+    lows, highs = (torch.as_tensor(np.asarray(b, np.float32).reshape(-1)) for b in bounds)
+    if lows.shape != highs.shape or lows.numel() not in (1, sample_shape[0]) or bool((lows >= highs).any()):
+        raise SynthOptionError(f"input_bounds must be one or {sample_shape[0]} (low, high) pairs with low < high, "
+                               f"got {bounds}")
+    return lows.view(shape).to(device), highs.view(shape).to(device)
 
 
 def bn_statistics_loss(

@@ -111,7 +111,7 @@ class DFFGGenerator(Generator):
             (grad,) = torch.autograd.grad(loss, x)
             l1 = grad.abs().sum(dim=reduce_dims, keepdim=True).clamp_min(1e-12)
             velocity = self.momentum * velocity + grad / l1
-            x = x.detach() - self.step_size(step, steps) * torch.sign(velocity)
+            x = self.project(x.detach() - self.step_size(step, steps) * torch.sign(velocity))
             if step + 1 in kept_steps:
                 kept.append(x.clone())
         return kept[::-1]

@@ -64,5 +64,6 @@ class ZeroQGenerator(Generator):
         return bn_loss, metric
 
     def run(self, x0: torch.Tensor, steps: int, on_step: StepFn) -> list[torch.Tensor]:
-        x = run_adam(x0, steps, self.loss, on_step, lr=self.lr, plateau_patience=self.plateau_patience)
+        x = run_adam(x0, steps, self.loss, on_step, lr=self.lr, plateau_patience=self.plateau_patience,
+                     project=self.project if self.bounds is not None else None)
         return [x]
