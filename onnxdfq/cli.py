@@ -739,10 +739,16 @@ def _generator_options(items: tuple[str, ...]) -> dict:
 @click.option("-O", "--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Generator option, repeatable, e.g. -O lr=0.2 (zeroq, dsg) or -O alpha=0.05 (dffg).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@_apply(_preprocessing_options("the box the samples are kept in (each channel's image of pixels 0..1; default: "
+                               "the model's metadata, else unbounded)"))
 @_friendly
 def synth(model: Path, method: str, samples: int, output: Path, device: str, seed: int, batch_size: int,
-          steps: int | None, options: tuple[str, ...], quiet: bool) -> None:
-    """Generate calibration inputs for MODEL whose BN-input statistics match its BN layers."""
+          steps: int | None, options: tuple[str, ...], quiet: bool, mean: str | None, std: str | None,
+          preprocess: str | None, input_range: str | None) -> None:
+    """Generate calibration inputs for MODEL whose BN-input statistics match its BN layers.
+
+    With the preprocessing known (--mean/--std, --preprocess, --input-range or the model's metadata) every
+    sample stays inside the inputs real images can give."""
     from onnxdfq.graph.io import ensure_distinct_paths, ensure_writable, load_model, write_text_atomic
 
     ensure_distinct_paths(model, output)
@@ -757,16 +763,24 @@ def synth(model: Path, method: str, samples: int, output: Path, device: str, see
     except ImportError as exc:
         raise OptionError(f"onnxdfq synth needs torch: pip install -e \".[synth]\" torch==2.13.0 ({exc})") from None
     extra = _generator_options(options)
+    from onnxdfq.eval.calibrate import model_preprocessing
+    from onnxdfq.preprocessing import pixel_box
+
+    given = resolve_preprocessing(_floats(mean, "--mean"), _floats(std, "--std"), preset=preprocess,
+                                  input_range=_floats(input_range, "--input-range"),
+                                  channels=synth_pkg.input_sample_shape(proto)[0]) or model_preprocessing(proto)
+    bounds = pixel_box(given.mean, given.std) if given is not None else None
     start = time.perf_counter()
     x = synth_pkg.generate(proto, method, samples, batch_size=batch_size, seed=seed, device=device, steps=steps,
-                           progress=_loss_bar(f"synth {method}", quiet), **extra)
+                           progress=_loss_bar(f"synth {method}", quiet), input_bounds=bounds, **extra)
     seconds = time.perf_counter() - start
     bn_loss = synth_pkg.bn_statistics_loss(proto, x, device=device)
     noise = np.random.default_rng(seed).standard_normal(x.shape).astype(np.float32)
     noise_loss = synth_pkg.bn_statistics_loss(proto, noise, device=device)
     meta = {"model": str(model), "method": method, "samples": int(len(x)), "seed": seed, "batch_size": batch_size,
             "steps": steps or synth_pkg.get_generator(method).default_steps, "options": extra, "device": device,
-            "seconds": round(seconds, 3), "bn_loss": bn_loss, "noise_bn_loss": noise_loss}
+            "seconds": round(seconds, 3), "bn_loss": bn_loss, "noise_bn_loss": noise_loss,
+            "input_bounds": given.source if given is not None else "unbounded"}
     buffer = io.BytesIO()
     np.savez(buffer, x=x, meta=np.array(json.dumps(meta)))
     write_text_atomic(buffer.getvalue(), output)
@@ -775,6 +789,9 @@ def synth(model: Path, method: str, samples: int, output: Path, device: str, see
                 ["method", f"{method}  steps {meta['steps']} per batch of {batch_size}, seed {seed}, {device}"
                  + (f"  ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else "")],
                 ["BN loss", f"{bn_loss:.4g}  (Gaussian noise: {noise_loss:.4g})"],
+                ["input box", (f"[{x.min():.3g}, {x.max():.3g}], per channel from {given.source}" if given is not None
+                               else "unbounded: give --mean/--std or --preprocess to keep samples inside what "
+                                    "images can give")],
                 ["time", f"{seconds:.1f} s"],
                 ["output", str(output)]]
         click.echo(_table(rows, ["", ""]).split("\n", 2)[2])

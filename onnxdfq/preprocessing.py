@@ -51,9 +51,8 @@ class Preprocessing:
     @property
     def input_range(self) -> tuple[float, float]:
         """The model input's range over all channels for pixels in [0, 1]."""
-        mean, std = np.asarray(self.mean, np.float64), np.asarray(self.std, np.float64)
-        lows, highs = (0.0 - mean) / std, (1.0 - mean) / std
-        return float(np.min(np.minimum(lows, highs))), float(np.max(np.maximum(lows, highs)))
+        lows, highs = pixel_box(self.mean, self.std)
+        return float(lows.min()), float(highs.max())
 
     def check_channels(self, channels: int | None, what: str = "the model") -> None:
         """A mean/std of length 1 or ``channels``; anything else is one clear error."""
@@ -73,6 +72,13 @@ class Preprocessing:
 
     def describe(self) -> str:
         return f"mean {_fmt(self.mean)} std {_fmt(self.std)} ({self.source})"
+
+
+def pixel_box(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the lowest and highest model input pixels in [0, 1] can give: (0 - mean) / std, (1 - mean) / std."""
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    lows, highs = (0.0 - mean) / std, (1.0 - mean) / std
+    return np.minimum(lows, highs), np.maximum(lows, highs)
 
 
 def _fmt(values: Sequence[float]) -> str:

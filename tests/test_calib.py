@@ -243,6 +243,45 @@ def test_cli_synth_then_quantize_on_its_samples(resnet20, tmp_path: Path) -> Non
     assert calib["source"] == "data" and calib["estimator"] == "percentile" and calib["percentile"] == 99.99
 
 
+@pytest.mark.torch
+def test_cli_synth_keeps_samples_in_the_preprocessing_box(resnet20, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    out = tmp_path / "boxed.npz"
+    proc = cli("synth", resnet20, "--method", "dffg", "-n", "8", "--batch-size", "8", "--steps", "20",
+               "-O", "keep=1", "--preprocess", "imagenet", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "per channel from --preprocess imagenet" in proc.stdout
+    lows = (np.zeros(3) - (0.485, 0.456, 0.406)) / np.array((0.229, 0.224, 0.225))
+    highs = (np.ones(3) - (0.485, 0.456, 0.406)) / np.array((0.229, 0.224, 0.225))
+    with np.load(out) as data:
+        x = data["x"]
+        assert json.loads(str(data["meta"]))["input_bounds"] == "--preprocess imagenet"
+    assert (x >= lows.reshape(1, 3, 1, 1) - 1e-5).all() and (x <= highs.reshape(1, 3, 1, 1) + 1e-5).all()
+    assert x.min() < lows.min() + 0.05  # the box binds: 20 steps already push pixels to its edge
+    assert_clean_failure(cli("synth", resnet20, "--method", "dffg", "-n", "4", "--mean", "0.5",
+                             "-o", tmp_path / "bad.npz"), needle="--std")
+    assert not (tmp_path / "bad.npz").exists()
+
+
+def test_synth_bounds_follow_the_known_preprocessing(resnet20) -> None:
+    """Generated samples are boxed by the preprocessing the user gave or the model records, never by an assumed
+    one: an assumed ImageNet box on a model trained otherwise would distort every sample."""
+    from onnxdfq.config import CalibSpec
+    from onnxdfq.eval.calibrate import synth_input_bounds
+
+    model = onnx.load(str(resnet20))
+    del model.metadata_props[:]
+    spec = CalibSpec(source="synth", method="dffg")
+    bounds, source = synth_input_bounds(model, spec, None)
+    assert bounds is None and source.startswith("unbounded")
+    (lows, highs), source = synth_input_bounds(model, spec, (-1.0, 1.0))
+    assert source == "--input-range" and np.allclose(lows, -1.0) and np.allclose(highs, 1.0)
+    spec = CalibSpec(source="synth", method="dffg", mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.1))
+    (lows, highs), _ = synth_input_bounds(model, spec, None)
+    np.testing.assert_allclose(lows, [-2.0, -2.0, -3.0])
+    np.testing.assert_allclose(highs, [2.0, 3.0, 7.0])
+
+
 def test_cli_quantize_on_raw_training_images(resnet20, cifar_train, tmp_path: Path) -> None:
     proc = cli("quantize", resnet20, "-o", tmp_path / "q.onnx", "--calib", f"data:{cifar_train}",
                "--calib-samples", "32", "--mean", MEAN, "--std", STD)

@@ -30,7 +30,7 @@ from onnxdfq.eval.runner import run_batched, sample_dims
 from onnxdfq.eval.session import make_session, run_session
 from onnxdfq.graph.io import model_input
 from onnxdfq.graph.surgery import MOMENT_OUTPUTS
-from onnxdfq.preprocessing import PRESETS, Preprocessing, from_metadata
+from onnxdfq.preprocessing import PRESETS, Preprocessing, from_metadata, pixel_box
 from onnxdfq.quant.range_estimators import TensorObserver
 from onnxdfq.synth.prior import InputSpace, default_prior_count, prior_image_set, resolve_generator
 
@@ -127,8 +127,7 @@ def synth_input_bounds(model: Any, spec: CalibSpec, input_range: tuple[float, fl
     space = prior_input_space(model, spec, input_range)
     if space.source.startswith("assumed"):
         return None, "unbounded (no preprocessing known)"
-    mean, std = np.asarray(space.mean, np.float64), np.asarray(space.std, np.float64)
-    return ((0.0 - mean) / std, (1.0 - mean) / std), space.source
+    return pixel_box(space.mean, space.std), space.source
 
 
 def synthesize(model: Any, spec: CalibSpec, progress: SynthProgress | None = None,
