@@ -117,8 +117,9 @@ def _methods() -> list[str]:
                    "samples (prior images unless --calib gives samples), or a proxy from weight noise and the "
                    "layer statistics, with no inference.")
 @click.option("--dfmpc-pairs/--no-dfmpc-pairs", default=None,
-              help="With --bits auto and measured sensitivity: DF-MPC's compensated pairs (a low layer at 2-4 "
-                   "bits, the next at a wider width, rescaled) are candidates beside plain widths (default: on).")
+              help="With --bits auto and measured sensitivity: DF-MPC's compensated pairs (a ternary low "
+                   "layer, the next at a wider width, rescaled; layers with BN statistics only) are candidates "
+                   "beside plain widths (default: on).")
 @click.option("--avg-act-bits", type=float, default=None, metavar="B",
               help="Activations at 4 bits where they cost least and at --act-bits elsewhere, B bits on average "
                    "over the activation elements of one image; each activation's cost measured at the output on "

@@ -9,6 +9,8 @@ default (DFFG for a model with BN, prior images for a BN-folded one) and real tr
     python tools/bench_reconstruct.py                      # every row; writes tools/results/reconstruct.md/json
     python tools/bench_reconstruct.py --only resnet20      # one model
     python tools/bench_reconstruct.py --limit 2000         # fewer test images (a quick look)
+    python tools/bench_reconstruct.py --only resnet20 --update   # re-run one model, keep the other rows
+    python tools/bench_reconstruct.py --match DFFG --update      # re-run the rows whose config says DFFG
 """
 
 from __future__ import annotations
@@ -54,8 +56,11 @@ ROWS = [
     ("resnet20", "W8A8 squant + reconstruct (DFFG)", ["--method", "squant"] + REC),
     ("resnet20_folded", "W4A4 squant", W4A4),
     ("resnet20_folded", "W4A4 squant + reconstruct (prior)", W4A4 + REC),
+    ("resnet20_folded", "W4A4 squant + reconstruct (pseudo-BN DFFG)", W4A4 + REC + ["--pseudo-bn"]),
     ("resnet56", "W4A4 fl8 squant", W4A4 + FL8),
     ("resnet56", "W4A4 fl8 squant + reconstruct (DFFG)", W4A4 + FL8 + REC),
+    ("mobilenet_v1_0.75", "W4A8 squant", W4A8),
+    ("mobilenet_v1_0.75", "W4A8 squant + reconstruct (DFFG)", W4A8 + REC),
 ]
 
 
@@ -69,7 +74,9 @@ def run_row(model: str, flags: list[str], work: Path, limit: int | None) -> dict
     rec = next((p for p in info["passes"] if p["name"] == "reconstruct"), None)
     row = {"top1": eval_top1(out, data, limit), "wall_s": round(timed["wall_s"], 1),
            "peak_mb": timed["peak_mb"]}
-    if rec is not None:
+    if rec is not None and "skipped" in rec["params"]:
+        row.update(samples="skipped: " + rec["params"]["skipped"].split(":")[0])
+    elif rec is not None:
         blocks = rec["layers"].values()
         row.update(samples=f"{rec['params']['samples']} {rec['params']['source']}",
                    reconstruct_s=rec["params"]["seconds"],
@@ -83,22 +90,35 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="models to run")
     parser.add_argument("--limit", type=int, default=None, help="test images (default: all)")
     parser.add_argument("--out", default="reconstruct", help="results/NAME.md and .json")
+    parser.add_argument("--match", default=None, help="run only the rows whose config contains this text")
+    parser.add_argument("--update", action="store_true",
+                        help="with --only / --match: re-run those rows and keep the others of results/NAME.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="onnxdfq-rec-"))
+    out = ROOT / "tools" / "results"
+    kept = {}
+    if args.update and (out / f"{args.out}.json").exists():
+        previous = json.loads((out / f"{args.out}.json").read_text())
+        if previous.get("limit") == args.limit:
+            kept = {(r["model"], r["config"]): r for r in previous["rows"]}
     rows = []
     for model, label, flags in ROWS:
-        if args.only and model not in args.only:
+        if (args.only and model not in args.only) or (args.match and args.match not in label):
+            if (model, label) in kept:
+                rows.append(kept[(model, label)])
             continue
         row = {"model": model, "config": label, "flags": " ".join(flags), **run_row(model, flags, work, args.limit)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = ROOT / "tools" / "results"
+        (out / f"{args.out}.json").write_text(json.dumps({"limit": args.limit, "rows": rows + [
+            r for key, r in kept.items() if key not in {(x["model"], x["config"]) for x in rows}]}, indent=1))
     (out / f"{args.out}.json").write_text(json.dumps({"limit": args.limit, "rows": rows}, indent=1))
     lines = ["# Block reconstruction (tools/bench_reconstruct.py)", "",
              f"`onnxdfq quantize` then `onnxdfq eval` on {f'the first {args.limit}' if args.limit else 'all'} test "
              "images (CIFAR-10 test; ImageNet val1300), a fresh process per row on this 2-core machine (wall time and "
              "peak RSS of the quantize run, sample generation included). fl8 = `--first-last-bits 8`. Samples: DFFG "
-             "(generated from the BN statistics, the default for a model with BN), prior images (the default without "
+             "(generated from the BN statistics, the default for a model with BN, kept inside the input's box the "
+             "preprocessing gives), prior images (the default without "
              "BN), 256 real CIFAR-10 training images (the oracle). Reconstruction MSE: block output against FP32, "
              "summed over blocks, before -> after.", "",
              "| model | config | top-1 | wall s | peak MB | samples | reconstruct s | MSE before -> after |",

@@ -123,7 +123,7 @@ def synth_input_bounds(model: Any, spec: CalibSpec, input_range: tuple[float, fl
     """Per-channel (lows, highs) real inputs can take, the image of pixels 0 and 1 under the preprocessing the
     user gave or the model records, and where that came from; None when only ImageNet's is assumed. ResNet-20
     W4A4 with --reconstruct on DFFG samples: 86.75 % unbounded (pixels reached -6.8 where real ones end at -2.1),
-    BOUNDED_MEASURED bounded."""
+    87.51 bounded; MobileNet-V1 W4A8 (100 steps a block) 37.9 unbounded, 66.69 bounded."""
     space = prior_input_space(model, spec, input_range)
     if space.source.startswith("assumed"):
         return None, "unbounded (no preprocessing known)"
