@@ -61,6 +61,8 @@ ROWS = [
     ("resnet56", "W4A4 fl8 squant + reconstruct (DFFG)", W4A4 + FL8 + REC),
     ("mobilenet_v1_0.75", "W4A8 squant", W4A8),
     ("mobilenet_v1_0.75", "W4A8 squant + reconstruct (DFFG)", W4A8 + REC),
+    ("mobilenet_v1_0.75", "dfmpc 4/8", ["--method", "dfmpc", "--bits", "4/8"]),
+    ("mobilenet_v1_0.75", "dfmpc 4/8 + reconstruct (DFFG)", ["--method", "dfmpc", "--bits", "4/8"] + REC),
 ]
 
 
