@@ -103,7 +103,9 @@ def _methods() -> list[str]:
 @click.option("--method", default="squant", show_default=True, type=click.Choice(_methods()),
               help="squant (SQuant rounding + bias correction: the best W8A8 measured), nearest (round to nearest, "
                    "no correction), dfq (cross-layer equalization, high-bias absorption, bias correction: per-tensor "
-                   "weights, depthwise nets), dfmpc (mixed precision --bits LOW/HIGH).")
+                   "weights, depthwise nets), dfmpc (mixed precision --bits LOW/HIGH), gptq (GPTQ rounding through "
+                   "each layer's input Hessian on generated samples, + bias correction: 4-bit weights; DFFG samples "
+                   "from the BN statistics need the synth extra).")
 @click.option("--bits", default="8", show_default=True,
               help="Weight bits 2..8, LOW/HIGH for dfmpc (e.g. 2/6), or auto: a width per layer chosen without data "
                    "under --avg-bits or --size-budget.")
@@ -411,6 +413,19 @@ def _act_allocation_rows(report: dict) -> list[list[str]]:
                                   f"({samples.get('runs', 0)} runs)"]]
 
 
+def _hessian_rows(report: dict) -> list[list[str]]:
+    params = next((p for p in report["passes"] if p["name"] == "hessians"), None)
+    quant = next((p for p in report["passes"] if p["name"] == "weight_quant"), None)
+    if params is None:
+        return []
+    p = params["params"]
+    ratios = [row["output_error_vs_nearest"] for row in (quant or {}).get("layers", {}).values()
+              if "output_error_vs_nearest" in row]
+    median = f"; layer output error vs nearest rounding: median {float(np.median(ratios)):.2f}" if ratios else ""
+    return [["GPTQ Hessians", f"{p['layers']} layers on {p['samples']} {p['source']} samples, {p['seconds']:.1f} s"
+                              f"{median}"]]
+
+
 def _reconstruct_rows(report: dict) -> list[list[str]]:
     params = next((p for p in report["passes"] if p["name"] == "reconstruct"), None)
     if params is None or "skipped" in params["params"]:
@@ -489,6 +504,7 @@ def _summary(report: dict, model: Path) -> str:
         ["steps not run", ", ".join(f"{k} ({v})" for k, v in report["skipped"]["steps"].items()) or "-"],
         ["weight SQNR dB", f"min {min(sqnrs):.1f}  median {float(np.median(sqnrs)):.1f}" if sqnrs else "-"],
         ["calibration", _calib_line(report.get("calibration", {}))],
+        *_hessian_rows(report),
         *_reconstruct_rows(report),
         ["activation ranges", ", ".join(f"{k}: {v}" for k, v in sorted(report["activation_sources"].items()))
          or "none (float activations)"],
@@ -951,7 +967,9 @@ def _synthetic_demo(work: Path, samples: int) -> None:
                f"BN statistics calibrated on N(0,1) inputs)")
     settings = [("8", "8", "channel"), ("8", "8", "tensor"), ("4", "8", "channel"), ("3", "none", "channel")]
     rows = []
-    jobs = [(m, s) for m in sorted(METHODS) for s in settings if m != "dfmpc"] + [("dfmpc", ("2/6", "none", "channel"))]
+    # gptq learns on generated samples (torch): the real-model demo runs it
+    jobs = [(m, s) for m in sorted(METHODS) for s in settings if m not in ("dfmpc", "gptq")] + \
+        [("dfmpc", ("2/6", "none", "channel"))]
     for method, (bits, act, gran) in tqdm(jobs, desc="quantize", file=sys.stderr, leave=False):
         start = time.perf_counter()
         result = quantize_model(fp32, method=method, bits=bits, act_bits=act, granularity=gran)

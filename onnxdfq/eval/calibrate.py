@@ -211,6 +211,22 @@ def collect_statistics(model: Any, tensors: list[str], samples: np.ndarray, *, h
     return observers
 
 
+def stream_tensors(model: Any, tensors: list[str], samples: np.ndarray,
+                   consume: Callable[[dict[str, np.ndarray]], None], *, batch_size: int = 32,
+                   provider: str = "cpu") -> None:
+    """Run ``samples`` through ``model`` (``tensors`` among its outputs) in small batches and hand each batch's values
+    of ``tensors`` (the input too, as fed) to ``consume``: only one batch's activations are held at a time."""
+    session = make_session(model, provider, lean=True)
+    input_name = session.get_inputs()[0].name
+    fetched = [name for name in tensors if name != input_name]
+    if samples.ndim == 4:  # every tensor of a batch leaves onnxruntime: bound the batch by its pixels
+        batch_size = int(np.clip(FETCH_BATCH_PIXELS // max(int(np.prod(samples.shape[2:])), 1), 1, batch_size))
+    for batch in _batches(np.asarray(samples, np.float32), batch_size):
+        values = dict(zip(fetched, run_batched(session, input_name, batch, fetched), strict=True)) if fetched else {}
+        values[input_name] = batch
+        consume(values)
+
+
 # images per statistics batch: onnxruntime keeps each observed activation until it is pooled, so its memory grows
 # with the batch (EfficientNet-Lite0 at 224 px, 64 images: 0.36 GB and 0.8 s at 2 images a batch, 0.52 GB and 1.2 s
 # at 4, 0.86 GB and 1.45 s at 8, 1.5 GB and 1.4 s at 16: small batches stay in the caches)

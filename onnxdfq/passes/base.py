@@ -126,6 +126,10 @@ class Workspace:
     act_qparams: dict[str, Any] = field(default_factory=dict)  # tensor -> quant.qparams.ActQParams
     act_widths: dict[str, int] = field(default_factory=dict)  # tensor -> activation bits where not the default
     float_model: Any = None  # the float graph before any weight is quantized (block reconstruction's targets)
+    # layer -> (H = sum x x^T of its inputs [G, D, D], rows that built it): --method gptq (passes/gptq.py)
+    hessians: dict[str, tuple[np.ndarray, int]] = field(default_factory=dict)
+    # (spec label, samples, info) generated once for the stages that learn on samples (gptq, --reconstruct)
+    learn_samples: Any = None
     bias_qparams: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # layer -> (int32, scale)
     emitted: Any = None  # the exported onnx.ModelProto (passes/emit.py)
     emitted_layers: list[Any] = field(default_factory=list)  # the layers as they were just before emission

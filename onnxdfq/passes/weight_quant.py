@@ -10,6 +10,7 @@ import numpy as np
 
 from onnxdfq.graph import layers as graph_layers
 from onnxdfq.passes.base import LayerRow, Pass, PassReport, WeightQuant, Workspace
+from onnxdfq.passes.gptq import gptq_round, output_error
 from onnxdfq.quant.fake import quantize, sqnr_db
 from onnxdfq.quant.qparams import TINY_SCALE, weight_scale
 from onnxdfq.quant.scheme import BitWidthMap, QuantScheme
@@ -27,6 +28,9 @@ def nearest_round(w_fp: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> 
 
 
 def get_rounder(method: str, **options) -> Rounder:
+    """The rounder of ``method``; gptq's layers without a Hessian (none fetched for them) fall back to SQuant."""
+    if method == "gptq":
+        method = "squant"
     if method == "nearest":
         return nearest_round
     if method == "squant":
@@ -100,16 +104,30 @@ class WeightQuantPass(Pass):
                 scale = weight_scale(layer.weight, scheme)
             if caught:
                 zero_channels[layer.name] = int((np.asarray(scale) <= TINY_SCALE).sum())
-            w_int = self.rounder(layer.weight, scale, scheme.qmin, scheme.qmax)
+            extra = {}
+            if self.method == "gptq" and layer.name in ws.hessians:
+                hessian, rows = ws.hessians[layer.name]
+                w_int = gptq_round(layer.weight, scale, scheme.qmin, scheme.qmax, hessian, rows)
+                # the layer's output error on the samples, against nearest rounding's on the same grid
+                nearest = WeightQuant(bits, scale, nearest_round(layer.weight, scale, scheme.qmin, scheme.qmax),
+                                      self.per_channel, "nearest").dequantized()
+                base_error = output_error(layer.weight, nearest, hessian)
+                extra["output_error_vs_nearest"] = round(output_error(
+                    layer.weight, WeightQuant(bits, scale, w_int, self.per_channel, "gptq").dequantized(), hessian)
+                    / base_error, 4) if base_error > 0 else 1.0
+            else:
+                w_int = self.rounder(layer.weight, scale, scheme.qmin, scheme.qmax)
             quant = WeightQuant(bits, scale, w_int, self.per_channel, self.method)
             ws.weight_quant[layer.name] = quant
             report.rows.append(LayerRow(layer.name, {
                 "bits": bits, "scale_min": float(scale.min()), "scale_max": float(scale.max()),
-                "weight_sqnr_db": round(sqnr_db(layer.weight, quant.dequantized()), 3),
+                "weight_sqnr_db": round(sqnr_db(layer.weight, quant.dequantized()), 3), **extra,
             }))
         if zero_channels:  # dead channels (CLE cuts them out on purpose) quantize to exact zeros
             report.warnings.append(f"{sum(zero_channels.values())} all-zero weight channel(s) in {len(zero_channels)} "
                                    "layer(s), stored as zeros: " + ", ".join(f"{k} ({v})" for k, v in
                                                                             zero_channels.items()))
+        if self.method == "gptq":
+            ws.hessians = {}  # [D, D] per layer: ResNet-50's 3x3 convs hold 170 MB each
         report.modified = bool(report.rows)
         return report

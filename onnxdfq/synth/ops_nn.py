@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from onnxdfq.graph.geometry import resolve_pads
+
 from .ops_tensor import NodeSpec, OpFn, torch_pads
 
 __all__ = ["NN_OPS", "resolve_pads"]
@@ -22,29 +24,6 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
-
-
-def resolve_pads(
-    attrs: dict[str, Any],
-    spatial: Sequence[int],
-    kernel: Sequence[int],
-    strides: Sequence[int],
-    dilations: Sequence[int],
-) -> list[int]:
-    """Explicit ONNX pads for a conv/pool node, expanding ``auto_pad`` SAME_UPPER/SAME_LOWER."""
-    auto_pad = attrs.get("auto_pad", "NOTSET")
-    nd = len(spatial)
-    if auto_pad in ("NOTSET", ""):
-        return list(attrs.get("pads", [0] * (2 * nd)))
-    if auto_pad == "VALID":
-        return [0] * (2 * nd)
-    begins, ends = [], []
-    for size, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
-        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-        small, large = total // 2, total - total // 2
-        begins.append(small if auto_pad == "SAME_UPPER" else large)
-        ends.append(large if auto_pad == "SAME_UPPER" else small)
-    return begins + ends
 
 
 def _pad_spatial(x: torch.Tensor, pads: Sequence[int], value: float = 0.0) -> torch.Tensor:
