@@ -41,6 +41,7 @@ W4A4 = ["--method", "squant", "--bits", "4", "--act-bits", "4"]
 W3A3 = ["--method", "squant", "--bits", "3", "--act-bits", "3"]
 W4A8 = ["--method", "squant", "--bits", "4", "--act-bits", "8"]
 FL8 = ["--first-last-bits", "8"]
+GPTQ = ["--method", "gptq", "--bits", "4"]  # GPTQ rounding on the same generated samples (passes/gptq.py)
 REC = ["--reconstruct"]
 # (model, label, flags)
 ROWS = [
@@ -54,6 +55,11 @@ ROWS = [
     ("resnet20", "W3A3 fl8 squant + reconstruct (DFFG)", W3A3 + FL8 + REC),
     ("resnet20", "W4A8 squant + reconstruct (DFFG)", W4A8 + REC),
     ("resnet20", "W8A8 squant + reconstruct (DFFG)", ["--method", "squant"] + REC),
+    ("resnet20", "W4A8 gptq (DFFG)", GPTQ),
+    ("resnet20", "W4A4 gptq (DFFG)", GPTQ + ["--act-bits", "4"]),
+    ("resnet20", "W4A4 fl8 gptq + reconstruct (DFFG)", GPTQ + ["--act-bits", "4"] + FL8 + REC),
+    ("resnet20", "W3A8 squant", ["--method", "squant", "--bits", "3"]),
+    ("resnet20", "W3A8 gptq (DFFG)", ["--method", "gptq", "--bits", "3"]),
     ("resnet20_folded", "W4A4 squant", W4A4),
     ("resnet20_folded", "W4A4 squant + reconstruct (prior)", W4A4 + REC),
     ("resnet20_folded", "W4A4 squant + reconstruct (pseudo-BN DFFG)", W4A4 + REC + ["--pseudo-bn"]),
@@ -61,8 +67,11 @@ ROWS = [
     ("resnet56", "W4A4 fl8 squant + reconstruct (DFFG)", W4A4 + FL8 + REC),
     ("mobilenet_v1_0.75", "W4A8 squant", W4A8),
     ("mobilenet_v1_0.75", "W4A8 squant + reconstruct (DFFG)", W4A8 + REC),
+    ("mobilenet_v1_0.75", "W4A8 gptq (DFFG)", GPTQ),
     ("mobilenet_v1_0.75", "dfmpc 4/8", ["--method", "dfmpc", "--bits", "4/8"]),
     ("mobilenet_v1_0.75", "dfmpc 4/8 + reconstruct (DFFG)", ["--method", "dfmpc", "--bits", "4/8"] + REC),
+    ("efficientnet_lite0", "W4A8 squant", W4A8),
+    ("efficientnet_lite0", "W4A8 gptq (DFFG)", GPTQ),
 ]
 
 
@@ -74,8 +83,12 @@ def run_row(model: str, flags: list[str], work: Path, limit: int | None) -> dict
         return timed
     info = json.loads(report.read_text())
     rec = next((p for p in info["passes"] if p["name"] == "reconstruct"), None)
+    hessians = next((p for p in info["passes"] if p["name"] == "hessians"), None)
     row = {"top1": eval_top1(out, data, limit), "wall_s": round(timed["wall_s"], 1),
            "peak_mb": timed["peak_mb"]}
+    if hessians is not None:
+        row.update(samples=f"{hessians['params']['samples']} {hessians['params']['source']}",
+                   hessian_s=hessians["params"]["seconds"])
     if rec is not None and "skipped" in rec["params"]:
         row.update(samples="skipped: " + rec["params"]["skipped"].split(":")[0])
     elif rec is not None:
@@ -122,7 +135,8 @@ def main() -> None:
              "(generated from the BN statistics, the default for a model with BN, kept inside the input's box the "
              "preprocessing gives), prior images (the default without "
              "BN), 256 real CIFAR-10 training images (the oracle). Reconstruction MSE: block output against FP32, "
-             "summed over blocks, before -> after.", "",
+             "summed over blocks, before -> after. gptq: GPTQ rounding through each layer's input Hessian on the "
+             "same samples (`--method gptq`; the Hessians' seconds in the reconstruct column, marked H).", "",
              "| model | config | top-1 | wall s | peak MB | samples | reconstruct s | MSE before -> after |",
              "|---|---|---:|---:|---:|---|---:|---|"]
     for r in rows:
@@ -130,8 +144,10 @@ def main() -> None:
             lines.append(f"| {r['model']} | {r['config']} | error: {r['error']} | | | | | |")
             continue
         mse = f"{r['mse_before']} -> {r['mse_after']}" if "mse_before" in r else ""
+        hessian = f" (H {r['hessian_s']})" if "hessian_s" in r else ""
         lines.append(f"| {r['model']} | {r['config']} | {r['top1']:.2f} | {r['wall_s']} | {r['peak_mb']} | "
-                     f"{r.get('samples', '')} | {r.get('reconstruct_s', '')} | {mse} |")
+                     f"{r.get('samples', '')} | {r.get('reconstruct_s', '')}"
+                     f"{hessian} | {mse} |")
     (out / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
