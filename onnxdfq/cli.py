@@ -188,7 +188,7 @@ def _methods() -> list[str]:
 @click.option("--reconstruct-steps", type=click.IntRange(0), default=None,
               help="Optimiser steps per block for --reconstruct (default 500).")
 @click.option("--reconstruct-samples", type=click.IntRange(1), default=None,
-              help="Calibration samples for --reconstruct (default 256).")
+              help="Samples --reconstruct and --method gptq learn on (default 256; 128 from 128 px up).")
 @click.option("--pseudo-bn/--no-pseudo-bn", default=None,
               help="With --reconstruct on a model without BN: learn on DFFG samples matched to the statistics the "
                    "prior images measured (pseudo-BN) instead of on the prior images themselves (default: the "

@@ -456,8 +456,9 @@ class HessianStage(Pass):
                                    "them")
         if spec.source == "prior":
             report.warnings.append("--method gptq measured its Hessians on prior images (no BN statistics to generate "
-                                   "samples from): on MobileNet-V1 W4A8 that scored 65-68 % against 70.62 on DFFG "
-                                   "samples and 67.31 for SQuant; check top-1, or give samples with --calib data:")
+                                   "samples from): on the BN-folded ResNet-20 W4A4 that gave 81.91 % against SQuant's "
+                                   "81.33, on MobileNet-V1 W4A8 65-68 against SQuant's 67.31 (69.08 on DFFG "
+                                   "samples); check top-1, or give samples with --calib data:")
         return report
 
 
