@@ -896,6 +896,14 @@ DEMO_MEAN, DEMO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DEMO_JOBS = [("nearest", "8", "8", "channel"), ("squant", "8", "8", "channel"), ("dfq", "8", "8", "tensor"),
              ("nearest", "4", "8", "channel"), ("squant", "4", "8", "channel"), ("dfq", "4", "8", "channel"),
              ("dfmpc", "2/6", "none", "channel")]
+GPTQ_DEMO_JOB = ("gptq", "4", "8", "channel")  # learns on DFFG samples: with the synth extra only
+
+
+def demo_jobs() -> list[tuple[str, str, str, str]]:
+    """The demo's runs: every method, gptq where torch is installed to generate its samples."""
+    import importlib.util
+
+    return DEMO_JOBS + ([GPTQ_DEMO_JOB] if importlib.util.find_spec("torch") is not None else [])
 
 
 @main.command()
@@ -925,7 +933,8 @@ def demo(out_dir: Path | None, synthetic: bool, samples: int) -> None:
     click.echo(f"model: CIFAR-10 ResNet-20 shipped with onnxdfq ({model}; BSD-2 weights, see LICENSE-resnet20)\n"
                f"data:  1000 CIFAR-10 test images, used only to measure top-1 (quantization sees no data)\n")
     rows = [["FP32", "-", "-", f"{fp32:.2f}", "-", f"{Path(model).stat().st_size / 1e6:.2f}", "fp32", "-"]]
-    for method, bits, act, gran in tqdm(DEMO_JOBS, desc="quantize + evaluate", file=sys.stderr, leave=False):
+    jobs = demo_jobs()
+    for method, bits, act, gran in tqdm(jobs, desc="quantize + evaluate", file=sys.stderr, leave=False):
         began = time.perf_counter()
         fmt = "qdq" if bits == "8" else "qdq-packed"  # sub-byte weights stored packed: the file shrinks
         result = quantize_model(model, method=method, bits=bits, act_bits=act, granularity=gran, fmt=fmt,
@@ -937,7 +946,10 @@ def demo(out_dir: Path | None, synthetic: bool, samples: int) -> None:
         rows.append([method, f"W{bits}A{act if act != 'none' else 'fp32'}", f"per-{gran}", f"{top1:.2f}",
                      f"{top1 - fp32:+.2f}", f"{size / 1e6:.2f}", fmt, f"{seconds:.1f}"])
     click.echo(_table(rows, ["method", "bits", "weights", "top-1 %", "vs FP32", "file MB", "format", "quantize s"]))
-    click.echo(f"\n{len(DEMO_JOBS)} models in {work}; {time.perf_counter() - start:.0f} s in all. Sub-8-bit weights "
+    if len(jobs) == len(DEMO_JOBS):
+        click.echo("\ngptq skipped: it learns on DFFG samples, which need the synth extra (pip install "
+                   "'onnxdfq[synth]' torch==2.13.0)")
+    click.echo(f"\n{len(jobs)} models in {work}; {time.perf_counter() - start:.0f} s in all. Sub-8-bit weights "
                "are written packed (--format qdq-packed: INT4 initializers), so those files really shrink; the "
                "default --format qdq keeps int8 containers (larger, and fastest in onnxruntime).\n")
     click.echo("Next, on your own model (give its preprocessing; no data needed to quantize):\n"

@@ -602,7 +602,7 @@ def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int |
     Parameters
     ----------
     model_or_path : path to an .onnx file, or an onnx.ModelProto (not modified).
-    method : "squant" (default: SQuant rounding + bias correction), "nearest", "dfq" or "dfmpc"
+    method : "squant" (default: SQuant rounding + bias correction), "nearest", "dfq", "dfmpc" or "gptq"
         (see onnxdfq.config.METHODS).
     bits : weight bit width 2..8 (default 8), or "LOW/HIGH" for DF-MPC.
     act_bits : activation bit width 2..8, None for float activations, "auto" for the method's default

@@ -144,7 +144,7 @@ def test_demo_reports_real_top1_of_the_shipped_model(tmp_path, cifar_test):
     table = {}
     for line in proc.stdout.splitlines():
         cells = line.split()
-        if cells and cells[0] in ("FP32", "nearest", "squant", "dfq", "dfmpc"):
+        if cells and cells[0] in ("FP32", "nearest", "squant", "dfq", "dfmpc", "gptq"):
             table[(cells[0], cells[1])] = float(cells[3])
     from onnxdfq.eval.runner import evaluate
 
@@ -152,7 +152,9 @@ def test_demo_reports_real_top1_of_the_shipped_model(tmp_path, cifar_test):
     fp32 = evaluate(str(Path(onnxdfq_data()) / "resnet20_cifar10.onnx"), str(shipped), mean=CIFAR_MEAN, std=CIFAR_STD)
     assert table[("FP32", "-")] == round(fp32.top1, 2) and fp32.count == 1000
     written = sorted(tmp_path.glob("resnet20.*.onnx"))
-    assert len(written) == 7 and len(table) == 8
+    from onnxdfq.cli import demo_jobs
+
+    assert len(written) == len(demo_jobs()) and len(table) == len(demo_jobs()) + 1 >= 8
     w8 = evaluate(str(tmp_path / "resnet20.nearest.w8a8.onnx"), str(shipped), mean=CIFAR_MEAN, std=CIFAR_STD).top1
     assert table[("nearest", "W8A8")] == round(w8, 2) and w8 > fp32.top1 - 1.5
     assert table[("dfmpc", "W2/6Afp32")] > 70.0
