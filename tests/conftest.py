@@ -95,3 +95,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     missing = [rel for rel in needed if not (ASSETS / rel).exists()]
     if missing:
         raise pytest.UsageError(f"ONNXDFQ_REQUIRE_ASSETS is set but {ASSETS} lacks: {', '.join(missing)}")
+
+
+def cli_without_torch(*args: str):
+    """``onnxdfq ARGS`` in a fresh interpreter where ``import torch`` fails (the synth extra missing)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; sys.argv = ['onnxdfq'] + sys.argv[1:]; "
+            "from onnxdfq.cli import main; main()")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})

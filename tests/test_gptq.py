@@ -136,19 +136,13 @@ def test_resnet20_w3a8_gptq_beats_squant(resnet20, cifar_test, cifar_train, tmp_
 
 def test_gptq_without_torch_is_one_line(tmp_path):
     """A model with BN gets DFFG samples, which need the synth extra: one line naming the method, nothing written."""
-    import os
-    import subprocess
-    import sys
+    from conftest import cli_without_torch
 
     from models import basic_block_model
 
     model, out = tmp_path / "m.onnx", tmp_path / "m.q.onnx"
     onnx.save(basic_block_model(0), model)
-    code = ("import sys; sys.modules['torch'] = None; sys.argv = ['onnxdfq'] + sys.argv[1:]; "
-            "from onnxdfq.cli import main; main()")
-    proc = subprocess.run([sys.executable, "-c", code, "quantize", str(model), "-o", str(out), "--bits", "4",
-                           "--method", "gptq"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = cli_without_torch("quantize", model, "-o", out, "--bits", "4", "--method", "gptq")
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "--method gptq" in lines[0] and "torch" in lines[0].lower(), proc.stderr

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 import onnxruntime as ort  # noqa: E402
-from conftest import CIFAR_MEAN, CIFAR_STD  # noqa: E402
+from conftest import CIFAR_MEAN, CIFAR_STD, cli_without_torch  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 import onnxdfq  # noqa: E402
@@ -154,11 +154,7 @@ def test_eight_bit_grids_skip_reconstruction_and_say_why(tmp_path, noise_data, c
 def test_reconstruct_without_torch_is_one_line(tmp_path):
     model, out = tmp_path / "m.onnx", tmp_path / "m.q.onnx"
     onnx.save(basic_block_model(0), model)
-    code = ("import sys; sys.modules['torch'] = None; sys.argv = ['onnxdfq'] + sys.argv[1:]; "
-            "from onnxdfq.cli import main; main()")
-    proc = subprocess.run([sys.executable, "-c", code, "quantize", str(model), "-o", str(out), "--bits", "4",
-                           "--reconstruct"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = cli_without_torch("quantize", model, "-o", out, "--bits", "4", "--reconstruct")
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "--reconstruct" in lines[0] and "torch" in lines[0].lower(), proc.stderr
