@@ -156,4 +156,4 @@ def output_error(w: np.ndarray, w_q: np.ndarray, hessian: np.ndarray) -> float:
     """``tr(E H E^T)`` summed over groups: the squared output error on the rows that built ``hessian``."""
     groups, depth = hessian.shape[0], hessian.shape[-1]
     err = (np.asarray(w_q, np.float64) - np.asarray(w, np.float64)).reshape(groups, -1, depth)
-    return float(np.einsum("god,gde,goe->", err, hessian, err))
+    return float(np.sum(np.matmul(err, hessian) * err))  # a matrix product: einsum's three operands ran naively
