@@ -104,25 +104,23 @@ class WeightQuantPass(Pass):
                 scale = weight_scale(layer.weight, scheme)
             if caught:
                 zero_channels[layer.name] = int((np.asarray(scale) <= TINY_SCALE).sum())
-            extra = {}
-            if self.method == "gptq" and layer.name in ws.hessians:
-                hessian, rows = ws.hessians[layer.name]
+            hessian, rows = ws.hessians.get(layer.name, (None, 0)) if self.method == "gptq" else (None, 0)
+            if hessian is not None:
                 w_int = gptq_round(layer.weight, scale, scheme.qmin, scheme.qmax, hessian, rows)
-                # the layer's output error on the samples, against nearest rounding's on the same grid
-                nearest = WeightQuant(bits, scale, nearest_round(layer.weight, scale, scheme.qmin, scheme.qmax),
-                                      self.per_channel, "nearest").dequantized()
-                base_error = output_error(layer.weight, nearest, hessian)
-                extra["output_error_vs_nearest"] = round(output_error(
-                    layer.weight, WeightQuant(bits, scale, w_int, self.per_channel, "gptq").dequantized(), hessian)
-                    / base_error, 4) if base_error > 0 else 1.0
             else:
                 w_int = self.rounder(layer.weight, scale, scheme.qmin, scheme.qmax)
             quant = WeightQuant(bits, scale, w_int, self.per_channel, self.method)
             ws.weight_quant[layer.name] = quant
-            report.rows.append(LayerRow(layer.name, {
-                "bits": bits, "scale_min": float(scale.min()), "scale_max": float(scale.max()),
-                "weight_sqnr_db": round(sqnr_db(layer.weight, quant.dequantized()), 3), **extra,
-            }))
+            dequantized = quant.dequantized()
+            row = {"bits": bits, "scale_min": float(scale.min()), "scale_max": float(scale.max()),
+                   "weight_sqnr_db": round(sqnr_db(layer.weight, dequantized), 3)}
+            if hessian is not None:  # the layer's output error on the samples, against nearest rounding's
+                nearest = WeightQuant(bits, scale, nearest_round(layer.weight, scale, scheme.qmin, scheme.qmax),
+                                      self.per_channel, "nearest").dequantized()
+                base_error = output_error(layer.weight, nearest, hessian)
+                row["output_error_vs_nearest"] = round(output_error(layer.weight, dequantized, hessian) / base_error,
+                                                       4) if base_error > 0 else 1.0
+            report.rows.append(LayerRow(layer.name, row))
         if zero_channels:  # dead channels (CLE cuts them out on purpose) quantize to exact zeros
             report.warnings.append(f"{sum(zero_channels.values())} all-zero weight channel(s) in {len(zero_channels)} "
                                    "layer(s), stored as zeros: " + ", ".join(f"{k} ({v})" for k, v in
