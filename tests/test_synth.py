@@ -22,7 +22,7 @@ from conftest import ROOT, asset  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from onnxdfq import synth  # noqa: E402
-from onnxdfq.synth.base import SynthOptionError  # noqa: E402
+from onnxdfq.synth.base import SynthOptionError, gradient_chunk  # noqa: E402
 from onnxdfq.synth.dsg import slack_margins  # noqa: E402
 from onnxdfq.synth.stats import BNTarget  # noqa: E402
 
@@ -107,6 +107,34 @@ def test_dffg_keeps_intermediate_iterates(resnet20_model: onnx.ModelProto) -> No
     final, earlier = x[:4], x[4:8]
     assert not np.array_equal(final, earlier)
     assert np.abs(final - earlier).max() <= 2 * 0.1 + 1e-5  # two sign steps of at most alpha apart
+
+
+def test_chunked_alignment_gradient_equals_one_backward_pass(resnet20_model: onnx.ModelProto) -> None:
+    from onnxdfq.synth.dffg import DFFGGenerator
+    from onnxdfq.synth.executor import TorchGraph
+    from onnxdfq.synth.stats import bn_targets
+
+    graph = TorchGraph(resnet20_model).eval()
+    generator = DFFGGenerator(graph, bn_targets(graph))
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    whole, whole_loss = generator.alignment_gradient(x)
+    generator.chunk = 4  # chunks of 4 and 2: the moments still come from all 6 images
+    chunked, chunked_loss = generator.alignment_gradient(x)
+    assert float(chunked_loss) == pytest.approx(float(whole_loss), rel=1e-5)
+    scale = float(whole.abs().max())
+    np.testing.assert_allclose(chunked.numpy(), whole.numpy(), rtol=0, atol=1e-4 * scale)
+    # one image at a time: 6 chunks, the same gradient again (it is not the per-image gradient)
+    generator.chunk = 1
+    single, _ = generator.alignment_gradient(x)
+    np.testing.assert_allclose(single.numpy(), whole.numpy(), rtol=0, atol=1e-4 * scale)
+    alone, _ = DFFGGenerator(graph, bn_targets(graph)).alignment_gradient(x[:1])
+    assert float((alone - whole[:1]).abs().max()) > 0.1 * scale
+
+
+def test_224px_batches_take_the_gradient_in_chunks() -> None:
+    assert gradient_chunk((32, 3, 224, 224)) == 8
+    assert gradient_chunk((32, 3, 32, 32)) == 32  # CIFAR batches stay whole
+    assert gradient_chunk((4, 3, 1024, 1024)) == 1
 
 
 IMAGENET_BOX = ((np.array([0.0, 0.0, 0.0]) - (0.485, 0.456, 0.406)) / (0.229, 0.224, 0.225),

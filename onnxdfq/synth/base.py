@@ -26,7 +26,7 @@ from onnxdfq.errors import OptionError, UnsupportedModelError
 from onnxdfq.graph.io import model_input
 
 from .executor import TorchGraph
-from .stats import BNTarget, batch_moments, bn_targets, layer_alignment
+from .stats import BNTarget, alignment_loss, batch_moments, bn_targets, layer_alignment
 
 __all__ = [
     "Generator",
@@ -43,12 +43,24 @@ __all__ = [
     "SynthOptionError",
     "SynthInputError",
     "check_device",
+    "gradient_chunk",
 ]
 
 logger = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int, float], None]  # (step, total_steps, batch BN loss)
 StepFn = Callable[[torch.Tensor], None]  # called once per optimisation step with the batch BN loss
+
+# input pixels one backward pass of the BN alignment takes at once: autograd holds every activation of what it runs,
+# and EfficientNet-Lite0 at 224 px held 5.3 GB for DFFG's batch of 32. Larger batches take the same gradient in
+# chunks (Generator.alignment_gradient); CIFAR's 32 px batches stay whole.
+GRADIENT_CHUNK_PIXELS = 8 * 224 * 224
+
+
+def gradient_chunk(batch_shape: Sequence[int]) -> int:
+    """Images a backward pass of the alignment loss runs at once for a batch of ``batch_shape``."""
+    pixels = max(math.prod(batch_shape[2:]), 1)
+    return int(np.clip(GRADIENT_CHUNK_PIXELS // pixels, 1, batch_shape[0]))
 
 
 class SynthOptionError(OptionError, ValueError):
@@ -81,6 +93,7 @@ class Generator(ABC):
         self.graph = graph
         self.targets = list(targets)
         self.bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # set by generate() when the input box is known
+        self.chunk: int | None = None  # images per backward pass (alignment_gradient); None: the whole batch
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` clamped into the input's box (each channel's image of pixels 0..1), when it is known."""
@@ -103,6 +116,40 @@ class Generator(ABC):
         """The input tensor of every BN layer for the batch ``x``, in graph order."""
         _, captures = self.graph(x, capture_bn_inputs=True)
         return [tensor for _, tensor in captures]
+
+    def alignment_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(d loss / d x, loss)`` of :func:`alignment_loss` on the whole batch ``x``, ``self.chunk`` images at a time.
+
+        The loss depends on the batch only through each BN input's per-channel mean ``m`` and second moment ``s``,
+        so its gradient at a feature value ``f`` of channel c is ``(dL/dm_c + 2 f dL/ds_c) / n`` (n positions per
+        channel). One pass without autograd sums the moments in float64; a second pass differentiates
+        ``sum_c (dL/dm_c sum f + dL/ds_c sum f^2) / n`` chunk by chunk, which has that gradient: the same numbers
+        as one backward pass over the batch, with one chunk's activations held.
+        """
+        chunk = self.chunk or len(x)
+        if chunk >= len(x):
+            x = x.detach().requires_grad_(True)
+            loss = alignment_loss(self.bn_inputs(x), self.targets)
+            (grad,) = torch.autograd.grad(loss, x)
+            return grad, loss.detach()
+        with torch.no_grad():
+            sums, squares, counts = bn_input_sums(self.graph, x, chunk)
+        means = [(total / count).requires_grad_(True) for total, count in zip(sums, counts, strict=True)]
+        seconds = [(square / count).requires_grad_(True) for square, count in zip(squares, counts, strict=True)]
+        loss = sum(layer_alignment(mean, torch.sqrt(torch.clamp(second - mean.pow(2), min=0.0) + target.eps), target)
+                   for mean, second, target in zip(means, seconds, self.targets, strict=True))
+        grads = torch.autograd.grad(loss, means + seconds)
+        per_mean = [(g / n).float() for g, n in zip(grads[: len(means)], counts, strict=True)]
+        per_second = [(g / n).float() for g, n in zip(grads[len(means):], counts, strict=True)]
+        grad = torch.empty_like(x)
+        for start in range(0, len(x), chunk):
+            piece = x[start : start + chunk].detach().requires_grad_(True)
+            surrogate = piece.new_zeros(())
+            for feature, a, b in zip(self.bn_inputs(piece), per_mean, per_second, strict=True):
+                shape = (1, -1) + (1,) * (feature.dim() - 2)
+                surrogate = surrogate + (feature * a.view(shape)).sum() + (feature.pow(2) * b.view(shape)).sum()
+            (grad[start : start + chunk],) = torch.autograd.grad(surrogate, piece)
+        return grad, loss.detach().float()
 
     def batch_metric(self, features: list[torch.Tensor]) -> torch.Tensor:
         """:func:`bn_statistics_loss` of the current batch (detached)."""
@@ -204,6 +251,7 @@ def generate(
     steps: int | None = None,
     progress: ProgressFn | None = None,
     input_bounds: tuple[Sequence[float], Sequence[float]] | None = None,
+    chunk: int | None = None,
     **options: Any,
 ) -> np.ndarray:
     """Generate ``n`` synthetic calibration inputs for ``model`` with ``method``.
@@ -226,6 +274,9 @@ def generate(
         preprocessing. Every iterate is projected into them: unbounded, BN matching drives some pixels
         far outside what an image can give (ResNet-20's DFFG samples reached -6.8 where real inputs end
         at -2.1), and whatever learns on the samples widens its input grid for them.
+    chunk : int, optional
+        Images per backward pass where the method supports it (DFFG); the gradient is the whole batch's either
+        way, only the memory held changes. Default: :func:`gradient_chunk` (the whole batch below 8 images at 224 px).
     **options
         Method-specific keyword options (e.g. ``lr`` for ZeroQ, ``alpha`` for DFFG).
 
@@ -248,6 +299,8 @@ def generate(
         raise SynthOptionError(f"{generator_cls.name}: {exc}") from None
     if input_bounds is not None:
         generator.bounds = _bounds_tensors(input_bounds, sample_shape, device)
+    batch_shape = (batch_size, *sample_shape)
+    generator.chunk = chunk or gradient_chunk(batch_shape)
     steps = generator_cls.default_steps if steps is None else steps
     if steps < 1:
         raise SynthOptionError(f"steps must be >= 1, got {steps}")
@@ -261,7 +314,6 @@ def generate(
             progress(done, total, float(metric))
 
     rng = torch.Generator().manual_seed(seed)
-    batch_shape = (batch_size, *sample_shape)
     generator.prepare(batch_shape, rng)
     chunks: list[torch.Tensor] = []
     for run in range(runs):
@@ -286,7 +338,7 @@ def bn_statistics_loss(
     model: Any | TorchGraph,
     x: np.ndarray | torch.Tensor,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str = "cpu",
 ) -> float:
     """How far the BN-input statistics of the whole set ``x`` are from the BN running statistics.
@@ -296,29 +348,44 @@ def bn_statistics_loss(
     where, for BN layer l with C_l channels, mu_l and sigma_l = sqrt(running_var + eps) are its
     running statistics and mu~_l, sigma~_l = sqrt(var~ + eps) the per-channel mean and (biased)
     std of its input over all of ``x`` (every sample and spatial position; accumulated in float64
-    over chunks of ``batch_size``). It is ZeroQ's objective divided by the number of BN layers;
-    real data gets a small value, Gaussian noise a large one.
+    over chunks of ``batch_size``: by default 64 images, 8 at 224 px as in :func:`gradient_chunk`, since every
+    BN input of a chunk is held). It is ZeroQ's objective divided by the number of BN layers; real data gets a
+    small value, Gaussian noise a large one.
     """
     check_device(device)
     graph = model if isinstance(model, TorchGraph) else TorchGraph(model)
     graph = graph.to(device).eval()
     targets = bn_targets(graph)
     data = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x.float()
-    sums: list[torch.Tensor] = [torch.zeros(t.channels, dtype=torch.float64) for t in targets]
-    squares: list[torch.Tensor] = [torch.zeros(t.channels, dtype=torch.float64) for t in targets]
-    counts = [0] * len(targets)
-    with torch.no_grad():
-        for start in range(0, data.shape[0], batch_size):
-            _, captures = graph(data[start : start + batch_size].to(device), capture_bn_inputs=True)
-            for index, (_, feature) in enumerate(captures):
-                flat = feature.transpose(0, 1).reshape(feature.shape[1], -1).double().cpu()
-                sums[index] += flat.sum(dim=1)
-                squares[index] += flat.pow(2).sum(dim=1)
-                counts[index] += flat.shape[1]
+    batch_size = batch_size or gradient_chunk((64, *data.shape[1:]))
+    sums, squares, counts = bn_input_sums(graph, data, batch_size, device)
     terms = []
     for target, total, square, count in zip(targets, sums, squares, counts, strict=True):
-        mean = total / count
+        mean, square = total.cpu() / count, square.cpu()
         std = torch.sqrt(torch.clamp(square / count - mean.pow(2), min=0.0) + target.eps)
         cpu_target = BNTarget(target.name, target.mean.double().cpu(), target.std.double().cpu(), target.eps)
         terms.append(float(layer_alignment(mean, std, cpu_target)))
     return float(np.mean(terms))
+
+
+def bn_input_sums(graph: TorchGraph, x: torch.Tensor, batch_size: int, device: str | None = None
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """Per BN layer: the float64 per-channel sum and sum of squares of its input over ``x`` (every sample and
+    position, ``batch_size`` samples at a time, without autograd) and the number of positions summed."""
+    sums: list[torch.Tensor] = []
+    squares: list[torch.Tensor] = []
+    counts: list[int] = []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            piece = x[start : start + batch_size]
+            _, captures = graph(piece if device is None else piece.to(device), capture_bn_inputs=True)
+            for index, (_, feature) in enumerate(captures):
+                flat = feature.transpose(0, 1).reshape(feature.shape[1], -1).double()
+                if index == len(sums):
+                    sums.append(torch.zeros(flat.shape[0], dtype=torch.float64, device=flat.device))
+                    squares.append(torch.zeros_like(sums[-1]))
+                    counts.append(0)
+                sums[index] += flat.sum(dim=1)
+                squares[index] += flat.pow(2).sum(dim=1)
+                counts[index] += flat.shape[1]
+    return sums, squares, counts

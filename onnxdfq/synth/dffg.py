@@ -36,7 +36,7 @@ import torch
 
 from .base import Generator, StepFn, SynthOptionError, input_prior, register_generator
 from .executor import TorchGraph
-from .stats import BNTarget, alignment_loss
+from .stats import BNTarget
 
 __all__ = ["DFFGGenerator"]
 
@@ -102,13 +102,11 @@ class DFFGGenerator(Generator):
         reduce_dims = tuple(range(1, x.dim()))
         kept: list[torch.Tensor] = []
         for step in range(steps):
-            x.requires_grad_(True)
-            features = self.bn_inputs(x)
-            loss = alignment_loss(features, self.targets)
-            on_step(loss.detach() / len(self.targets))
+            grad, loss = self.alignment_gradient(x)
+            on_step(loss / len(self.targets))
             if self.input_prior_weight:
-                loss = loss + self.input_prior_weight * input_prior(x)
-            (grad,) = torch.autograd.grad(loss, x)
+                leaf = x.detach().requires_grad_(True)
+                grad = grad + torch.autograd.grad(self.input_prior_weight * input_prior(leaf), leaf)[0]
             l1 = grad.abs().sum(dim=reduce_dims, keepdim=True).clamp_min(1e-12)
             velocity = self.momentum * velocity + grad / l1
             x = self.project(x.detach() - self.step_size(step, steps) * torch.sign(velocity))
