@@ -751,7 +751,8 @@ def _generator_options(items: tuple[str, ...]) -> dict:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the initial noise (same seed, same samples).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
-              help="Images optimised together (BN statistics are matched per batch).")
+              help="Images optimised together (BN statistics are matched per batch; DFFG takes the "
+                   "gradient 8 images at a time at 224 px, so memory does not grow with it).")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Steps per batch (default: the method's).")
 @click.option("-O", "--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Generator option, repeatable, e.g. -O lr=0.2 (zeroq, dsg) or -O alpha=0.05 (dffg).")

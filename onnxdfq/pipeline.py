@@ -446,10 +446,8 @@ class HessianStage(Pass):
                 accumulators[name].add(values[tensor])
 
         stream_tensors(surgery.model_with_outputs(ws.graph, tensors, self.template), tensors, samples, accumulate)
-        # held in float32 until the rounding (which works in float64): every layer's [D, D] waits for it, 1.1 GB in
-        # float64 on a ResNet-50; the float32 products that built them carry no more digits anyway
-        ws.hessians = {name: (acc.hessian.astype(np.float32), acc.rows) for name, acc in accumulators.items()
-                       if acc.hessian is not None}
+        # float32 until the rounding (which works in float64 one layer at a time)
+        ws.hessians = {name: (acc.hessian, acc.rows) for name, acc in accumulators.items() if acc.hessian is not None}
         accumulators.clear()
         report = PassReport(self.name, params={"samples": int(len(samples)), "source": spec.label,
                                                "layers": len(ws.hessians), "seconds": round(time.perf_counter() -

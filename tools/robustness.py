@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -21,17 +22,25 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TIME = Path("/usr/bin/time")  # GNU time -v: the run's peak resident memory
 
 
 def run_one(path: Path, args, work: Path) -> dict:
     out, report = work / f"{path.stem}.q.onnx", work / f"{path.stem}.json"
     command = [sys.executable, "-m", "onnxdfq.cli", "quantize", str(path), "-o", str(out), "--report", str(report),
                "--method", args.method, "--bits", args.bits, "--act-bits", args.act_bits, "-q"]
+    if TIME.exists():
+        command = [str(TIME), "-v", *command]
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     row = {"model": path.name, "exit": proc.returncode, "seconds": round(time.perf_counter() - start, 1)}
+    stderr, _, timing = proc.stderr.partition("\tCommand being timed:")
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", timing)
+    if peak:
+        row["peak_mb"] = int(peak.group(1)) // 1024
     if proc.returncode != 0:
-        lines = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
+        lines = [line for line in (stderr or proc.stdout).splitlines()
+                 if line.strip() and not line.startswith("Command exited with non-zero status")]
         row["error"] = lines[-1][:300] if lines else "?"
         return row
     data = json.loads(report.read_text())
@@ -76,11 +85,12 @@ def main() -> None:
              "32 prior images at the model's size, and the check's grade. The torchvision exports have random "
              "weights (a shape and op check, not accuracy: ViT's zero-initialised head gives a constant output); "
              "the OCR and detection models from PyPI packages (rapidocr-onnxruntime, ddddocr) are trained.", "",
-             "| model | exit | layer inputs quantized | BN layers | SQNR dB | seconds | note |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "| model | exit | layer inputs quantized | BN layers | SQNR dB | seconds | peak MB | note |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if r["exit"]:
-            lines.append(f"| {r['model']} | {r['exit']} | - | - | - | {r['seconds']} | {r['error']} |")
+            lines.append(f"| {r['model']} | {r['exit']} | - | - | - | {r['seconds']} | {r.get('peak_mb', '-')} | "
+                         f"{r['error']} |")
             continue
         notes = [f"{n} {why}" for why, n in r["float_reasons"].items()]
         if r.get("unexercised"):
@@ -88,7 +98,7 @@ def main() -> None:
         elif r.get("grade") not in (None, "fine"):
             notes.append(r["grade"])
         lines.append(f"| {r['model']} | 0 | {r['inputs']} | {r['bn_layers']}/{r['layers']} | {r['sqnr_db']} | "
-                     f"{r['seconds']} | {'; '.join(notes)} |")
+                     f"{r['seconds']} | {r.get('peak_mb', '-')} | {'; '.join(notes)} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
