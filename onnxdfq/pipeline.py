@@ -459,7 +459,7 @@ class HessianStage(Pass):
         if spec.source == "prior":
             report.warnings.append("--method gptq measured its Hessians on prior images (no BN statistics to generate "
                                    "samples from): on the BN-folded ResNet-20 W4A4 that gave 81.91 % against SQuant's "
-                                   "81.33, on MobileNet-V1 W4A8 65-68 against SQuant's 67.31 (69.08 on DFFG "
+                                   "81.33, on MobileNet-V1 W4A8 65-68 against SQuant's 67.31 (68.7-69.1 on DFFG "
                                    "samples); check top-1, or give samples with --calib data:")
         return report
 
@@ -544,9 +544,9 @@ class ReconstructStage(Pass):
                                    "give --mean/--std or --preprocess")
         if spec.source == "synth" and samples.ndim == 4 and min(samples.shape[2:]) >= LARGE_RECONSTRUCT_INPUT:
             report.warnings.append(f"--reconstruct learnt on {spec.label} samples at {samples.shape[2]} px: on "
-                                   "MobileNet-V1 W4A8 it gains nothing yet (66.92 vs 67.31 % on val1300), where DF-MPC "
-                                   "4/8 gains 2.9 (75.08 vs 72.23); check top-1 on real data, or give real images with "
-                                   "--calib data:PATH.npz")
+                                   "MobileNet-V1 W4A8 it gains nothing yet (66.46 vs 67.31 % on val1300), where DF-MPC "
+                                   "4/8 gains 1.2-2.9 (73.4-75.1 vs 72.23); check top-1 on real data, or give real "
+                                   "images with --calib data:PATH.npz")
         if spec.source == "prior":
             report.warnings.append("--reconstruct learnt on prior images: on the BN-folded ResNet-20 W4A4 that "
                                    "measured worse than no reconstruction (80.18 vs 81.33 %); check top-1 on real "
