@@ -459,7 +459,7 @@ class HessianStage(Pass):
         if spec.source == "prior":
             report.warnings.append("--method gptq measured its Hessians on prior images (no BN statistics to generate "
                                    "samples from): on the BN-folded ResNet-20 W4A4 that gave 81.91 % against SQuant's "
-                                   "81.33, on MobileNet-V1 W4A8 65-68 against SQuant's 67.31 (68.7-69.1 on DFFG "
+                                   "81.33, on MobileNet-V1 W4A8 65-68 against SQuant's 67.31 (68.7-70.5 on DFFG "
                                    "samples); check top-1, or give samples with --calib data:")
         return report
 
