@@ -113,7 +113,7 @@ def _inverse_factor(hessian: np.ndarray, damp: float) -> np.ndarray:
 
     H^-1 is never formed: with J the reversal of the column order, chol(J H J) = L gives H = (J L J)(J L J)^T with
     J L J upper triangular, so U = (J L J)^-1 = J L^-1 J. One factorisation and one triangular inverse, at most
-    two float64 [D, D] at a time (inverting, then factoring H^-1 again, held five: 850 MB on a 4608-input layer).
+    two float64 [D, D] at a time (inverting H and factoring H^-1 held five: 850 MB on a 4608-input layer).
     """
     diag = np.diagonal(hessian, axis1=1, axis2=2).astype(np.float64)
     dead = diag <= 0  # inputs the samples never reached: their columns round to nearest, nothing spreads to them

@@ -286,8 +286,9 @@ def generate(
         float32, shape ``(n, *input_shape[1:])`` (NCHW for image models). With a fixed ``seed``
         the result is reproducible on the CPU.
     """
-    if n < 1 or batch_size < 1:
-        raise SynthOptionError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
+    if n < 1 or batch_size < 1 or (chunk is not None and chunk < 1):
+        raise SynthOptionError(f"n, batch_size and chunk must be >= 1, got n={n}, batch_size={batch_size}, "
+                               f"chunk={chunk}")
     generator_cls = get_generator(method)
     check_device(device)
     sample_shape = input_sample_shape(model)
