@@ -39,6 +39,8 @@ DEFAULT_DAMP = 0.01
 SPARSE_DAMP = 1.0
 # bytes of patches built at once while accumulating (the im2col copy of a batch is kernel-size times its input)
 PATCH_BYTES = 256 << 20
+# output_error reads a float32 H in float64 slices of this many columns rather than one whole [D, D] copy
+OUTPUT_ERROR_COLUMNS = 1024
 
 
 @dataclass(frozen=True)
@@ -103,9 +105,6 @@ class HessianAccumulator:
             else:
                 self.hessian += block
             self.rows += rows.shape[1]
-
-
-OUTPUT_ERROR_COLUMNS = 1024
 
 
 def _inverse_factor(hessian: np.ndarray, damp: float) -> np.ndarray:
@@ -174,7 +173,7 @@ def output_error(w: np.ndarray, w_q: np.ndarray, hessian: np.ndarray) -> float:
     groups, depth = hessian.shape[0], hessian.shape[-1]
     err = (np.asarray(w_q, np.float64) - np.asarray(w, np.float64)).reshape(groups, -1, depth)
     total = 0.0
-    for start in range(0, depth, OUTPUT_ERROR_COLUMNS):  # float64 slices of a float32 H, not a whole [D, D] copy
+    for start in range(0, depth, OUTPUT_ERROR_COLUMNS):
         part = np.asarray(hessian[:, :, start:start + OUTPUT_ERROR_COLUMNS], np.float64)
         # a matrix product: einsum's three operands ran naively
         total += float(np.sum(np.matmul(err, part) * err[:, :, start:start + OUTPUT_ERROR_COLUMNS]))
