@@ -158,7 +158,9 @@ def _methods() -> list[str]:
                    "prior otherwise), bn (BN statistics, no data), prior[:auto|pink|dead_leaves|mixed|ensemble] "
                    "(procedural images in the model's input space, no data; auto: pink below 128 px, a pink/dead-"
                    "leaves ensemble from 128 px; give --mean/--std), synth:zeroq|dsg|dffg (samples "
-                   "generated from the BN statistics; needs the synth extra), or data:PATH.npz (x float32 NCHW "
+                   "generated from the BN statistics; needs the synth extra), synth:invert (images the classifier "
+                   "assigns to random classes: for a model without BN; auto picks it for one under 128 px that "
+                   "learns with --reconstruct or --method gptq), or data:PATH.npz (x float32 NCHW "
                    "preprocessed, or uint8 NHWC images with --mean/--std).")
 @click.option("--calib-range", type=click.Choice(["mse", "percentile", "minmax"]), default="mse",
               show_default=True, help="Range estimator for --calib synth:/data: (MSE-optimal clipping at --act-bits).")
@@ -183,7 +185,8 @@ def _methods() -> list[str]:
 @click.option("--reconstruct", is_flag=True,
               help="Block reconstruction after the grids are decided (4 bits and below): each block's weight "
                    "roundings and activation step sizes are learnt so that its output matches FP32 on calibration "
-                   "samples (DFFG samples for a model with BN, prior images without; --calib data: uses yours). "
+                   "samples (DFFG samples for a model with BN; without BN, samples from inverting the classifier "
+                   "under 128 px and prior images from 128 px up; --calib data: uses yours). "
                    "Needs the synth extra (PyTorch); --device cuda runs it on a GPU.")
 @click.option("--reconstruct-steps", type=click.IntRange(0), default=None,
               help="Optimiser steps per block for --reconstruct (default 500).")
@@ -250,7 +253,7 @@ def quantize(model: Path, output: Path, method: str, bits: str, avg_bits: float 
                    sensitivity=sensitivity if bits.strip().lower() == "auto" else None, dfmpc_pairs=dfmpc_pairs,
                    avg_act_bits=avg_act_bits)
     start = time.perf_counter()
-    progress = _loss_bar("synth", quiet)
+    progress = _loss_bar("synth", quiet, "loss")
     progress.reconstruct = _block_bar(quiet)
     progress.allocation = _count_bar("sensitivity", "run", quiet)
     result = quantize_model(str(model), method=method, bits=bits, act_bits=act_bits, granularity=granularity,
@@ -282,9 +285,10 @@ def _print_outcome(report: dict, model: Path, quiet: bool, start: float) -> None
             click.echo(f"note: {report['statistics']['hint']}", err=True)
 
 
-def _loss_bar(desc: str, quiet: bool):
-    """A progress callback (step, total, bn_loss): a tqdm bar with the BN loss and the time left on a terminal;
-    elsewhere (a log, CI) a line with the time left every 10 % of the steps."""
+def _loss_bar(desc: str, quiet: bool, label: str = "BN loss"):
+    """A progress callback (step, total, loss): a tqdm bar with the generator's loss (``label``: the BN loss, or
+    inversion's cross-entropy) and the time left on a terminal; elsewhere (a log, CI) a line with the time left
+    every 10 % of the steps."""
     from tqdm import tqdm
 
     state: dict = {}
@@ -294,14 +298,14 @@ def _loss_bar(desc: str, quiet: bool):
         if quiet:
             return
         if not interactive:
-            _log_tenths(state, step, total, lambda left: f"{desc}: {step}/{total} steps, BN loss {loss:.4g}, "
+            _log_tenths(state, step, total, lambda left: f"{desc}: {step}/{total} steps, {label} {loss:.4g}, "
                                                          f"about {left:.0f} s left")
             return
         if "bar" not in state:
             state["bar"] = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False,
                                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}] {postfix}")
         bar = state["bar"]
-        bar.set_postfix_str(f"bn_loss={loss:.4g}", refresh=False)
+        bar.set_postfix_str(f"{label.replace(' ', '_')}={loss:.4g}", refresh=False)
         bar.update(step - bar.n)
         if step >= total:
             bar.close()
@@ -742,7 +746,8 @@ def _generator_options(items: tuple[str, ...]) -> dict:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--method", required=True, help="Generator: zeroq, dsg or dffg.")
+@click.option("--method", required=True, help="Generator: zeroq, dsg or dffg (match the BN statistics), or invert "
+              "(inverts the classifier: for a model without BN).")
 @click.option("-n", "--samples", default=256, show_default=True, type=click.IntRange(1), help="Samples to write.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The .npz to write: x (float32 NCHW, preprocessed model inputs) and meta (JSON).")
@@ -763,10 +768,11 @@ def _generator_options(items: tuple[str, ...]) -> dict:
 def synth(model: Path, method: str, samples: int, output: Path, device: str, seed: int, batch_size: int,
           steps: int | None, options: tuple[str, ...], quiet: bool, mean: str | None, std: str | None,
           preprocess: str | None, input_range: str | None) -> None:
-    """Generate calibration inputs for MODEL whose BN-input statistics match its BN layers.
+    """Generate calibration inputs for MODEL: samples whose BN-input statistics match its BN layers (zeroq, dsg,
+    dffg), or images the classifier assigns to random classes (invert; for a model exported with BN folded).
 
     With the preprocessing known (--mean/--std, --preprocess, --input-range or the model's metadata) every
-    sample stays inside the inputs real images can give."""
+    sample stays inside the inputs real images can give; invert assumes ImageNet's when none is known."""
     from onnxdfq.graph.io import ensure_distinct_paths, ensure_writable, load_model, write_text_atomic
 
     ensure_distinct_paths(model, output)
@@ -787,18 +793,24 @@ def synth(model: Path, method: str, samples: int, output: Path, device: str, see
     given = resolve_preprocessing(_floats(mean, "--mean"), _floats(std, "--std"), preset=preprocess,
                                   input_range=_floats(input_range, "--input-range"),
                                   channels=synth_pkg.input_sample_shape(proto)[0]) or model_preprocessing(proto)
+    generator = synth_pkg.get_generator(method)
+    if given is None and generator.needs_pixel_box:
+        from onnxdfq.preprocessing import PRESETS, Preprocessing
+
+        given = Preprocessing(*PRESETS["imagenet"], "assumed: ImageNet mean/std (give --mean/--std)")
     bounds = pixel_box(given.mean, given.std) if given is not None else None
     start = time.perf_counter()
     x = synth_pkg.generate(proto, method, samples, batch_size=batch_size, seed=seed, device=device, steps=steps,
-                           progress=_loss_bar(f"synth {method}", quiet), input_bounds=bounds, **extra)
+                           progress=_loss_bar(f"synth {method}", quiet, "BN loss" if generator.needs_bn
+                                              else "cross-entropy"), input_bounds=bounds, **extra)
     seconds = time.perf_counter() - start
-    bn_loss = synth_pkg.bn_statistics_loss(proto, x, device=device)
-    noise = np.random.default_rng(seed).standard_normal(x.shape).astype(np.float32)
-    noise_loss = synth_pkg.bn_statistics_loss(proto, noise, device=device)
     meta = {"model": str(model), "method": method, "samples": int(len(x)), "seed": seed, "batch_size": batch_size,
-            "steps": steps or synth_pkg.get_generator(method).default_steps, "options": extra, "device": device,
-            "seconds": round(seconds, 3), "bn_loss": bn_loss, "noise_bn_loss": noise_loss,
-            "input_bounds": given.source if given is not None else "unbounded"}
+            "steps": steps or generator.default_steps, "options": extra, "device": device,
+            "seconds": round(seconds, 3), "input_bounds": given.source if given is not None else "unbounded"}
+    if generator.needs_bn:
+        noise = np.random.default_rng(seed).standard_normal(x.shape).astype(np.float32)
+        meta["bn_loss"] = synth_pkg.bn_statistics_loss(proto, x, device=device)
+        meta["noise_bn_loss"] = synth_pkg.bn_statistics_loss(proto, noise, device=device)
     buffer = io.BytesIO()
     np.savez(buffer, x=x, meta=np.array(json.dumps(meta)))
     write_text_atomic(buffer.getvalue(), output)
@@ -806,7 +818,8 @@ def synth(model: Path, method: str, samples: int, output: Path, device: str, see
         rows = [["samples", f"{len(x)} x {list(x.shape[1:])} float32 (preprocessed model inputs)"],
                 ["method", f"{method}  steps {meta['steps']} per batch of {batch_size}, seed {seed}, {device}"
                  + (f"  ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else "")],
-                ["BN loss", f"{bn_loss:.4g}  (Gaussian noise: {noise_loss:.4g})"],
+                *([["BN loss", f"{meta['bn_loss']:.4g}  (Gaussian noise: {meta['noise_bn_loss']:.4g})"]]
+                  if "bn_loss" in meta else []),
                 ["input box", (f"[{x.min():.3g}, {x.max():.3g}], per channel from {given.source}" if given is not None
                                else "unbounded: give --mean/--std or --preprocess to keep samples inside what "
                                     "images can give")],
@@ -884,7 +897,7 @@ def inspect(model: Path) -> None:
     if not with_bn:
         from onnxdfq.pipeline import EXPORT_WITH_BN_HINT
 
-        click.echo(f"note: {EXPORT_WITH_BN_HINT}")
+        click.echo(f"note: {EXPORT_WITH_BN_HINT.format(source='prior images by default')}")
     unhandled = patterns.unhandled_ops(graph)
     if unhandled:
         click.echo("not handled (left in float): " + ", ".join(f"{k} x{v}" for k, v in sorted(unhandled.items())))

@@ -62,7 +62,8 @@ CALIB_SOURCES = ("auto", "bn", "prior", "synth", "data")
 SAMPLE_SOURCES = ("prior", "synth", "data")  # the sources that run samples through the model
 # onnxdfq.synth.prior; the first is the default: ensemble (pink + dead leaves) at 128 px and up, pink below
 PRIOR_GENERATORS = ("auto", "pink", "dead_leaves", "mixed", "ensemble")
-SYNTH_METHODS = ("zeroq", "dsg", "dffg")
+SYNTH_METHODS = ("zeroq", "dsg", "dffg", "invert")
+BN_FREE_SYNTH_METHODS = ("invert",)  # generators that need no BN statistics (class-conditional inversion)
 DEFAULT_SYNTH_SAMPLES = 256  # generated samples when calib_samples is not given
 # generating on a CPU: DFFG's 150 steps for 256 samples took minutes on 2 shared cores; 60 steps for 128 samples
 # calibrate ResNet-20 W6A6 to 91.37 (256 real training images: 91.38; 150 steps / 256 samples: 91.40)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from onnxdfq.config import (
     AUTO_ACT_WIDTHS,
+    BN_FREE_SYNTH_METHODS,
     DEFAULT_METHOD,
     METHODS,
     SAMPLE_SOURCES,
@@ -148,12 +149,20 @@ class StatisticsStage(Pass):
                                         "constant weight) in the model")
         ws.bn_layers = layer_stat_counts(ws, layers).get("bn", 0)
         ws.calib = config.calib.resolved(_statistics_source(config, ws.bn_layers, len(layers)))
+        if _inversion_by_default(config, ws.calib, self.template):
+            ws.calib = replace(ws.calib, source="synth", method="invert")
         ws.range_sigmas = config.range_sigmas(ws.calib.source)
         report = PassReport(self.name, params={"source": ws.calib.label, "bn_layers": ws.bn_layers,
                                                "layers": len(layers)})
         if ws.calib.source not in SAMPLE_SOURCES or not _needs_statistics(config):
             return report
         ws.observer = _sample_observer(self.template, ws.calib, config, self.progress)
+        if ws.calib.source == "synth" and (config.reconstruct or config.rounder == "gptq"):
+            from onnxdfq.eval.calibrate import input_shape
+
+            spec = reconstruction_calib(config, ws.calib, input_shape(self.template, ws.calib.size))
+            if spec.samples == ws.observer.count:  # the same generator run (same seed): learn on these samples
+                ws.learn_samples = (spec, ws.observer.samples, dict(ws.observer.info))
         if ws.calib.source == "prior" or ws.bn_layers * 2 < len(layers):
             # with no graph change ahead, the activation tensors to calibrate are observed in the same run
             # with no graph change ahead, sample ranges are observed in the same run; prior images give
@@ -786,7 +795,7 @@ def save_quantized(result: QuantResult | Any, path: str | os.PathLike, *, allow_
 
 # how to keep BatchNormalization in an export, for the message printed when a model has none
 EXPORT_WITH_BN_HINT = ("this model has no BatchNormalization left (folded at export); its statistics come from "
-                       "prior images. To give onnxdfq the real ones, export with BN kept: torch.onnx.export(..., "
+                       "{source}. To give onnxdfq the real ones, export with BN kept: torch.onnx.export(..., "
                        "do_constant_folding=False) (TorchScript) or torch.onnx.export(..., dynamo=True, "
                        "optimize=False), and skip onnxruntime/onnxsim pre-optimization")
 
@@ -817,6 +826,40 @@ def _needs_statistics(config: QuantConfig) -> bool:
             or any(config.step(name) for name in ("cle", "absorb_bias", "bias_correction")))
 
 
+# --calib auto on a model without BN that learns (--reconstruct, --method gptq) below this many pixels a side:
+# samples from inverting the classifier (synth:invert) rather than prior images. BN-folded ResNet-20 W4A4:
+# --reconstruct 87.1-87.4 % against 80.18 on prior images, SQuant's statistics alone 85.6-85.8 against 81.33. At
+# 224 px inversion costs minutes on a CPU and measured no better than the prior (folded EfficientNet-Lite0 W4A8
+# SQuant 74.54 on 32 inverted images, 74.46 on the prior)
+INVERSION_MAX_INPUT = 128
+
+
+def _inversion_by_default(config: QuantConfig, calib: CalibSpec, template: Any) -> bool:
+    """Whether --calib auto, resolved to the prior (no BN), becomes synth:invert: the run learns on its samples,
+    the images are small, the model is a classifier the torch executor runs, and torch is installed."""
+    import importlib.util
+
+    from onnxdfq.eval.calibrate import input_shape
+
+    learns = config.reconstruct or config.rounder == "gptq"
+    if config.calib.source != "auto" or calib.source != "prior" or not learns or config.pseudo_bn:
+        return False
+    try:
+        shape = input_shape(template, calib.size)
+    except UnsupportedModelError:
+        return False
+    small = len(shape) == 3 and min(shape[1:]) < INVERSION_MAX_INPUT
+    return small and _classifier_output(template) and importlib.util.find_spec("torch") is not None
+
+
+def _classifier_output(model: Any) -> bool:
+    """The first graph output holds class scores: [N, K] (or [N, K, 1, 1]) with K >= 2 known."""
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in model.graph.output[0].type.tensor_type.shape.dim]
+    if len(dims) < 2 or any(d != 1 for d in dims[2:]):
+        return False
+    return dims[1] is not None and dims[1] >= 2
+
+
 def _statistics_source(config: QuantConfig, with_bn: int, layer_count: int) -> str:
     """Resolve --calib auto (bn when at least half the layers kept BN, else prior); refuse what cannot work."""
     source = config.calib.source
@@ -826,9 +869,10 @@ def _statistics_source(config: QuantConfig, with_bn: int, layer_count: int) -> s
         raise UnsupportedModelError("--calib bn: the model has no BatchNormalization (folded at export), so there "
                                     "are no BN statistics to read; use --calib prior (the default for such models) "
                                     "or data:PATH.npz")
-    if source == "synth" and not with_bn:
+    if source == "synth" and not with_bn and config.calib.method not in BN_FREE_SYNTH_METHODS:
         raise UnsupportedModelError(f"--calib synth:{config.calib.method} matches BN statistics, and the model has no "
-                                    "BatchNormalization (folded at export); use --calib prior or data:PATH.npz")
+                                    "BatchNormalization (folded at export); use --calib synth:invert (generated by "
+                                    "inverting the classifier), prior or data:PATH.npz")
     return source
 
 
@@ -840,7 +884,8 @@ def _statistics_summary(ws: Workspace, layers: list) -> dict:
         summary.update({"samples": ws.observer.count, "model_runs": ws.observer.runs,
                         **ws.observer.info})
     if not summary["bn_layers"]:
-        summary["hint"] = EXPORT_WITH_BN_HINT
+        source = {"prior": "prior images", "synth": f"{ws.calib.label} samples", "data": "your samples"}
+        summary["hint"] = EXPORT_WITH_BN_HINT.format(source=source.get(ws.calib.source, ws.calib.label))
     return summary
 
 

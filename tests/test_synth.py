@@ -201,7 +201,7 @@ def test_a_new_generator_is_one_registered_class(resnet20_model: onnx.ModelProto
 def test_unknown_method_or_option_is_an_option_error(resnet20_model: onnx.ModelProto) -> None:
     from onnxdfq.errors import OptionError
 
-    with pytest.raises(OptionError, match="available: dffg, dsg, zeroq"):
+    with pytest.raises(OptionError, match="available: dffg, dsg, invert, zeroq"):
         synth.generate(resnet20_model, "gan", 4)
     with pytest.raises(OptionError, match="unexpected keyword argument 'alpha'"):
         synth.generate(resnet20_model, "zeroq", 4, alpha=0.1)

@@ -118,14 +118,15 @@ def prior_samples(model: Any, spec: CalibSpec, input_range: tuple[float, float] 
     return x, info
 
 
-def synth_input_bounds(model: Any, spec: CalibSpec, input_range: tuple[float, float] | None
-                       ) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
+def synth_input_bounds(model: Any, spec: CalibSpec, input_range: tuple[float, float] | None, *,
+                       needs_box: bool = False) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
     """Per-channel (lows, highs) real inputs can take, the image of pixels 0 and 1 under the preprocessing the
-    user gave or the model records, and where that came from; None when only ImageNet's is assumed. ResNet-20
+    user gave or the model records, and where that came from; None when only ImageNet's is assumed, unless the
+    generator works in pixels (``needs_box``: inversion), which then gets the assumed box. ResNet-20
     W4A4 with --reconstruct on DFFG samples: 86.75 % unbounded (pixels reached -6.8 where real ones end at -2.1),
     87.51 bounded; MobileNet-V1 W4A8 (100 steps a block) 37.9 unbounded, 66.69 bounded."""
     space = prior_input_space(model, spec, input_range)
-    if space.source.startswith("assumed"):
+    if space.source.startswith("assumed") and not needs_box:
         return None, "unbounded (no preprocessing known)"
     return pixel_box(space.mean, space.std), space.source
 
@@ -133,23 +134,25 @@ def synth_input_bounds(model: Any, spec: CalibSpec, input_range: tuple[float, fl
 def synthesize(model: Any, spec: CalibSpec, progress: SynthProgress | None = None,
                input_range: tuple[float, float] | None = None) -> tuple[np.ndarray, dict]:
     """``spec.samples`` generated inputs (``spec.method``), kept inside the input's box when the preprocessing is
-    known, and a summary of the run."""
+    known, and a summary of the run (with the batch BN loss for the methods that match BN statistics)."""
     try:
         from onnxdfq import synth
 
         start = time.perf_counter()
         samples, options = spec.synth_run()
-        bounds, bounds_source = synth_input_bounds(model, spec, input_range)
+        generator = synth.get_generator(spec.method)
+        bounds, bounds_source = synth_input_bounds(model, spec, input_range, needs_box=generator.needs_pixel_box)
         x = synth.generate(model, spec.method, samples, batch_size=spec.batch_size, seed=spec.seed,
                            device=spec.device, progress=progress, input_bounds=bounds, **options)
     except ImportError as exc:
         raise UnsupportedModelError(f"--calib synth:{spec.method} needs torch: pip install -e \".[synth]\" "
                                     f"torch==2.13.0 ({exc})") from None
     seconds = time.perf_counter() - start
-    return x, {"method": spec.method, "seconds": round(seconds, 3), "seed": spec.seed,
-               "steps": options.get("steps", synth.get_generator(spec.method).default_steps),
-               "input_bounds": bounds_source,
-               "bn_loss": synth.bn_statistics_loss(model, x, device=spec.device)}
+    info = {"method": spec.method, "seconds": round(seconds, 3), "seed": spec.seed,
+            "steps": options.get("steps", generator.default_steps), "input_bounds": bounds_source}
+    if generator.needs_bn:
+        info["bn_loss"] = synth.bn_statistics_loss(model, x, device=spec.device)
+    return x, info
 
 
 def calibration_samples(model: Any, spec: CalibSpec, progress: SynthProgress | None = None, *,

@@ -73,7 +73,7 @@ class SynthInputError(UnsupportedModelError, ValueError):
 
 _REGISTRY: dict[str, type[Generator]] = {}
 # Built-in methods, imported on first use so that a method file is only loaded when asked for.
-_BUILTIN_MODULES = {"zeroq": ".zeroq", "dsg": ".dsg", "dffg": ".dffg"}
+_BUILTIN_MODULES = {"zeroq": ".zeroq", "dsg": ".dsg", "dffg": ".dffg", "invert": ".invert"}
 
 G = TypeVar("G", bound="Generator")
 
@@ -88,6 +88,8 @@ class Generator(ABC):
 
     name: ClassVar[str] = ""
     default_steps: ClassVar[int] = 500
+    needs_bn: ClassVar[bool] = True  # matches BN running statistics (False: works on a model without BN)
+    needs_pixel_box: ClassVar[bool] = False  # generates in the input's pixel box (generate's input_bounds)
 
     def __init__(self, graph: TorchGraph, targets: Sequence[BNTarget]) -> None:
         self.graph = graph
@@ -107,6 +109,10 @@ class Generator(ABC):
 
     def prepare(self, batch_shape: tuple[int, ...], rng: torch.Generator) -> None:  # noqa: B027
         """Hook run once before the first batch (e.g. to calibrate margins); default: nothing."""
+
+    def seed_batch(self, batch_shape: tuple[int, ...], rng: torch.Generator, device: str) -> torch.Tensor:
+        """The starting batch of one run: Gaussian noise, inside the input's box when it is known."""
+        return self.project(torch.randn(batch_shape, generator=rng).to(device))
 
     @abstractmethod
     def run(self, x0: torch.Tensor, steps: int, on_step: StepFn) -> list[torch.Tensor]:
@@ -259,9 +265,10 @@ def generate(
     Parameters
     ----------
     model : Any
-        A float model that still has its BatchNormalization nodes.
+        A float model; one that still has its BatchNormalization nodes for the methods that match BN statistics.
     method : str
-        A registered method: ``"zeroq"``, ``"dsg"`` or ``"dffg"`` (see :func:`available_methods`).
+        A registered method: ``"zeroq"``, ``"dsg"`` or ``"dffg"`` (BN statistics), or ``"invert"`` (class-conditional
+        inversion of a classifier, for a model without BN; needs ``input_bounds``). See :func:`available_methods`.
     n : int
         Number of samples. Batches of ``batch_size`` are optimised until ``n`` are collected.
     steps : int, optional
@@ -293,7 +300,10 @@ def generate(
     check_device(device)
     sample_shape = input_sample_shape(model)
     graph = TorchGraph(model).to(device).eval()
-    targets = bn_targets(graph)
+    if input_bounds is None and generator_cls.needs_pixel_box:
+        raise SynthOptionError(f"{generator_cls.name} generates images and needs input_bounds: the preprocessing's "
+                               "image of pixels 0 and 1")
+    targets = bn_targets(graph) if generator_cls.needs_bn else []
     try:
         generator = generator_cls(graph, targets, **options)
     except TypeError as exc:  # an option the method does not take
@@ -318,7 +328,7 @@ def generate(
     generator.prepare(batch_shape, rng)
     chunks: list[torch.Tensor] = []
     for run in range(runs):
-        x0 = generator.project(torch.randn(batch_shape, generator=rng).to(device))
+        x0 = generator.seed_batch(batch_shape, rng, device)
         chunks.extend(sample.detach().cpu() for sample in generator.run(x0, steps, on_step))
         logger.debug("%s: batch %d/%d done", generator_cls.name, run + 1, runs)
     return torch.cat(chunks)[:n].numpy().astype(np.float32, copy=False)
