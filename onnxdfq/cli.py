@@ -159,9 +159,9 @@ def _methods() -> list[str]:
                    "(procedural images in the model's input space, no data; auto: pink below 128 px, a pink/dead-"
                    "leaves ensemble from 128 px; give --mean/--std), synth:zeroq|dsg|dffg (samples "
                    "generated from the BN statistics; needs the synth extra), synth:invert (images the classifier "
-                   "assigns to random classes: for a model without BN; auto picks it for one under 128 px that "
-                   "learns with --reconstruct or --method gptq), or data:PATH.npz (x float32 NCHW "
-                   "preprocessed, or uint8 NHWC images with --mean/--std).")
+                   "assigns to random classes: for a model without BN; auto keeps the prior's statistics and learns "
+                   "on these for one under 128 px with --reconstruct or --method gptq), or data:PATH.npz (x float32 "
+                   "NCHW preprocessed, or uint8 NHWC images with --mean/--std).")
 @click.option("--calib-range", type=click.Choice(["mse", "percentile", "minmax"]), default="mse",
               show_default=True, help="Range estimator for --calib synth:/data: (MSE-optimal clipping at --act-bits).")
 @click.option("--calib-samples", type=click.IntRange(1), default=None,

@@ -149,8 +149,6 @@ class StatisticsStage(Pass):
                                         "constant weight) in the model")
         ws.bn_layers = layer_stat_counts(ws, layers).get("bn", 0)
         ws.calib = config.calib.resolved(_statistics_source(config, ws.bn_layers, len(layers)))
-        if _inversion_by_default(config, ws.calib, self.template):
-            ws.calib = replace(ws.calib, source="synth", method="invert")
         ws.range_sigmas = config.range_sigmas(ws.calib.source)
         report = PassReport(self.name, params={"source": ws.calib.label, "bn_layers": ws.bn_layers,
                                                "layers": len(layers)})
@@ -307,7 +305,6 @@ class BitAllocationStage(Pass):
 def sensitivity_samples(ws: Workspace, config: QuantConfig, template: Any, progress: Any = None
                         ) -> tuple[np.ndarray, str]:
     """The samples sensitivities are measured on (the run's own samples, else prior images) and their label."""
-    from dataclasses import replace
 
     from onnxdfq.eval.calibrate import calibration_samples, input_shape
 
@@ -336,7 +333,6 @@ class ActWidthAllocationStage(Pass):
         self.config, self.template, self.progress = config, template, progress
 
     def call(self, ws: Workspace) -> PassReport:
-        from dataclasses import replace
 
         from onnxdfq.eval.sensitivity import OutputSensitivity, per_sample_elements
         from onnxdfq.passes.act_allocation import ActWidthAllocationPass
@@ -408,7 +404,8 @@ def learning_samples(ws: Workspace, config: QuantConfig, template: Any, progress
     samples (data, synth, prior), DFFG for a model whose statistics came from BN (see reconstruction_calib)."""
     from onnxdfq.eval.calibrate import calibration_samples, input_shape
 
-    spec = reconstruction_calib(config, ws.calib, input_shape(template, ws.calib.size))
+    spec = reconstruction_calib(config, ws.calib, input_shape(template, ws.calib.size),
+                                invert=_inversion_by_default(config, ws.calib, template))
     if ws.learn_samples is not None and ws.learn_samples[0] == spec:
         return ws.learn_samples[1], ws.learn_samples[2], spec
     try:
@@ -467,9 +464,9 @@ class HessianStage(Pass):
                                    "them")
         if spec.source == "prior":
             report.warnings.append("--method gptq measured its Hessians on prior images (no BN statistics to generate "
-                                   "samples from): on the BN-folded ResNet-20 W4A4 gave 81.9-82.1 % against SQuant's "
-                                   "81.33, on MobileNet-V1 W4A8 65-68 against SQuant's 67.31 (68.7-70.5 on DFFG "
-                                   "samples); check top-1, or give samples with --calib data:")
+                                   "samples from): on the BN-folded ResNet-20 W4A4 they gave 81.9-82.1 % against "
+                                   "SQuant's 81.33, on MobileNet-V1 W4A8 65-68 against SQuant's 67.31 (68.7-70.5 on "
+                                   "DFFG samples); check top-1, or give samples with --calib data: or synth:invert")
         return report
 
 
@@ -484,7 +481,6 @@ class ReconstructStage(Pass):
         self.config, self.template, self.progress = config, template, progress
 
     def call(self, ws: Workspace) -> PassReport:
-        from dataclasses import replace
 
         from onnxdfq.eval.calibrate import calibration_samples, input_shape
         from onnxdfq.quant.scheme import QuantScheme
@@ -558,8 +554,9 @@ class ReconstructStage(Pass):
                                    "images with --calib data:PATH.npz")
         if spec.source == "prior":
             report.warnings.append("--reconstruct learnt on prior images: on the BN-folded ResNet-20 W4A4 that "
-                                   "measured worse than no reconstruction (80.18 vs 81.33 %); check top-1 on real "
-                                   "data, or give samples like the real inputs with --calib data:PATH.npz")
+                                   "measured worse than no reconstruction (80.18 vs 81.33 %; 86.59 on samples from "
+                                   "inverting the classifier, the default under 128 px); check top-1 on real data, or "
+                                   "give samples like the real inputs with --calib data:PATH.npz or synth:invert")
         for block in result.blocks:
             report.rows.append(LayerRow(block.name, {"layers": block.layers, "activations": len(block.acts),
                                                      "mse_before": block.loss_before, "mse_after": block.loss_after,
@@ -573,10 +570,11 @@ LARGE_RECONSTRUCT_INPUT = 128
 LARGE_RECONSTRUCT_SAMPLES = 128
 
 
-def reconstruction_calib(config: QuantConfig, calib: Any, input_shape: tuple[int, ...] = ()) -> Any:
-    """The samples reconstruction learns on: the run's own samples (data, synth, prior), and DFFG for a model
-    whose statistics came from BN (its generator matches the BN statistics, no data)."""
-    from dataclasses import replace
+def reconstruction_calib(config: QuantConfig, calib: Any, input_shape: tuple[int, ...] = (), *,
+                         invert: bool = False) -> Any:
+    """The samples reconstruction learns on: the run's own samples (data, synth, prior), DFFG for a model whose
+    statistics came from BN (its generator matches the BN statistics, no data), and with ``invert`` samples from
+    inverting the classifier instead of the prior's images (see _inversion_by_default)."""
 
     from onnxdfq.config import DEFAULT_RECONSTRUCT_SAMPLES
 
@@ -586,6 +584,8 @@ def reconstruction_calib(config: QuantConfig, calib: Any, input_shape: tuple[int
         count = LARGE_RECONSTRUCT_SAMPLES  # every block's inputs and targets are held for all samples
     if calib.source == "data":
         return replace(calib, samples=config.reconstruct_samples or calib.samples)
+    if calib.source == "prior" and invert:
+        return replace(calib, source="synth", method="invert", samples=count)
     if calib.source in ("synth", "prior"):
         return replace(calib, samples=count)
     return replace(calib, source="synth", method="dffg", samples=count)
@@ -827,16 +827,20 @@ def _needs_statistics(config: QuantConfig) -> bool:
 
 
 # --calib auto on a model without BN that learns (--reconstruct, --method gptq) below this many pixels a side:
-# samples from inverting the classifier (synth:invert) rather than prior images. BN-folded ResNet-20 W4A4:
-# --reconstruct 87.1-87.4 % against 80.18 on prior images, SQuant's statistics alone 85.6-85.8 against 81.33. At
+# statistics and ranges from the prior's images as for every method, and the learning stages' samples from
+# inverting the classifier (synth:invert). BN-folded CIFAR ResNets W4A4, full test sets: --reconstruct ResNet-20
+# 86.59 % (80.18 on prior images, 81.33 without), ResNet-56 88.19 (83.43 without); gptq over two seeds ResNet-20/32/
+# 44/56 82.89/85.20/84.32/85.97 against 82.60/85.31/84.44/83.72 on prior images. Inverted samples as the statistics
+# too helped ResNet-20 and -32 (gptq 86.22, 86.47) and cost ResNet-44 and -56 0.7-0.8, so they stay the prior's. At
 # 224 px inversion costs minutes on a CPU and measured no better than the prior (folded EfficientNet-Lite0 W4A8
 # SQuant 74.54 on 32 inverted images, 74.46 on the prior)
 INVERSION_MAX_INPUT = 128
 
 
 def _inversion_by_default(config: QuantConfig, calib: CalibSpec, template: Any) -> bool:
-    """Whether --calib auto, resolved to the prior (no BN), becomes synth:invert: the run learns on its samples,
-    the images are small, the model is a classifier the torch executor runs, and torch is installed."""
+    """Whether a run whose --calib auto resolved to the prior (no BN) learns (GPTQ's Hessians, --reconstruct) on
+    synth:invert samples: the images are small, the model is a classifier the torch executor runs, and torch is
+    installed."""
     import importlib.util
 
     from onnxdfq.eval.calibrate import input_shape

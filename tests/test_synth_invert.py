@@ -2,7 +2,7 @@
 
 The generator is checked on a small random classifier (it drives the cross-entropy to its random targets, stays in
 the input's box, repeats with a seed, refuses what it cannot do), and end to end on the shared ResNet-20 with BN
-folded, where its samples must beat the procedural prior at W4A4 on the full CIFAR-10 test set.
+folded, where reconstruction on its samples must beat the procedural prior at W4A4 on the full CIFAR-10 test set.
 """
 
 from __future__ import annotations
@@ -83,24 +83,25 @@ def test_inversion_needs_a_box_and_a_classifier():
 
 
 @pytest.mark.slow
-def test_folded_resnet20_inverted_samples_beat_the_prior(resnet20, cifar_test, tmp_path):
-    """BN-folded ResNet-20 W4A4 on the full test set. --method gptq makes --calib auto invert the classifier (a
-    small folded classifier that learns on its samples): measured 85.7 % at the defaults against 81.9 on prior
-    images; here 128 samples at 50 steps, and SQuant on prior images as the baseline."""
+def test_folded_resnet20_reconstructs_on_inverted_samples(resnet20, cifar_test, tmp_path):
+    """BN-folded ResNet-20 W4A4 on the full test set. --reconstruct under --calib auto keeps the prior's statistics
+    and learns on samples from inverting the classifier (a small folded classifier): measured 86.6 % at the
+    defaults, against 81.3 without reconstruction and 80.2 when it learnt on the prior's images. Here 128 samples
+    at 50 inversion steps and 100 steps a block."""
     path = str(folded_copy(resnet20, tmp_path))
-    common = dict(bits=4, act_bits=4, mean=CIFAR_MEAN, std=CIFAR_STD)
-    prior = onnxdfq.quantize_model(path, method="squant", **common)
+    common = dict(method="squant", bits=4, act_bits=4, mean=CIFAR_MEAN, std=CIFAR_STD)
+    prior = onnxdfq.quantize_model(path, **common)
     assert prior.report["statistics"]["source"] == "prior:auto"
-    inverted = onnxdfq.quantize_model(path, method="gptq", calib_samples=128, reconstruct_samples=128,
-                                      synth_options={"steps": 50}, **common)
-    stats = inverted.report["statistics"]
-    assert stats["source"] == "synth:invert" and stats["samples"] == 128
-    assert "synth:invert samples" in stats["hint"]
-    hessians = next(p for p in inverted.report["passes"] if p["name"] == "hessians")
-    assert hessians["params"]["source"] == "synth:invert" and hessians["params"]["samples"] == 128
+    learnt = onnxdfq.quantize_model(path, **common, reconstruct=True, reconstruct_steps=100, reconstruct_samples=128,
+                                    synth_options={"steps": 50})
+    stats = learnt.report["statistics"]
+    assert stats["source"] == "prior:auto" and "prior images" in stats["hint"]
+    rec = next(p for p in learnt.report["passes"] if p["name"] == "reconstruct")
+    assert rec["params"]["source"] == "synth:invert" and rec["params"]["samples"] == 128, rec["params"]
+    assert not any("prior images" in w for w in rec["warnings"])
 
     def top1(result):
         return evaluate(result.model, str(cifar_test), mean=CIFAR_MEAN, std=CIFAR_STD, batch_size=500).top1
 
-    base, learnt = top1(prior), top1(inverted)
-    assert learnt >= base + 2.0, f"inverted samples {learnt:.2f} vs prior {base:.2f}"
+    base, after = top1(prior), top1(learnt)
+    assert after >= base + 2.5, f"reconstructed on inverted samples {after:.2f} vs prior without {base:.2f}"
