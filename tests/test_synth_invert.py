@@ -82,6 +82,22 @@ def test_inversion_needs_a_box_and_a_classifier():
         synth.generate(small_classifier(), "invert", 4, steps=2, input_bounds=box, lr=0.0)
 
 
+def test_auto_learns_on_inverted_samples_and_keeps_prior_statistics():
+    """--calib auto on a small folded classifier with --method gptq: statistics and ranges from the prior's images,
+    the Hessians from inverted samples; --calib prior keeps prior images for both."""
+    model = small_classifier()
+    common = dict(method="gptq", bits=4, act_bits=8, preprocess="imagenet", reconstruct_samples=8,
+                  synth_options={"steps": 3})
+    auto = onnxdfq.quantize_model(model, **common)
+    assert auto.report["statistics"]["source"] == "prior:auto"
+    hessians = next(p for p in auto.report["passes"] if p["name"] == "hessians")
+    assert hessians["params"]["source"] == "synth:invert" and hessians["params"]["samples"] == 8
+    assert hessians["params"]["sample_info"]["steps"] == 3 and not hessians["warnings"]
+    prior = onnxdfq.quantize_model(model, **common, calib="prior")
+    hessians = next(p for p in prior.report["passes"] if p["name"] == "hessians")
+    assert hessians["params"]["source"].startswith("prior") and "prior images" in hessians["warnings"][0]
+
+
 @pytest.mark.slow
 def test_folded_resnet20_reconstructs_on_inverted_samples(resnet20, cifar_test, tmp_path):
     """BN-folded ResNet-20 W4A4 on the full test set. --reconstruct under --calib auto keeps the prior's statistics

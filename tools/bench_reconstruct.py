@@ -3,7 +3,8 @@
 
 Every row runs `onnxdfq quantize` as a user does (a fresh process, wall time and peak RSS from /usr/bin/time -v)
 and `onnxdfq eval` on the full test set (CIFAR-10 test, 10 000 images; ImageNet val1300). Sample sources: the
-default (DFFG for a model with BN, prior images for a BN-folded one) and real training images (the oracle row:
+default (DFFG for a model with BN; for a BN-folded one the prior's statistics, and samples from inverting the
+classifier to learn on below 128 px, prior images above) and real training images (the oracle row:
 `--calib data:` with 256 of CIFAR-10's train5000).
 
     python tools/bench_reconstruct.py                      # every row; writes tools/results/reconstruct.md/json
@@ -32,6 +33,7 @@ MODELS = {
     "resnet20": ("cifar10/resnet20.onnx", "cifar10/test.npz", CIFAR),
     "resnet56": ("cifar10/resnet56.onnx", "cifar10/test.npz", CIFAR),
     "resnet20_folded": ("fold:cifar10/resnet20.onnx", "cifar10/test.npz", CIFAR),
+    "resnet56_folded": ("fold:cifar10/resnet56.onnx", "cifar10/test.npz", CIFAR),
     "mobilenet_v1_0.75": ("imagenet/mobilenet_v1_0.75.onnx", "imagenet/val1300", ["--preprocess", "inception"]),
     "efficientnet_lite0": ("imagenet/efficientnet_lite0.onnx", "imagenet/val1300",
                            ["--mean", "0.498,0.498,0.498", "--std", "0.502,0.502,0.502"]),
@@ -61,10 +63,17 @@ ROWS = [
     ("resnet20", "W3A8 squant", ["--method", "squant", "--bits", "3"]),
     ("resnet20", "W3A8 gptq (DFFG)", ["--method", "gptq", "--bits", "3"]),
     ("resnet20_folded", "W4A4 squant", W4A4),
-    ("resnet20_folded", "W4A4 squant + reconstruct (prior)", W4A4 + REC),
+    ("resnet20_folded", "W4A4 squant + reconstruct (prior)", W4A4 + REC + ["--calib", "prior"]),
+    ("resnet20_folded", "W4A4 squant + reconstruct (inverted, default)", W4A4 + REC),
+    ("resnet20_folded", "W4A4 fl8 squant", W4A4 + FL8),
+    ("resnet20_folded", "W4A4 fl8 squant + reconstruct (inverted, default)", W4A4 + FL8 + REC),
+    ("resnet20_folded", "W4A4 gptq (prior)", GPTQ + ["--act-bits", "4", "--calib", "prior"]),
+    ("resnet20_folded", "W4A4 gptq (inverted, default)", GPTQ + ["--act-bits", "4"]),
     ("resnet20_folded", "W4A4 squant + reconstruct (pseudo-BN DFFG)", W4A4 + REC + ["--pseudo-bn"]),
     ("resnet56", "W4A4 fl8 squant", W4A4 + FL8),
     ("resnet56", "W4A4 fl8 squant + reconstruct (DFFG)", W4A4 + FL8 + REC),
+    ("resnet56_folded", "W4A4 squant", W4A4),
+    ("resnet56_folded", "W4A4 squant + reconstruct (inverted, default)", W4A4 + REC),
     ("mobilenet_v1_0.75", "W4A8 squant", W4A8),
     ("mobilenet_v1_0.75", "W4A8 squant + reconstruct (DFFG)", W4A8 + REC),
     ("mobilenet_v1_0.75", "W4A8 gptq (DFFG)", GPTQ),
@@ -136,9 +145,10 @@ def main() -> None:
              "images (CIFAR-10 test; ImageNet val1300), a fresh process per row on this 2-core machine (wall time and "
              "peak RSS of the quantize run, sample generation included). fl8 = `--first-last-bits 8`. Samples: DFFG "
              "(generated from the BN statistics, the default for a model with BN, kept inside the input's box the "
-             "preprocessing gives), prior images (the default without "
-             "BN), 256 real CIFAR-10 training images (the oracle). Reconstruction MSE: block output against FP32, "
-             "summed over blocks, before -> after. gptq: GPTQ rounding through each layer's input Hessian on the "
+             "preprocessing gives), inverted (images the classifier assigns to random classes, `synth:invert`: what a "
+             "BN-folded model under 128 px learns on by default), prior images, 256 real CIFAR-10 training images "
+             "(the oracle). Reconstruction MSE: block output against FP32, summed over blocks, before -> after. gptq: "
+             "GPTQ rounding through each layer's input Hessian on the "
              "same samples (`--method gptq`; the Hessians' seconds in the reconstruct column, marked H).", "",
              "| model | config | top-1 | wall s | peak MB | samples | reconstruct s | MSE before -> after |",
              "|---|---|---:|---:|---:|---|---:|---|"]
