@@ -554,7 +554,7 @@ class ReconstructStage(Pass):
                                    "images with --calib data:PATH.npz")
         if spec.source == "prior":
             report.warnings.append("--reconstruct learnt on prior images: on the BN-folded ResNet-20 W4A4 that "
-                                   "measured worse than no reconstruction (80.18 vs 81.33 %; 86.59 on samples from "
+                                   "measured worse than no reconstruction (80.18 vs 81.33 %; 85.8-86.6 on samples from "
                                    "inverting the classifier, the default under 128 px); check top-1 on real data, or "
                                    "give samples like the real inputs with --calib data:PATH.npz or synth:invert")
         for block in result.blocks:
@@ -829,11 +829,11 @@ def _needs_statistics(config: QuantConfig) -> bool:
 # --calib auto on a model without BN that learns (--reconstruct, --method gptq) below this many pixels a side:
 # statistics and ranges from the prior's images as for every method, and the learning stages' samples from
 # inverting the classifier (synth:invert). BN-folded CIFAR ResNets W4A4, full test sets: --reconstruct ResNet-20
-# 86.59 % (80.18 on prior images, 81.33 without), ResNet-56 88.19 (83.43 without); gptq over two seeds ResNet-20/32/
-# 44/56 82.89/85.20/84.32/85.97 against 82.60/85.31/84.44/83.72 on prior images. Inverted samples as the statistics
-# too helped ResNet-20 and -32 (gptq 86.22, 86.47) and cost ResNet-44 and -56 0.7-0.8, so they stay the prior's. At
-# 224 px inversion costs minutes on a CPU and measured no better than the prior (folded EfficientNet-Lite0 W4A8
-# SQuant 74.54 on 32 inverted images, 74.46 on the prior)
+# 85.8-86.6 % (80.18 on prior images, 81.33 without), ResNet-56 88.2-88.4 (83.43 without); gptq over two seeds
+# ResNet-20/32/44/56 82.89/85.20/84.32/85.97 against 82.60/85.31/84.44/83.72 on prior images (noise but for
+# ResNet-56). Inverted samples as the statistics too helped ResNet-20 and -32 (gptq 86.22, 86.47) and cost
+# ResNet-44 and -56 0.7-0.8, so they stay the prior's. At 224 px inversion costs minutes on a CPU and measured no
+# better than the prior (folded EfficientNet-Lite0 W4A8 SQuant 74.54 on 32 inverted images, 74.46 on the prior)
 INVERSION_MAX_INPUT = 128
 
 

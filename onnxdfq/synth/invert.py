@@ -49,6 +49,9 @@ class InversionGenerator(Generator):
         Largest random shift per step, as a fraction of the image size (at least one pixel).
     flip : bool
         Flip the batch horizontally on every other step on average.
+    keep : int
+        Iterates kept per run, at evenly spaced steps, the last first: ``keep`` times the samples for one run's cost
+        (earlier iterates are less confident images of the same class).
     """
 
     default_steps = 100
@@ -56,12 +59,12 @@ class InversionGenerator(Generator):
     needs_pixel_box = True
 
     def __init__(self, graph: TorchGraph, targets: Sequence[BNTarget], *, lr: float = 0.05, tv_weight: float = 0.01,
-                 jitter: float = 1 / 16, flip: bool = True) -> None:
+                 jitter: float = 1 / 16, flip: bool = True, keep: int = 1) -> None:
         super().__init__(graph, targets)
-        if lr <= 0 or tv_weight < 0 or not 0 <= jitter < 1:
-            raise SynthOptionError(f"invert needs lr > 0, tv_weight >= 0 and 0 <= jitter < 1, got lr={lr}, "
-                                   f"tv_weight={tv_weight}, jitter={jitter}")
-        self.lr, self.tv_weight, self.jitter, self.flip = lr, tv_weight, jitter, flip
+        if lr <= 0 or tv_weight < 0 or not 0 <= jitter < 1 or keep < 1:
+            raise SynthOptionError(f"invert needs lr > 0, tv_weight >= 0, 0 <= jitter < 1 and keep >= 1, got lr={lr}, "
+                                   f"tv_weight={tv_weight}, jitter={jitter}, keep={keep}")
+        self.lr, self.tv_weight, self.jitter, self.flip, self.keep = lr, tv_weight, jitter, flip, keep
         self.rng: torch.Generator | None = None
         self.classes = 0
 
@@ -88,6 +91,13 @@ class InversionGenerator(Generator):
         low, high = self.bounds  # type: ignore[misc]
         return low + (high - low) * pixels
 
+    def _kept_steps(self, steps: int) -> list[int]:
+        """Step counts after which the iterate is kept, last first."""
+        return sorted({max(round(steps * (self.keep - i) / self.keep), 1) for i in range(self.keep)}, reverse=True)
+
+    def samples_per_run(self, batch_size: int, steps: int) -> int:
+        return batch_size * len(self._kept_steps(steps))
+
     def run(self, x0: torch.Tensor, steps: int, on_step: StepFn) -> list[torch.Tensor]:
         low, high = self.bounds  # type: ignore[misc]
         span = high - low
@@ -98,7 +108,8 @@ class InversionGenerator(Generator):
         height, width = x0.shape[2:]
         shift = max(1, round(self.jitter * min(height, width))) if self.jitter else 0
         chunk = self.chunk or len(x0)
-        for _ in range(steps):
+        kept_steps, kept = set(self._kept_steps(steps)), {}
+        for step in range(1, steps + 1):
             dy, dx = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=self.rng))
             flip = self.flip and bool(torch.rand((), generator=self.rng) < 0.5)
             optimizer.zero_grad(set_to_none=True)
@@ -119,5 +130,7 @@ class InversionGenerator(Generator):
                 total = total + cross_entropy.detach()
             on_step(total / len(z))
             optimizer.step()
-        with torch.no_grad():
-            return [low + span * torch.sigmoid(z)]
+            if step in kept_steps:
+                with torch.no_grad():
+                    kept[step] = low + span * torch.sigmoid(z)
+        return [kept[step] for step in sorted(kept, reverse=True)]
