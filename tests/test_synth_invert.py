@@ -72,6 +72,18 @@ def test_inversion_gradient_in_chunks_is_the_batch_gradient():
     np.testing.assert_allclose(chunked, whole, atol=2e-4)
 
 
+def test_inversion_keeps_earlier_iterates_of_the_same_run():
+    """keep=2 over 6 steps: the 6-step images first, then the same run's 3-step images (the same seed walks the same
+    path), for one run's cost."""
+    model, box = small_classifier(), pixel_box(CIFAR_MEAN, CIFAR_STD)
+    both = synth.generate(model, "invert", 16, batch_size=8, steps=6, input_bounds=box, keep=2)
+    late = synth.generate(model, "invert", 8, batch_size=8, steps=6, input_bounds=box)
+    early = synth.generate(model, "invert", 8, batch_size=8, steps=3, input_bounds=box)
+    np.testing.assert_array_equal(both[:8], late)
+    np.testing.assert_array_equal(both[8:], early)
+    assert not np.array_equal(late, early)
+
+
 def test_inversion_needs_a_box_and_a_classifier():
     box = pixel_box(CIFAR_MEAN, CIFAR_STD)
     with pytest.raises(SynthOptionError, match="input_bounds"):
