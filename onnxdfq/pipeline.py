@@ -305,7 +305,6 @@ class BitAllocationStage(Pass):
 def sensitivity_samples(ws: Workspace, config: QuantConfig, template: Any, progress: Any = None
                         ) -> tuple[np.ndarray, str]:
     """The samples sensitivities are measured on (the run's own samples, else prior images) and their label."""
-
     from onnxdfq.eval.calibrate import calibration_samples, input_shape
 
     shape = input_shape(template, ws.calib.size)
@@ -333,7 +332,6 @@ class ActWidthAllocationStage(Pass):
         self.config, self.template, self.progress = config, template, progress
 
     def call(self, ws: Workspace) -> PassReport:
-
         from onnxdfq.eval.sensitivity import OutputSensitivity, per_sample_elements
         from onnxdfq.passes.act_allocation import ActWidthAllocationPass
 
@@ -481,7 +479,6 @@ class ReconstructStage(Pass):
         self.config, self.template, self.progress = config, template, progress
 
     def call(self, ws: Workspace) -> PassReport:
-
         from onnxdfq.eval.calibrate import calibration_samples, input_shape
         from onnxdfq.quant.scheme import QuantScheme
         from onnxdfq.synth import reconstruct as rec
@@ -575,7 +572,6 @@ def reconstruction_calib(config: QuantConfig, calib: Any, input_shape: tuple[int
     """The samples reconstruction learns on: the run's own samples (data, synth, prior), DFFG for a model whose
     statistics came from BN (its generator matches the BN statistics, no data), and with ``invert`` samples from
     inverting the classifier instead of the prior's images (see _inversion_by_default)."""
-
     from onnxdfq.config import DEFAULT_RECONSTRUCT_SAMPLES
 
     count = config.reconstruct_samples or DEFAULT_RECONSTRUCT_SAMPLES
