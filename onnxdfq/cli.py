@@ -783,21 +783,18 @@ def synth(model: Path, method: str, samples: int, output: Path, device: str, see
     try:
         from onnxdfq import synth as synth_pkg
 
-        synth_pkg.get_generator(method)
+        generator = synth_pkg.get_generator(method)
     except ImportError as exc:
         raise OptionError(f"onnxdfq synth needs torch: pip install -e \".[synth]\" torch==2.13.0 ({exc})") from None
     extra = _generator_options(options)
-    from onnxdfq.eval.calibrate import model_preprocessing
-    from onnxdfq.preprocessing import pixel_box
+    from onnxdfq.eval.calibrate import ASSUMED_IMAGENET, IMAGENET_MEAN, IMAGENET_STD, model_preprocessing
+    from onnxdfq.preprocessing import Preprocessing, pixel_box
 
     given = resolve_preprocessing(_floats(mean, "--mean"), _floats(std, "--std"), preset=preprocess,
                                   input_range=_floats(input_range, "--input-range"),
                                   channels=synth_pkg.input_sample_shape(proto)[0]) or model_preprocessing(proto)
-    generator = synth_pkg.get_generator(method)
     if given is None and generator.needs_pixel_box:
-        from onnxdfq.preprocessing import PRESETS, Preprocessing
-
-        given = Preprocessing(*PRESETS["imagenet"], "assumed: ImageNet mean/std (give --mean/--std)")
+        given = Preprocessing(IMAGENET_MEAN, IMAGENET_STD, ASSUMED_IMAGENET)
     bounds = pixel_box(given.mean, given.std) if given is not None else None
     start = time.perf_counter()
     x = synth_pkg.generate(proto, method, samples, batch_size=batch_size, seed=seed, device=device, steps=steps,

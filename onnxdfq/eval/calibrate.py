@@ -84,6 +84,7 @@ def load_samples(path: str | Path, shape: tuple[int, ...], *, limit: int | None 
 
 # ImageNet's preprocessing: what most image classifiers expect, assumed (with a warning) when nothing is known
 IMAGENET_MEAN, IMAGENET_STD = PRESETS["imagenet"]
+ASSUMED_IMAGENET = "assumed: ImageNet mean/std (give --mean/--std)"
 
 
 def model_preprocessing(model: Any) -> Preprocessing | None:
@@ -100,7 +101,7 @@ def prior_input_space(model: Any, spec: CalibSpec, input_range: tuple[float, flo
     stored = model_preprocessing(model)
     if stored is not None:
         return InputSpace(stored.mean, stored.std, "model metadata")
-    return InputSpace(IMAGENET_MEAN, IMAGENET_STD, "assumed: ImageNet mean/std (give --mean/--std)")
+    return InputSpace(IMAGENET_MEAN, IMAGENET_STD, ASSUMED_IMAGENET)
 
 
 def prior_samples(model: Any, spec: CalibSpec, input_range: tuple[float, float] | None) -> tuple[np.ndarray, dict]:
