@@ -163,19 +163,19 @@ def test_reconstruct_without_torch_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_resnet20_w4a4_rises_with_reconstruction(resnet20, cifar_test):
-    """ResNet-20 W4A4 with 8-bit first and last layers, DFFG samples (no data): at least 89.0 % on the 10 000 test
-    images, half a point above the same grids without reconstruction (measured 89.27 vs 88.30 at 300 steps a
-    block, 65 s; the default 500 gives 89.24 in 100 s, 200 gives 88.65-88.84; on the first 1000 images the gap
-    is 0.4, too few images to tell, and scoring all of them takes 2 s)."""
+    """ResNet-20 W4A4 on DFFG samples (no data), all 10 000 test images: a point above the same grids without
+    reconstruction at a tenth of the default work (128 samples, 100 steps a block; measured 86.39 and 86.76 over
+    two seeds against 84.76, 42 s). The defaults (256 samples, 500 steps) give 87.51, and 89.24 with 8-bit
+    first and last layers (BENCHMARKS); on the first 1000 images the gaps are too small to tell."""
     from onnxdfq.eval.runner import evaluate
 
-    common = dict(method="squant", bits=4, act_bits=4, first_last_bits=8, mean=CIFAR_MEAN, std=CIFAR_STD,
-                  check=False)
+    common = dict(method="squant", bits=4, act_bits=4, mean=CIFAR_MEAN, std=CIFAR_STD, check=False)
     plain = onnxdfq.quantize_model(resnet20, **common)
-    learnt = onnxdfq.quantize_model(resnet20, **common, reconstruct=True, reconstruct_steps=300)
+    learnt = onnxdfq.quantize_model(resnet20, **common, reconstruct=True, reconstruct_steps=100,
+                                    reconstruct_samples=128)
     top_plain = evaluate(plain.model, cifar_test, mean=CIFAR_MEAN, std=CIFAR_STD).top1
     top_learnt = evaluate(learnt.model, cifar_test, mean=CIFAR_MEAN, std=CIFAR_STD).top1
-    assert top_learnt >= 89.0 and top_learnt >= top_plain + 0.5, (top_plain, top_learnt)
+    assert top_learnt >= top_plain + 1.0, (top_plain, top_learnt)
 
 
 def test_pseudo_bn_model_is_the_same_function_and_carries_the_statistics(tmp_path):
