@@ -131,6 +131,7 @@ def test_resnet20_w3a8_gptq_beats_squant(resnet20, cifar_test, cifar_train, tmp_
     rows = next(p for p in gptq_result.report["passes"] if p["name"] == "weight_quant")["layers"]
     ratios = [row["output_error_vs_nearest"] for row in rows.values()]
     assert len(ratios) == 20 and np.median(ratios) < 0.5  # each layer's error on the samples, against nearest's
+    assert {row["weight_range"] for row in rows.values()} == {"absmax"}  # only 4-bit GPTQ layers clip their range
     onnx.checker.check_model(gptq_result.model)
 
 

@@ -15,7 +15,7 @@ from onnxdfq.graph.io import prepare_model
 from onnxdfq.passes.base import Workspace
 from onnxdfq.passes.fold_bn import FoldBatchNormPass
 from onnxdfq.quant.fake import dequantize, quantize
-from onnxdfq.quant.qparams import activation_qparams, weight_scale
+from onnxdfq.quant.qparams import activation_qparams, mse_weight_absmax, weight_scale
 from onnxdfq.quant.scheme import QuantScheme, parse_act_bits, parse_bits
 
 
@@ -113,3 +113,29 @@ def test_mobilenet_layer_view(mobilenet):
     assert sum(layer.is_depthwise for layer in layers) == 13
     head = layers[-1]
     assert head.op_type == "Conv" and head.weight.shape[2:] == (1, 1) and head.bias is not None
+
+
+def _grid_error(w2d: np.ndarray, absmax: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    scale = np.where(absmax > 0, absmax / scheme.qmax, 1.0)[:, None]
+    return ((np.clip(np.rint(w2d / scale), scheme.qmin, scheme.qmax) * scale - w2d) ** 2).sum(axis=1)
+
+
+def test_mse_weight_range_is_the_best_candidate_per_channel():
+    """The clipped range equals a channel-by-channel search over the same candidates (a plain loop here), clips
+    heavy-tailed channels and leaves uniform ones near max |w|; a dead channel stays at 0."""
+    rng = np.random.default_rng(0)
+    w = np.concatenate([rng.laplace(size=(6, 8, 3, 3)), rng.uniform(-1, 1, size=(6, 8, 3, 3)),
+                        np.zeros((1, 8, 3, 3))])
+    scheme = QuantScheme(4, signed=True, symmetric=True)
+    ratios = np.linspace(0.5, 1.0, 26)
+    got = mse_weight_absmax(w, scheme)
+    flat = w.reshape(len(w), -1)
+    absmax = np.abs(flat).max(axis=1)
+    for c in range(len(w)):
+        errors = [_grid_error(flat[c:c + 1], np.array([r * absmax[c]]), scheme)[0] for r in ratios]
+        assert got[c] == pytest.approx(ratios[int(np.argmin(errors))] * absmax[c])
+    ratio = got[:12] / absmax[:12]
+    assert ratio[:6].mean() < 0.95 and ratio[:6].mean() < ratio[6:].mean() and got[12] == 0, ratio
+    assert np.all(_grid_error(flat, got, scheme) <= _grid_error(flat, absmax, scheme))
+    per_tensor = mse_weight_absmax(w, QuantScheme(4, signed=True, symmetric=True, per_channel=False))
+    assert per_tensor.shape == (1,) and 0.5 * np.abs(w).max() <= per_tensor[0] <= np.abs(w).max()
