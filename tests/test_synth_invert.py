@@ -108,9 +108,13 @@ def test_auto_learns_on_inverted_samples_and_keeps_prior_statistics():
     prior = onnxdfq.quantize_model(model, **common, calib="prior")
     hessians = next(p for p in prior.report["passes"] if p["name"] == "hessians")
     assert hessians["params"]["source"].startswith("prior") and "prior images" in hessians["warnings"][0]
-    # 4-bit GPTQ layers take the MSE-clipped weight range, its grid no coarser than max |w| gives
+    # 4-bit GPTQ layers under 8-bit activations take the MSE-clipped weight range (under 4-bit ones max |w|), its
+    # grid no coarser than max |w| gives
     rows = next(p for p in auto.report["passes"] if p["name"] == "weight_quant")["layers"]
     assert rows and {row["weight_range"] for row in rows.values()} == {"mse"}
+    a4 = onnxdfq.quantize_model(model, **{**common, "act_bits": 4})
+    assert {row["weight_range"] for row in next(p for p in a4.report["passes"]
+                                                if p["name"] == "weight_quant")["layers"].values()} == {"absmax"}
     plain = onnxdfq.quantize_model(model, **{**common, "method": "squant"})
     plain_rows = next(p for p in plain.report["passes"] if p["name"] == "weight_quant")["layers"]
     assert {row["weight_range"] for row in plain_rows.values()} == {"absmax"}

@@ -19,12 +19,13 @@ __all__ = ["Rounder", "nearest_round", "get_rounder", "WeightQuantPass"]
 
 logger = logging.getLogger(__name__)
 
-# GPTQ's 4-bit layers take the MSE-optimal clipped weight range instead of max |w|: the error GPTQ spreads over the
-# remaining columns is smaller on the finer grid. gptq W4, no data: MobileNet-V1 W4A8 69.15 / 69.08 -> 70.46 /
-# 70.62 % (seeds 0, 1), EfficientNet-Lite0 W4A8 75.46 -> 75.77 (BN folded: 74.23 -> 76.31), ResNet-20 / -56 W4A4
-# 85.79 / 79.97 -> 86.28 / 80.48; worse only on the BN-folded MobileNet-V1 W4A8 (65.15 -> 64.23). At 3 bits it
-# cost ResNet-20 W3A8 on real samples 0.45 (90.58 -> 90.13), and SQuant's rounding loses with it (MobileNet-V1
-# W4A8 67.31 -> 63.92), so other widths and rounders keep max |w|.
+# GPTQ's 4-bit layers under 8-bit (or float) activations take the MSE-optimal clipped weight range instead of
+# max |w|: the error GPTQ spreads over the remaining columns is smaller on the finer grid. gptq, no data:
+# MobileNet-V1 W4A8 69.15 / 69.08 -> 70.46 / 70.62 % (seeds 0, 1), EfficientNet-Lite0 W4A8 75.46 -> 75.77 (BN
+# folded: 74.23 -> 76.31); worse on the BN-folded MobileNet-V1 W4A8 (65.15 -> 64.23). Under 4-bit activations it
+# was mixed (ResNet-20 / -56 W4A4 +0.5, MobileNet-V1 W4A4 40.92 -> 38.69), at 3 bits it cost ResNet-20 W3A8 on
+# real samples 0.45 (90.58 -> 90.13), and SQuant's rounding loses with it (MobileNet-V1 W4A8 67.31 -> 63.92), so
+# those keep max |w|.
 GPTQ_CLIP_BITS = 4
 
 # rounder(w_fp [O, ...] float, scale [O] or [1], qmin, qmax) -> signed integer array of w_fp's shape
@@ -109,7 +110,8 @@ class WeightQuantPass(Pass):
             scheme = QuantScheme(bits, signed=True, symmetric=True, per_channel=self.per_channel, axis=0)
             # popped: each [D, D] is freed once its layer is rounded (ResNet-50's 3x3 convs hold 85 MB each)
             hessian, rows = ws.hessians.pop(layer.name, (None, 0)) if self.method == "gptq" else (None, 0)
-            clipped = hessian is not None and bits == GPTQ_CLIP_BITS
+            clipped = (hessian is not None and bits == GPTQ_CLIP_BITS
+                       and (self.act_bits is None or self.act_bits >= 8))
             with warnings.catch_warnings(record=True) as caught:  # all-zero channels: say which layer
                 warnings.simplefilter("always", RuntimeWarning)
                 scale = weight_scale(layer.weight, scheme, mse_weight_absmax(layer.weight, scheme) if clipped else None)
