@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxdfq.quant.fake import fake_quant
 from onnxdfq.quant.scheme import QuantScheme
 
 __all__ = ["TINY_SCALE", "weight_scale", "activation_qparams", "channel_absmax", "ActQParams", "activation_grid",
@@ -51,13 +52,13 @@ def mse_weight_absmax(w: np.ndarray, scheme: QuantScheme, ratios: np.ndarray | N
     squared error under nearest rounding, alpha searched over ``ratios`` (default 0.50 to 1.00 in steps of 0.02):
     the search GPTQ's reference quantizer offers (its ``mse`` option). Shape as `channel_absmax`."""
     ratios = np.linspace(0.5, 1.0, 26) if ratios is None else np.asarray(ratios, np.float64)
-    moved = np.moveaxis(np.asarray(w, np.float64), scheme.axis, 0) if scheme.per_channel else np.asarray(w, np.float64)
-    flat = moved.reshape(moved.shape[0], -1) if scheme.per_channel else moved.reshape(1, -1)
-    absmax = np.abs(flat).max(axis=1)
+    w = np.asarray(w, np.float64)
+    flat = np.moveaxis(w, scheme.axis, 0).reshape(w.shape[scheme.axis], -1) if scheme.per_channel else w.reshape(1, -1)
+    absmax = channel_absmax(flat)
     best, best_error = absmax.copy(), np.full(absmax.shape, np.inf)
     for ratio in ratios:  # a few candidates, each vectorised over every weight
-        scale = np.where(absmax > 0, ratio * absmax / scheme.qmax, 1.0)[:, None]
-        error = ((np.clip(np.rint(flat / scale), scheme.qmin, scheme.qmax) * scale - flat) ** 2).sum(axis=1)
+        scale = np.where(absmax > 0, ratio * absmax / scheme.qmax, 1.0)
+        error = ((fake_quant(flat, scale, scheme.qmin, scheme.qmax) - flat) ** 2).sum(axis=1)
         better = error < best_error
         best_error = np.where(better, error, best_error)
         best = np.where(better, ratio * absmax, best)
