@@ -79,11 +79,16 @@ ROWS = [
     ("mobilenet_v1_0.75", "W4A8 gptq (DFFG)", GPTQ),
     ("mobilenet_v1_0.75", "W4A4 squant", W4A4),
     ("mobilenet_v1_0.75", "W4A4 gptq (DFFG)", GPTQ + ["--act-bits", "4"]),
+    ("mobilenet_v1_0.75", "W4A4 squant + reconstruct (DFFG)", W4A4 + REC),
+    ("mobilenet_v1_0.75", "W4A4 fl8 squant", W4A4 + FL8),
+    ("mobilenet_v1_0.75", "W4A4 fl8 squant + reconstruct (DFFG)", W4A4 + FL8 + REC),
     ("mobilenet_v1_0.75", "dfmpc 4/8", ["--method", "dfmpc", "--bits", "4/8"]),
     ("mobilenet_v1_0.75", "dfmpc 4/8 + reconstruct (DFFG)", ["--method", "dfmpc", "--bits", "4/8"] + REC),
     ("efficientnet_lite0", "W4A8 squant", W4A8),
     ("efficientnet_lite0", "W4A8 squant + reconstruct (DFFG)", W4A8 + REC),
     ("efficientnet_lite0", "W4A8 gptq (DFFG)", GPTQ),
+    ("efficientnet_lite0", "W4A4 squant", W4A4),
+    ("efficientnet_lite0", "W4A4 squant + reconstruct (DFFG)", W4A4 + REC),
 ]
 
 
