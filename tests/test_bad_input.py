@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import pickle
 import signal
@@ -158,6 +159,14 @@ def test_low_fidelity_advice_names_only_what_was_not_tried():
     assert "--bits 7/8" in fidelity_advice(make_config("dfmpc", "6/8", None, "channel"), {})
     assert fidelity_advice(make_config("dfmpc", "7/8", None, "channel"), {}) == "try --method squant --bits 8"
     assert fidelity_advice(make_config("squant", 8, 8, "channel"), {}) == "try --method dfq"
+    # under 4-bit activations: the literature's 8-bit ends and reconstruction, unless this run already had them
+    w4a4 = fidelity_advice(make_config("squant", 4, 4, "channel"), {})
+    assert "--first-last-bits 8" in w4a4
+    assert ("--reconstruct" in w4a4) == (importlib.util.find_spec("torch") is not None)
+    done = fidelity_advice(make_config("squant", 4, 4, "channel", first_last_bits=8, reconstruct=True), {})
+    assert "--first-last-bits" not in done and "--reconstruct" not in done and "more bits" in done
+    w4a8 = fidelity_advice(make_config("squant", 4, 8, "channel"), {})  # measured: little or a loss there
+    assert "--first-last-bits" not in w4a8 and "--reconstruct" not in w4a8
 
 
 def test_an_output_the_probe_does_not_exercise_is_named_not_judged(tmp_path: Path):
