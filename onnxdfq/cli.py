@@ -912,9 +912,9 @@ GPTQ_DEMO_JOB = ("gptq", "4", "8", "channel")  # learns on DFFG samples: with th
 
 def demo_jobs() -> list[tuple[str, str, str, str]]:
     """The demo's runs: every method, gptq where torch is installed to generate its samples."""
-    import importlib.util
+    from onnxdfq.config import torch_available
 
-    return DEMO_JOBS + ([GPTQ_DEMO_JOB] if importlib.util.find_spec("torch") is not None else [])
+    return DEMO_JOBS + ([GPTQ_DEMO_JOB] if torch_available() else [])
 
 
 @main.command()

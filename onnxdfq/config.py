@@ -11,6 +11,7 @@ it imports none of them.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -392,6 +393,11 @@ def make_config(method: str = DEFAULT_METHOD, bits: int | str = 8, act_bits: int
                        preprocessing=preprocessing, **direct)
 
 
+def torch_available() -> bool:
+    """Whether the synth extra's PyTorch can be imported (found, not imported: importing it takes seconds)."""
+    return importlib.util.find_spec("torch") is not None
+
+
 def _check_reconstruct(direct: dict[str, Any], high: int | None) -> None:
     """--reconstruct and --first-last-bits: values in range, and the synth extra (torch) at hand."""
     first_last = direct.get("first_last_bits")
@@ -405,9 +411,7 @@ def _check_reconstruct(direct: dict[str, Any], high: int | None) -> None:
         if direct.get(key) is not None and int(direct[key]) < least:
             raise OptionError(f"--{key.replace('_', '-')} must be >= {least}, got {direct[key]}")
     if direct.get("reconstruct"):
-        import importlib.util
-
-        if importlib.util.find_spec("torch") is None:
+        if not torch_available():
             raise OptionError("--reconstruct runs on PyTorch, which is not installed: pip install "
                               "'onnxdfq[synth]' torch==2.13.0 (the pin takes the CPU build)")
 

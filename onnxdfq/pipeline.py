@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ from onnxdfq.config import (
     CalibSpec,
     QuantConfig,
     make_config,
+    torch_available,
 )
 from onnxdfq.errors import FidelityError, OptionError, UnsupportedModelError
 from onnxdfq.graph import io as graph_io
@@ -763,7 +763,7 @@ def fidelity_advice(config: QuantConfig, report: dict[str, Any]) -> str:
     if config.high_bits is None and config.act_bits is not None and config.act_bits <= 4:
         if config.first_last_bits is None:
             tries.append("--first-last-bits 8")
-        if not config.reconstruct and importlib.util.find_spec("torch") is not None:
+        if not config.reconstruct and torch_available():
             tries.append("--reconstruct")
     statistics = report.get("statistics", {})
     if config.method == "dfmpc" and statistics.get("source", "").startswith("prior") \
@@ -848,8 +848,6 @@ def _inversion_by_default(config: QuantConfig, calib: CalibSpec, template: Any) 
     """Whether a run whose --calib auto resolved to the prior (no BN) learns (GPTQ's Hessians, --reconstruct) on
     synth:invert samples: the images are small, the model is a classifier the torch executor runs, and torch is
     installed."""
-    import importlib.util
-
     from onnxdfq.eval.calibrate import input_shape
 
     learns = config.reconstruct or config.rounder == "gptq"
@@ -860,7 +858,7 @@ def _inversion_by_default(config: QuantConfig, calib: CalibSpec, template: Any) 
     except UnsupportedModelError:
         return False
     small = len(shape) == 3 and min(shape[1:]) < INVERSION_MAX_INPUT
-    return small and _classifier_output(template) and importlib.util.find_spec("torch") is not None
+    return small and _classifier_output(template) and torch_available()
 
 
 def _classifier_output(model: Any) -> bool:
