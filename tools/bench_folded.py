@@ -10,6 +10,7 @@ in the same run as the BN-kept one.
 
     python tools/bench_folded.py                 # writes tools/results/folded.md and folded.json
     python tools/bench_folded.py --limit 1000    # a quick look
+    python tools/bench_folded.py --only efficientnet_lite0 --update   # re-run one model, keep the other rows
 
 A second table, ``--study``, compares prior generators by the per-layer statistics they give
 (distance to the true BN statistics of the BN-kept file) and by DF-MPC 2/6 top-1 on 2000 images.
@@ -83,8 +84,13 @@ def bench(args) -> None:
     before_path = out / f"{args.before}.json"
     before = {_key(r): r for r in json.loads(before_path.read_text())["rows"]} if before_path.exists() else {}
     rows = []
+    previous = {}
+    if args.update and (out / f"{args.out}.json").exists():  # the rows not re-run stay as they were
+        previous = {_key(r): r for r in json.loads((out / f"{args.out}.json").read_text())["rows"]}
     for model, method, bits, act, gran in ROWS:
         if args.only and model not in args.only:
+            if (model, method, bits, act, gran) in previous:
+                rows.append(previous[(model, method, bits, act, gran)])
             continue
         rel, spec = MODELS[model]
         folded = work / f"{model}_folded.onnx"
@@ -261,6 +267,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--only", nargs="*", default=None, help="models to run (default: all)")
+    parser.add_argument("--update", action="store_true", help="with --only: keep the other models' rows of the "
+                                                               "results file instead of dropping them")
     parser.add_argument("--out", default="folded", help="results file stem in tools/results (default folded)")
     parser.add_argument("--before", default="folded_before", help="results stem whose folded top-1 is 'before'")
     parser.add_argument("--study", nargs="?", const="resnet56", choices=["resnet56", "mobilenet"],

@@ -11,7 +11,7 @@ from onnxdfq.graph.layers import Layer, activation_after, const_value, single_co
 
 __all__ = ["tensors_without_bn_downstream", "tensors_after_layers", "FIRST_OPS", "SECOND_OPS",
            "EqualizePair", "find_pairs", "JOIN_OPS", "OUTPUT_PASSTHROUGH_OPS", "activation_tensors",
-           "output_bound_tensors", "unhandled_ops", "HANDLED_OPS"]
+           "output_bound_tensors", "unhandled_ops", "HANDLED_OPS", "linear_streams"]
 
 JOIN_OPS = ("Add",)
 # ops the pipeline understands: layers it quantizes, activations it models, and data movement it
@@ -144,6 +144,34 @@ def tensors_after_layers(graph: gs.Graph, layer_nodes: set[str]) -> set[str]:
     for node in graph.nodes:  # imported graphs are in topological order
         if node.name in layer_nodes or any(t.name in found for t in node.inputs):
             found.update(t.name for t in node.outputs)
+    return found
+
+
+# ops a linear stream passes through unchanged in its per-channel mean's meaning (sums of streams, reshapes)
+STREAM_OPS = ("Add", "Identity", "Reshape", "Flatten")
+
+
+def linear_streams(graph: gs.Graph, layers: list[Layer]) -> dict[str, set[str]]:
+    """Tensors computed from the outputs of activation-free layers by sums and reshapes alone, each with the
+    layers it comes from: the linear bottlenecks and residual streams of inverted-residual networks.
+
+    A BN-folded layer's output mean there is its BatchNorm's beta, which training barely moves when every
+    consumer is another normalised layer, so statistics measured on prior images mostly carry the prior's
+    own offset on these tensors (see ``squant_mean_flips``).
+    """
+    by_node = {id(layer.node): layer for layer in layers if layer.act.kind == "none"}
+    found: dict[str, set[str]] = {}
+    for node in graph.nodes:  # imported graphs are in topological order
+        layer = by_node.get(id(node))
+        if layer is not None:
+            found[layer.output_name] = {layer.name}
+            continue
+        if node.op not in STREAM_OPS or not node.outputs:
+            continue
+        data = [t for t in node.inputs[:1 if node.op in ("Reshape",) else None]
+                if t.name and not isinstance(t, gs.Constant)]
+        if data and all(t.name in found for t in data):
+            found[node.outputs[0].name] = set().union(*(found[t.name] for t in data))
     return found
 
 

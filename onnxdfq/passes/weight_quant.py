@@ -9,8 +9,11 @@ from collections.abc import Callable
 import numpy as np
 
 from onnxdfq.graph import layers as graph_layers
+from onnxdfq.graph.patterns import linear_streams
 from onnxdfq.passes.base import LayerRow, Pass, PassReport, WeightQuant, Workspace
 from onnxdfq.passes.gptq import gptq_round, output_error
+from onnxdfq.passes.squant import squant_mean_flips
+from onnxdfq.passes.statistics import tensor_statistics
 from onnxdfq.quant.fake import quantize, sqnr_db
 from onnxdfq.quant.qparams import TINY_SCALE, mse_weight_absmax, weight_scale
 from onnxdfq.quant.scheme import BitWidthMap, QuantScheme
@@ -103,6 +106,7 @@ class WeightQuantPass(Pass):
         if ws.reduced_range:
             bitmap = bitmap.with_names(dict.fromkeys(ws.reduced_range, 7))
         zero_channels: dict[str, int] = {}
+        stream_means = self._stream_means(ws, layers) if self.method == "squant" else {}
         for layer in layers:
             if layer.name in ws.weight_quant:
                 continue
@@ -121,12 +125,17 @@ class WeightQuantPass(Pass):
                 w_int = gptq_round(layer.weight, scale, scheme.qmin, scheme.qmax, hessian, rows)
             else:
                 w_int = self.rounder(layer.weight, scale, scheme.qmin, scheme.qmax)
+                if layer.name in stream_means:
+                    w_int = squant_mean_flips(layer.weight, scale, w_int, stream_means[layer.name], scheme.qmin,
+                                              scheme.qmax)
             quant = WeightQuant(bits, scale, w_int, self.per_channel, self.method)
             ws.weight_quant[layer.name] = quant
             dequantized = quant.dequantized()
             row = {"bits": bits, "scale_min": float(scale.min()), "scale_max": float(scale.max()),
                    "weight_range": "mse" if clipped else "absmax",
                    "weight_sqnr_db": round(sqnr_db(layer.weight, dequantized), 3)}
+            if layer.name in stream_means:
+                row["mean_weighted_flips"] = True
             if hessian is not None:  # the layer's output error on the samples, against nearest rounding's
                 nearest = WeightQuant(bits, scale, nearest_round(layer.weight, scale, scheme.qmin, scheme.qmax),
                                       self.per_channel, "nearest").dequantized()
@@ -138,7 +147,31 @@ class WeightQuantPass(Pass):
             report.warnings.append(f"{sum(zero_channels.values())} all-zero weight channel(s) in {len(zero_channels)} "
                                    "layer(s), stored as zeros: " + ", ".join(f"{k} ({v})" for k, v in
                                                                             zero_channels.items()))
+        if stream_means:
+            report.params["mean_weighted_flips"] = len(stream_means)
         if self.method == "gptq":
             ws.hessians = {}  # layers this pass did not round (DF-MPC's) leave theirs too
         report.modified = bool(report.rows)
         return report
+
+    @staticmethod
+    def _stream_means(ws: Workspace, layers: list[graph_layers.Layer]) -> dict[str, np.ndarray]:
+        """Input means of the layers (groups of one) that read a linear stream whose statistics the prior
+        images measured: SQuant balances their mean-weighted error too (``squant_mean_flips``).
+
+        BN-folded EfficientNet-Lite0, squant W4A8 on val1300: 74.46 -> 75.77 % (every 1x1 layer instead: 75.38,
+        and BN-folded MobileNet-V1, which has no such streams, 60.54 -> 59.08; BN statistics need none of it).
+        """
+        streams = linear_streams(ws.graph, layers)
+        stats = tensor_statistics(ws)
+        found = {}
+        for layer in layers:
+            sources = streams.get(layer.input_name)
+            if layer.group != 1 or not sources or layer.input_name not in stats:
+                continue
+            if not all(name in ws.channel_stats and ws.channel_stats[name].source == "prior" for name in sources):
+                continue
+            mean = stats[layer.input_name].moments()[0]
+            if mean.size == layer.weight.shape[1] and np.all(np.isfinite(mean)):
+                found[layer.name] = mean
+        return found
