@@ -269,11 +269,12 @@ LITE0_MEAN, LITE0_STD = [0.498] * 3, [0.502] * 3
 @pytest.mark.slow
 @pytest.mark.parametrize("method,bits,granularity,floor", [("default", 8, "channel", 81.3),
                                                            ("dfq", 8, "tensor", 79.5),
-                                                           ("squant", 4, "channel", 74.0)])
+                                                           ("squant", 4, "channel", 75.0)])
 def test_folded_efficientnet_lite0_data_free(val1300, tmp_path, method, bits, granularity, floor):
     """EfficientNet-Lite0 as users export it (BN folded): statistics from the pink / dead-leaves ensemble, ranges
     from them. Measured on val1300: default (squant) W8A8 82.00, dfq per-tensor 80.08, squant W4A8 74.62 (BN kept:
-    81.85, 82.00, 76.69; before the ensemble and statistics ranges: 80.38, 73.31, 72.69)."""
+    81.85, 82.00, 76.69; before the ensemble and statistics ranges: 80.38, 73.31, 72.69). SQuant's mean-weighted
+    flips on the linear streams took W4A8 through the CLI from 74.46 to 75.77 (the floor fails without them)."""
     from conftest import asset
 
     path = tmp_path / "lite0_folded.onnx"
