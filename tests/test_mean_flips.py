@@ -1,4 +1,4 @@
-"""SQuant's mean-weighted channel flips on linear streams of BN-free models (squant_mean_flips)."""
+"""SQuant's mean-weighted flips where a BN-free model's input means come from prior images (squant_mean_flips)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from onnxdfq.graph import layers as graph_layers
 from onnxdfq.graph import surgery
 from onnxdfq.graph.patterns import linear_streams
 from onnxdfq.passes.squant import squant_mean_flips, squant_round
+from onnxdfq.quant.gaussian import clipped_mean_scale_slope, clipped_normal_mean
 
 QMIN, QMAX = -7, 7
 
@@ -65,6 +66,20 @@ def test_mean_flips_leave_zero_means_and_balanced_rows_alone():
     assert np.array_equal(q, expected)
 
 
+def test_clipped_mean_scale_slope_is_the_derivative_of_the_clipped_mean():
+    m = np.array([-2.0, -0.3, 0.0, 1.5, 4.0, 7.0, 0.5, 2.0])
+    s = np.array([1.0, 0.5, 2.0, 1.0, 3.0, 1.0, 0.0, 1.0])
+    lo = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -np.inf])
+    hi = np.array([6.0, 6.0, np.inf, 6.0, 6.0, 6.0, 6.0, np.inf])
+    step = 1e-6
+    numeric = (clipped_normal_mean(m, s * (1 + step), lo, hi) - clipped_normal_mean(m, s * (1 - step), lo, hi)) / (
+        2 * step)
+    slope = clipped_mean_scale_slope(m, s, lo, hi)
+    np.testing.assert_allclose(slope, numeric, atol=1e-6)
+    assert slope[6] == 0.0 and slope[7] == 0.0  # no spread; no clipping
+    assert slope[2] == pytest.approx(2.0 / np.sqrt(2 * np.pi))  # ReLU of N(0, 4): mean s / sqrt(2 pi)
+
+
 def test_mean_flips_reject_mismatched_means():
     w, scale, mean = _case(0)
     with pytest.raises(ValueError, match="channels"):
@@ -114,8 +129,11 @@ def test_bn_free_stream_consumer_gets_mean_weighted_flips(tmp_path):
     onnx.save(_stream_model(), path)
     result = onnxdfq.quantize_model(str(path), method="squant", bits=4, act_bits=8)
     rows = _weight_pass(result)["layers"]
-    assert rows["c"].get("mean_weighted_flips") is True  # its input is the sum of two activation-free layers
-    assert not any(rows[name].get("mean_weighted_flips") for name in ("stem", "a", "b", "d"))
+    assert rows["c"].get("mean_weighted_flips") == "stream"  # its input is the sum of two activation-free layers
+    # a, b and d read ReLU outputs: balanced along how those means move with the prior's excitation
+    assert all(rows[name].get("mean_weighted_flips") == "clipped" for name in ("a", "b", "d"))
+    assert "mean_weighted_flips" not in rows["stem"]  # the network input's statistics are an assumption
+    assert _weight_pass(result)["params"]["mean_weighted_flips"] == {"stream": 1, "clipped": 3}
     # statistics measured on the user's samples are trusted as they are: no flips
     np.savez(tmp_path / "samples.npz", x=np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32))
     measured = onnxdfq.quantize_model(str(path), method="squant", bits=4, act_bits=8,

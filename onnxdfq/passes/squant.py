@@ -565,6 +565,10 @@ def squant_mean_flips(w_fp: np.ndarray, scale: np.ndarray, w_int: np.ndarray, me
     moves. ``|E_o|`` never grows, every q stays within one step of nearest rounding (``|q - x| < 1``), and
     while candidates last ``|E_o|`` ends within half the largest candidate's ``|m_i|``.
 
+    ``mean`` can be any per-input-channel direction the means are uncertain along: on ReLU outputs the
+    weight-quant pass gives how each mean moves when the prior excites its layer more or less than real images
+    do (see ``WeightQuantPass._uncertain_means``).
+
     ``w_fp`` [O, I, *k] (groups of one; a depthwise kernel's taps share one mean, which SQuant's K stage
     already balances), ``scale`` [O] or size 1, ``w_int`` the rounding to start from, ``mean`` [I]. Returns
     the new integers in ``w_int``'s dtype and shape.

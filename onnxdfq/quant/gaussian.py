@@ -13,7 +13,8 @@ import math
 
 import numpy as np
 
-__all__ = ["normal_pdf", "normal_cdf", "clipped_normal_moments", "relu_mean", "clipped_normal_mean"]
+__all__ = ["normal_pdf", "normal_cdf", "clipped_normal_moments", "relu_mean", "clipped_normal_mean",
+           "clipped_mean_scale_slope"]
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -70,3 +71,14 @@ def clipped_normal_mean(m: np.ndarray, s: np.ndarray, lo: np.ndarray, hi: np.nda
 def relu_mean(m: np.ndarray, s: np.ndarray) -> np.ndarray:
     """E[max(X, 0)] for X ~ N(m, s^2): s phi(m/s) + m Phi(m/s)."""
     return clipped_normal_mean(m, s, 0.0, np.inf)
+
+
+def clipped_mean_scale_slope(m: np.ndarray, s: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """d E[clip(m + k s Z, lo, hi)] / dk at k = 1: how a clipped channel's mean moves when its spread is off by a
+    factor, s (phi(a) - phi(b)). 0 where s = 0 or both bounds are infinite (the mean of a Gaussian does not move)."""
+    m, s, lo, hi = np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (m, s, lo, hi)))
+    safe_s = np.where(s > 0, s, 1.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        a = np.where(np.isfinite(lo), (lo - m) / safe_s, -np.inf)
+        b = np.where(np.isfinite(hi), (hi - m) / safe_s, np.inf)
+    return np.where(s > 0, s * (normal_pdf(a) - normal_pdf(b)), 0.0)
