@@ -528,9 +528,6 @@ class ReconstructStage(Pass):
             old = ws.weight_quant[name]
             ws.weight_quant[name] = replace(old, w_int=ints.astype(old.w_int.dtype if old.w_int.dtype.kind == "i"
                                                                    else np.int64))
-            if name in result.w_scales:
-                ws.weight_quant[name] = replace(ws.weight_quant[name],
-                                                scale=result.w_scales[name].reshape(np.shape(old.scale)))
         if result.biases:
             layers = {layer.name: layer for layer in graph_layers.read_layers(ws.graph)}
             for name, bias in result.biases.items():

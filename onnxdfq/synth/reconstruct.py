@@ -85,9 +85,6 @@ class ReconstructOptions:
     holdout: float = 0.25
     learn_bias: bool = False  # a learnt offset on each layer's bias (lr_bias), on top of the analytic correction
     lr_bias: float = 1e-3
-    # a learnt factor on each output channel's weight step size (Genie / LSQ on the weights), Adam on its log
-    learn_weight_scale: bool = False
-    lr_weight_scale: float = 1e-3
     seed: int = 0
     device: str = "cpu"
 
@@ -112,7 +109,6 @@ class ReconstructResult:
     seconds: float = 0.0
     outputs: tuple[np.ndarray, ...] = ()  # the quantized graph's outputs on the samples, after the last block
     biases: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> learnt bias (learn_bias only)
-    w_scales: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> learnt step sizes (learn_weight_scale)
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -157,18 +153,13 @@ class _RoundRecipe(torch.nn.Module):
         self.qmin, self.qmax, self.swap = grid.qmin, grid.qmax, grid.swap_axes
         self.hard = False
         self.bias_delta = torch.nn.Parameter(torch.zeros(w.shape[0], dtype=torch.float32, device=device))
-        self.log_gain = torch.nn.Parameter(torch.zeros(tuple(self.scale.shape), dtype=torch.float32, device=device))
-
-    def step(self) -> torch.Tensor:
-        """The step size in use: the grid's, times the learnt per-channel gain (1 unless learn_weight_scale)."""
-        return self.scale * self.log_gain.exp()
 
     def integers(self) -> torch.Tensor:
         step = (self.v >= 0).float() if self.hard else rectified_sigmoid(self.v)
         return torch.clamp(self.base + step * self.mask, self.qmin, self.qmax)
 
     def weight(self) -> torch.Tensor:
-        w = self.integers() * self.step()
+        w = self.integers() * self.scale
         return w.transpose(0, 1) if self.swap else w
 
     def regulariser(self, beta: float) -> torch.Tensor:
@@ -311,7 +302,7 @@ class _Runner:
                 if source is not None and len(args) > 2 and args[2] is not None:
                     # the emitted bias is int32 on the grid s_x * s_w: at 4-bit activations its rounding alone
                     # moves outputs across levels, so the simulation rounds it the same way
-                    step = source.log_scale.exp() * recipe.step().reshape(-1)
+                    step = source.log_scale.exp() * recipe.scale.reshape(-1)
                     args[2] = _RoundSTE.apply(args[2] / step) * step
             result = _OPS[node.op_type](node, args)
             results = result if isinstance(result, tuple) else (result,)
@@ -418,8 +409,7 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
         params_act = [runner.acts[name].log_scale for name in acts_here] if options.learn_act else []
         params_bias = [runner.recipes[name].bias_delta for name in block.layers
                        if options.learn_bias and _has_bias(block, name)]
-        params_gain = [runner.recipes[name].log_gain for name in block.layers] if options.learn_weight_scale else []
-        learnable = params_round + params_act + params_bias + params_gain
+        learnable = params_round + params_act + params_bias
         saved = [p.detach().clone() for p in learnable]
         if options.steps > 0 and (params_round or params_act):
             for name in block.layers:
@@ -431,8 +421,6 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
                 groups.append({"params": params_act, "lr": options.lr_scale})
             if params_bias:
                 groups.append({"params": params_bias, "lr": options.lr_bias})
-            if params_gain:
-                groups.append({"params": params_gain, "lr": options.lr_weight_scale})
             optimiser = torch.optim.Adam(groups)
             warm = int(options.warmup * options.steps)
             generator = torch.Generator().manual_seed(options.seed + index)
@@ -468,8 +456,6 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
             ints = recipe.integers().detach().cpu().numpy().astype(np.int64)
             flipped += int((ints != recipe.start.cpu().numpy()).sum())
             result.w_int[name] = ints
-            if options.learn_weight_scale:
-                result.w_scales[name] = recipe.step().detach().cpu().numpy().astype(np.float64).reshape(-1)
             if options.learn_bias and _has_bias(block, name):
                 node = next(n for n in block.nodes if n.name == name)
                 result.biases[name] = (quant.constant(node.inputs[2]) + recipe.bias_delta).detach().cpu().numpy()
