@@ -488,6 +488,16 @@ def _write_json_atomic(data: dict, path: Path) -> None:
     write_text_atomic(json.dumps(data, indent=1), path)
 
 
+def _mean_flip_rows(report: dict) -> list[list[str]]:
+    params = next((p["params"] for p in report["passes"] if p["name"] == "weight_quant"), {})
+    counts = params.get("mean_weighted_flips")
+    if not counts:
+        return []
+    return [["mean-weighted flips", f"{counts.get('stream', 0)} layers reading linear streams, "
+                                    f"{counts.get('clipped', 0)} reading ReLU outputs (prior means: rounded to "
+                                    "need them less)"]]
+
+
 def _summary(report: dict, model: Path) -> str:
     layers = report["layers"]
     sqnrs = [v["weight_sqnr_db"] for v in layers.values() if isinstance(v.get("weight_sqnr_db"), (int, float))]
@@ -507,6 +517,7 @@ def _summary(report: dict, model: Path) -> str:
         ["7-bit (reduce-range)", _names(report["reduced_range_layers"])],
         ["steps not run", ", ".join(f"{k} ({v})" for k, v in report["skipped"]["steps"].items()) or "-"],
         ["weight SQNR dB", f"min {min(sqnrs):.1f}  median {float(np.median(sqnrs)):.1f}" if sqnrs else "-"],
+        *_mean_flip_rows(report),
         ["calibration", _calib_line(report.get("calibration", {}))],
         *_hessian_rows(report),
         *_reconstruct_rows(report),

@@ -142,3 +142,15 @@ def test_bn_free_stream_consumer_gets_mean_weighted_flips(tmp_path):
     # nor does nearest rounding flip anything
     nearest = onnxdfq.quantize_model(str(path), method="nearest", bits=4, act_bits=8)
     assert "mean_weighted_flips" not in _weight_pass(nearest)["params"]
+
+
+def test_summary_names_the_flipped_layers(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxdfq.cli import main
+
+    path = tmp_path / "streams.onnx"
+    onnx.save(_stream_model(), path)
+    result = CliRunner().invoke(main, ["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--bits", "4"])
+    assert result.exit_code == 0, result.output
+    assert "mean-weighted flips" in result.output and "1 layers reading linear streams, 3 reading ReLU" in result.output
