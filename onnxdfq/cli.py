@@ -378,9 +378,14 @@ def _count_bar(desc: str, unit: str, quiet: bool):
     return update
 
 
+def _pass_entry(report: dict, name: str) -> dict | None:
+    """The report entry of the pass called ``name`` (None when the run had no such pass)."""
+    return next((p for p in report["passes"] if p["name"] == name), None)
+
+
 def _allocation_rows(report: dict) -> list[list[str]]:
     """Summary rows for --bits auto: the budget, what was chosen, how many layers got each width."""
-    entry = next((p for p in report["passes"] if p["name"] == "bit_allocation"), None)
+    entry = _pass_entry(report, "bit_allocation")
     if entry is None:
         return []
     p = entry["params"]
@@ -391,7 +396,7 @@ def _allocation_rows(report: dict) -> list[list[str]]:
         counts[bits] = counts.get(bits, 0) + 1
     budget = f"{p['budget_value']:g} bits a weight" if p["budget"] == "avg_bits" else \
         f"{p['budget_value'] / 1024:.1f} KiB file"
-    samples = next((q["params"] for q in report["passes"] if q["name"] == "bit_allocation_samples"), {})
+    samples = (_pass_entry(report, "bit_allocation_samples") or {}).get("params", {})
     how = f"measured on {samples['samples']} {samples['source']} samples ({samples.get('runs', 0)} runs)" \
         if p["sensitivity"] == "measured" else "proxy (no inference)"
     rows = [["bit allocation", f"budget {budget}; {p['average_bits']:.2f} bits on average; sensitivity {how}"],
@@ -405,11 +410,11 @@ def _allocation_rows(report: dict) -> list[list[str]]:
 
 
 def _act_allocation_rows(report: dict) -> list[list[str]]:
-    entry = next((p for p in report["passes"] if p["name"] == "act_width_allocation"), None)
+    entry = _pass_entry(report, "act_width_allocation")
     if entry is None:
         return []
     p = entry["params"]
-    samples = next((q["params"] for q in report["passes"] if q["name"] == "act_width_allocation_samples"), {})
+    samples = (_pass_entry(report, "act_width_allocation_samples") or {}).get("params", {})
     return [["activation widths", f"budget {p['budget_avg_act_bits']:g} bits an element; "
                                   f"{p['average_act_bits']:.2f} on average; {p['narrow_tensors']} of {p['tensors']} "
                                   f"tensors at {min(p['widths'])} bits; sensitivity measured on "
@@ -418,8 +423,8 @@ def _act_allocation_rows(report: dict) -> list[list[str]]:
 
 
 def _hessian_rows(report: dict) -> list[list[str]]:
-    params = next((p for p in report["passes"] if p["name"] == "hessians"), None)
-    quant = next((p for p in report["passes"] if p["name"] == "weight_quant"), None)
+    params = _pass_entry(report, "hessians")
+    quant = _pass_entry(report, "weight_quant")
     if params is None:
         return []
     p = params["params"]
@@ -431,7 +436,7 @@ def _hessian_rows(report: dict) -> list[list[str]]:
 
 
 def _reconstruct_rows(report: dict) -> list[list[str]]:
-    params = next((p for p in report["passes"] if p["name"] == "reconstruct"), None)
+    params = _pass_entry(report, "reconstruct")
     if params is None or "skipped" in params["params"]:
         return []
     blocks = list(params["layers"].values())
@@ -444,7 +449,7 @@ def _reconstruct_rows(report: dict) -> list[list[str]]:
 
 def _dfmpc_rows(report: dict) -> list[list[str]]:
     """Summary rows for a DF-MPC run: the pairs, the unpaired layers, the weight storage."""
-    params = next((p["params"] for p in report["passes"] if p["name"] == "dfmpc"), None)
+    params = (_pass_entry(report, "dfmpc") or {}).get("params")
     if params is None:
         return []
     pairs = params["pairs"]
@@ -489,7 +494,7 @@ def _write_json_atomic(data: dict, path: Path) -> None:
 
 
 def _mean_flip_rows(report: dict) -> list[list[str]]:
-    params = next((p["params"] for p in report["passes"] if p["name"] == "weight_quant"), {})
+    params = (_pass_entry(report, "weight_quant") or {}).get("params", {})
     counts = params.get("mean_weighted_flips")
     if not counts:
         return []

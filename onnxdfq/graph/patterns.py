@@ -168,7 +168,7 @@ def linear_streams(graph: gs.Graph, layers: list[Layer]) -> dict[str, set[str]]:
             continue
         if node.op not in STREAM_OPS or not node.outputs:
             continue
-        data = [t for t in node.inputs[:1 if node.op in ("Reshape",) else None]
+        data = [t for t in node.inputs[:1 if node.op == "Reshape" else None]  # Reshape's shape is no data
                 if t.name and not isinstance(t, gs.Constant)]
         if data and all(t.name in found for t in data):
             found[node.outputs[0].name] = set().union(*(found[t.name] for t in data))

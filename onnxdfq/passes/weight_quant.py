@@ -171,6 +171,8 @@ class WeightQuantPass(Pass):
 
         BN statistics and measured samples are trusted as they are: none of this runs on them.
         """
+        if not any(st.source == "prior" for st in ws.channel_stats.values()):
+            return {}  # BN statistics or measured samples: every BN-kept run stops here
         streams = linear_streams(ws.graph, layers)
         stats = tensor_statistics(ws)
         found: dict[str, tuple[str, np.ndarray]] = {}

@@ -44,11 +44,17 @@ def clipped_normal_moments(m: np.ndarray, s: np.ndarray, lo: np.ndarray, hi: np.
                                                               for v in (m, s, lo, hi))))
 
 
-def _clipped_normal_moments(m: np.ndarray, s: np.ndarray, lo: np.ndarray, hi: np.ndarray
-                            ) -> tuple[np.ndarray, np.ndarray]:
+def _standard_bounds(m: np.ndarray, s: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """a = (lo - m) / s and b = (hi - m) / s, infinite where the bound is (s = 0 is read as 1: callers mask it)."""
     safe_s = np.where(s > 0, s, 1.0)
     a = np.where(np.isfinite(lo), (lo - m) / safe_s, -np.inf)
     b = np.where(np.isfinite(hi), (hi - m) / safe_s, np.inf)
+    return a, b
+
+
+def _clipped_normal_moments(m: np.ndarray, s: np.ndarray, lo: np.ndarray, hi: np.ndarray
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _standard_bounds(m, s, lo, hi)
     cdf_a, cdf_b = normal_cdf(a), normal_cdf(b)
     pdf_a, pdf_b = normal_pdf(a), normal_pdf(b)
     inside = cdf_b - cdf_a
@@ -77,8 +83,6 @@ def clipped_mean_scale_slope(m: np.ndarray, s: np.ndarray, lo: np.ndarray, hi: n
     """d E[clip(m + k s Z, lo, hi)] / dk at k = 1: how a clipped channel's mean moves when its spread is off by a
     factor, s (phi(a) - phi(b)). 0 where s = 0 or both bounds are infinite (the mean of a Gaussian does not move)."""
     m, s, lo, hi = np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (m, s, lo, hi)))
-    safe_s = np.where(s > 0, s, 1.0)
     with np.errstate(invalid="ignore", over="ignore"):
-        a = np.where(np.isfinite(lo), (lo - m) / safe_s, -np.inf)
-        b = np.where(np.isfinite(hi), (hi - m) / safe_s, np.inf)
+        a, b = _standard_bounds(m, s, lo, hi)
     return np.where(s > 0, s * (normal_pdf(a) - normal_pdf(b)), 0.0)
