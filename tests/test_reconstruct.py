@@ -86,7 +86,7 @@ def test_emitted_file_reproduces_the_torch_simulation(captured, noise_data):
 def test_rounding_stays_within_one_step_and_learning_moves_it(captured, noise_data):
     path, _ = noise_data
     onnxdfq.quantize_model(basic_block_model(0), method="nearest", bits=4, act_bits=4, check=False,
-                           calib=f"data:{path}", reconstruct=True, reconstruct_steps=60)
+                           calib=f"data:{path}", reconstruct=True, reconstruct_steps=200)
     inits = {init.name: numpy_helper.to_array(init) for init in captured["quant_model"].graph.initializer}
     nodes = {node.name: node for node in captured["quant_model"].graph.node}
     flipped = 0
@@ -105,15 +105,15 @@ def test_rounding_stays_within_one_step_and_learning_moves_it(captured, noise_da
 
 def test_reconstruction_beats_its_starting_point_on_held_out_inputs(noise_data):
     """3-bit weights on a small residual net: output SQNR against FP32 on inputs the reconstruction never saw rises
-    by more than 2 dB over the nearest-rounded grids it starts from (measured +5.1 dB with 256 samples and 300 steps;
-    W4A4, where this random net's 4-bit activations dominate the error, +0.6)."""
+    by more than 2 dB over the nearest-rounded grids it starts from (+4.2 dB at 400 steps; the soft rounding starts
+    next to the start, so at 150 steps few weights had moved far enough to flip and it measured -2.4)."""
     path, _ = noise_data
     model = basic_block_model(0)
     held_out = np.random.default_rng(7).standard_normal((64, 3, 16, 16)).astype(np.float32)
     reference = _run(model, held_out)
     common = dict(method="nearest", bits=3, act_bits=8, check=False, calib=f"data:{path}")
     plain = onnxdfq.quantize_model(model, **common)
-    learnt = onnxdfq.quantize_model(model, **common, reconstruct=True, reconstruct_steps=150)
+    learnt = onnxdfq.quantize_model(model, **common, reconstruct=True, reconstruct_steps=400)
     gain = _sqnr(reference, _run(learnt.model, held_out)) - _sqnr(reference, _run(plain.model, held_out))
     assert gain > 2.0, gain
 
