@@ -153,7 +153,7 @@ def round_soft(w: np.ndarray, scale: np.ndarray, w_int: np.ndarray, slack: float
 class _RoundRecipe(torch.nn.Module):
     """A layer's learnable rounding: w_q = s * clip(floor + h(V), qmin, qmax)."""
 
-    def __init__(self, w: np.ndarray, grid: WeightGrid, device: str, slack: float | None = None) -> None:
+    def __init__(self, w: np.ndarray, grid: WeightGrid, device: str, slack: float | None) -> None:
         super().__init__()
         base, rest, learnable = round_soft(w, grid.scale, grid.w_int, slack)
         shape = [-1] + [1] * (w.ndim - 1)
