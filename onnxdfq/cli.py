@@ -100,8 +100,9 @@ def _methods() -> list[str]:
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the quantized model (never the input).")
-@click.option("--method", default="squant", show_default=True, type=click.Choice(_methods()),
-              help="squant (SQuant rounding + bias correction: the best W8A8 measured), nearest (round to nearest, "
+@click.option("--method", default=None, type=click.Choice(_methods()),
+              help="[default: squant; gptq with --reconstruct below 8 bits, the better start to learn from] "
+                   "squant (SQuant rounding + bias correction: the best W8A8 measured), nearest (round to nearest, "
                    "no correction), dfq (cross-layer equalization, high-bias absorption, bias correction: per-tensor "
                    "weights, depthwise nets), dfmpc (mixed precision --bits LOW/HIGH), gptq (GPTQ rounding through "
                    "each layer's input Hessian on generated samples, + bias correction: 4-bit weights; DFFG samples "
@@ -208,9 +209,9 @@ def _methods() -> list[str]:
               help="Exit with status 3, writing nothing, when an output's SQNR on the probe images is below DB.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only warnings and errors.")
 @_friendly
-def quantize(model: Path, output: Path, method: str, bits: str, avg_bits: float | None, size_budget: float | None,
-             sensitivity: str, dfmpc_pairs: bool | None, avg_act_bits: float | None, act_bits: str,
-             dfmpc_opts: tuple[str, ...],
+def quantize(model: Path, output: Path, method: str | None, bits: str, avg_bits: float | None,
+             size_budget: float | None, sensitivity: str, dfmpc_pairs: bool | None, avg_act_bits: float | None,
+             act_bits: str, dfmpc_opts: tuple[str, ...],
              granularity: str,
              cle: bool | None, absorb_bias: bool | None, bias_correction: bool | None, squant_stages: str | None,
              sigmas: float,

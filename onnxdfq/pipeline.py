@@ -21,11 +21,11 @@ import numpy as np
 from onnxdfq.config import (
     AUTO_ACT_WIDTHS,
     BN_FREE_SYNTH_METHODS,
-    DEFAULT_METHOD,
     METHODS,
     SAMPLE_SOURCES,
     CalibSpec,
     QuantConfig,
+    default_method,
     make_config,
     torch_available,
 )
@@ -611,7 +611,7 @@ def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int |
     ----------
     model_or_path : path to an .onnx file, or an onnx.ModelProto (not modified).
     method : "squant" (default: SQuant rounding + bias correction), "nearest", "dfq", "dfmpc" or "gptq"
-        (see onnxdfq.config.METHODS).
+        (see onnxdfq.config.METHODS); with reconstruct=True below 8 bits the default is "gptq", the better start.
     bits : weight bit width 2..8 (default 8), or "LOW/HIGH" for DF-MPC.
     act_bits : activation bit width 2..8, None for float activations, "auto" for the method's default
         (8; float for dfmpc).
@@ -633,8 +633,8 @@ def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int |
         size ((H, W) for a dynamic image size). An unknown option is an OptionError naming the valid ones.
     """
     if config is None:
-        config = make_config(method or DEFAULT_METHOD, 8 if bits is None else bits, act_bits, granularity or "channel",
-                             **options)
+        config = make_config(method or default_method(bits, bool(options.get("reconstruct"))),
+                             8 if bits is None else bits, act_bits, granularity or "channel", **options)
     else:
         beside = [name for name, value in (("method", method), ("bits", bits), ("granularity", granularity))
                   if value is not None] + (["act_bits"] if act_bits != "auto" else []) + sorted(options)

@@ -138,9 +138,20 @@ def test_cli_reports_blocks_and_first_last_widths(tmp_path, noise_data):
     levels = {node.input[0]: node for node in qdq.graph.node if node.op_type == "Clip"}
     assert "input_quantized" not in levels  # the first layer's input keeps its full 8-bit grid
     assert any(name.startswith("stem") for name in levels) or scales  # the rest run on 4-bit levels
+    assert data["config"]["method"] == "gptq"  # no --method with --reconstruct below 8 bits: GPTQ's start
+    assert any(p["name"] == "hessians" for p in data["passes"])
     rec_pass = next(p for p in data["passes"] if p["name"] == "reconstruct")
     assert rec_pass["params"]["blocks"] == 4 and all(
         "mse_before" in row and "mse_after" in row for row in rec_pass["layers"].values())
+
+
+def test_default_method_is_gptq_only_for_reconstruction_below_8_bits():
+    from onnxdfq.config import default_method
+
+    assert default_method(4, True) == "gptq" and default_method("3", True) == "gptq"
+    assert default_method(4, False) == "squant" and default_method(None, False) == "squant"
+    assert default_method(8, True) == "squant"  # reconstruction is skipped at 8 bits: no Hessians for nothing
+    assert default_method("auto", True) == "squant" and default_method("2/6", True) == "squant"
 
 
 def test_eight_bit_grids_skip_reconstruction_and_say_why(tmp_path, noise_data, captured):

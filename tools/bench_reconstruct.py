@@ -44,6 +44,7 @@ W3A3 = ["--method", "squant", "--bits", "3", "--act-bits", "3"]
 W4A8 = ["--method", "squant", "--bits", "4", "--act-bits", "8"]
 FL8 = ["--first-last-bits", "8"]
 GPTQ = ["--method", "gptq", "--bits", "4"]  # GPTQ rounding on the same generated samples (passes/gptq.py)
+GPTQ44 = GPTQ + ["--act-bits", "4"]
 REC = ["--reconstruct"]
 # (model, label, flags)
 ROWS = [
@@ -60,6 +61,7 @@ ROWS = [
     ("resnet20", "W4A8 gptq (DFFG)", GPTQ),
     ("resnet20", "W4A4 gptq (DFFG)", GPTQ + ["--act-bits", "4"]),
     ("resnet20", "W4A4 fl8 gptq + reconstruct (DFFG)", GPTQ + ["--act-bits", "4"] + FL8 + REC),
+    ("resnet20", "W4A4 gptq + reconstruct (DFFG; the default start)", GPTQ + ["--act-bits", "4"] + REC),
     ("resnet20", "W3A8 squant", ["--method", "squant", "--bits", "3"]),
     ("resnet20", "W3A8 gptq (DFFG)", ["--method", "gptq", "--bits", "3"]),
     ("resnet20_folded", "W4A4 squant", W4A4),
@@ -69,6 +71,7 @@ ROWS = [
     ("resnet20_folded", "W4A4 fl8 squant + reconstruct (inverted, default)", W4A4 + FL8 + REC),
     ("resnet20_folded", "W4A4 gptq (prior)", GPTQ + ["--act-bits", "4", "--calib", "prior"]),
     ("resnet20_folded", "W4A4 gptq (inverted, default)", GPTQ + ["--act-bits", "4"]),
+    ("resnet20_folded", "W4A4 gptq + reconstruct (inverted; the default start)", GPTQ + ["--act-bits", "4"] + REC),
     ("resnet20_folded", "W4A4 squant + reconstruct (pseudo-BN DFFG)", W4A4 + REC + ["--pseudo-bn"]),
     ("resnet56", "W4A4 fl8 squant", W4A4 + FL8),
     ("resnet56", "W4A4 fl8 squant + reconstruct (DFFG)", W4A4 + FL8 + REC),
@@ -77,16 +80,19 @@ ROWS = [
     ("mobilenet_v1_0.75", "W4A8 squant", W4A8),
     ("mobilenet_v1_0.75", "W4A8 squant + reconstruct (DFFG)", W4A8 + REC),
     ("mobilenet_v1_0.75", "W4A8 gptq (DFFG)", GPTQ),
+    ("mobilenet_v1_0.75", "W4A8 gptq + reconstruct (DFFG; the default start)", GPTQ + REC),
     ("mobilenet_v1_0.75", "W4A4 squant", W4A4),
     ("mobilenet_v1_0.75", "W4A4 gptq (DFFG)", GPTQ + ["--act-bits", "4"]),
     ("mobilenet_v1_0.75", "W4A4 squant + reconstruct (DFFG)", W4A4 + REC),
     ("mobilenet_v1_0.75", "W4A4 fl8 squant", W4A4 + FL8),
     ("mobilenet_v1_0.75", "W4A4 fl8 squant + reconstruct (DFFG)", W4A4 + FL8 + REC),
+    ("mobilenet_v1_0.75", "W4A4 fl8 gptq + reconstruct (DFFG; the default start)", GPTQ44 + FL8 + REC),
     ("mobilenet_v1_0.75", "dfmpc 4/8", ["--method", "dfmpc", "--bits", "4/8"]),
     ("mobilenet_v1_0.75", "dfmpc 4/8 + reconstruct (DFFG)", ["--method", "dfmpc", "--bits", "4/8"] + REC),
     ("efficientnet_lite0", "W4A8 squant", W4A8),
     ("efficientnet_lite0", "W4A8 squant + reconstruct (DFFG)", W4A8 + REC),
     ("efficientnet_lite0", "W4A8 gptq (DFFG)", GPTQ),
+    ("efficientnet_lite0", "W4A8 gptq + reconstruct (DFFG; the default start)", GPTQ + REC),
     ("efficientnet_lite0", "W4A4 squant", W4A4),
     ("efficientnet_lite0", "W4A4 squant + reconstruct (DFFG)", W4A4 + REC),
 ]
