@@ -145,6 +145,22 @@ def test_cli_reports_blocks_and_first_last_widths(tmp_path, noise_data):
         "mse_before" in row and "mse_after" in row for row in rec_pass["layers"].values())
 
 
+def test_synth_steps_reach_the_samples_reconstruction_learns_on(tmp_path):
+    """--synth-steps sets the generator's steps for the DFFG samples --reconstruct (and GPTQ) learn on."""
+    model, out, report = tmp_path / "m.onnx", tmp_path / "m.q.onnx", tmp_path / "r.json"
+    onnx.save(basic_block_model(0), model)
+    proc = subprocess.run([sys.executable, "-m", "onnxdfq.cli", "quantize", str(model), "-o", str(out), "--bits", "4",
+                           "--act-bits", "4", "--reconstruct", "--reconstruct-steps", "5",
+                           "--reconstruct-samples", "16", "--synth-steps", "3", "--report", str(report)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    rec_pass = next(p for p in json.loads(report.read_text())["passes"] if p["name"] == "reconstruct")
+    info = rec_pass["params"]["sample_info"]
+    assert info["method"] == "dffg" and info["steps"] == 3, info
+
+
 def test_default_method_is_gptq_only_for_reconstruction_below_8_bits():
     from onnxdfq.config import default_method
 
