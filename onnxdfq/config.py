@@ -334,10 +334,10 @@ def default_method(bits: int | str | None = None, reconstruct: bool = False) -> 
     if not reconstruct:
         return DEFAULT_METHOD
     try:
-        low = int(str(8 if bits is None else bits).strip())
-    except ValueError:  # auto or LOW/HIGH: the width is decided later or belongs to dfmpc
+        low, high = parse_bits(8 if bits is None else bits)
+    except ValueError:  # auto (widths decided later) or invalid (make_config names the error)
         return DEFAULT_METHOD
-    return DEFAULT_RECONSTRUCT_METHOD if low < 8 else DEFAULT_METHOD
+    return DEFAULT_RECONSTRUCT_METHOD if high is None and low < 8 else DEFAULT_METHOD  # LOW/HIGH is dfmpc's
 
 
 def make_config(method: str = DEFAULT_METHOD, bits: int | str = 8, act_bits: int | str | None = "auto",
