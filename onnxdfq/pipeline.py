@@ -572,9 +572,10 @@ LARGE_RECONSTRUCT_SAMPLES = 128
 def reconstruction_calib(config: QuantConfig, calib: Any, input_shape: tuple[int, ...] = (), *,
                          invert: bool = False) -> Any:
     """The samples reconstruction learns on: the run's own samples (data, synth, prior), DFFG for a model whose
-    statistics came from BN (its generator matches the BN statistics, no data), and with ``invert`` samples from
+    statistics came from BN (its generator matches the BN statistics, no data; LOW_ACT_SYNTH_STEPS a batch on the CPU
+    under activations of LOW_ACT_BITS or fewer), and with ``invert`` samples from
     inverting the classifier instead of the prior's images (see _inversion_by_default)."""
-    from onnxdfq.config import DEFAULT_RECONSTRUCT_SAMPLES
+    from onnxdfq.config import DEFAULT_RECONSTRUCT_SAMPLES, LOW_ACT_BITS, LOW_ACT_SYNTH_STEPS
 
     count = config.reconstruct_samples or DEFAULT_RECONSTRUCT_SAMPLES
     large = len(input_shape) == 3 and min(input_shape[1:]) >= LARGE_RECONSTRUCT_INPUT
@@ -586,7 +587,11 @@ def reconstruction_calib(config: QuantConfig, calib: Any, input_shape: tuple[int
         return replace(calib, source="synth", method="invert", samples=count)
     if calib.source in ("synth", "prior"):
         return replace(calib, samples=count)
-    return replace(calib, source="synth", method="dffg", samples=count)
+    spec = replace(calib, source="synth", method="dffg", samples=count)
+    if (spec.device == "cpu" and "steps" not in spec.synth_options and config.act_bits is not None
+            and config.act_bits <= LOW_ACT_BITS):
+        spec = replace(spec, synth_options={**spec.synth_options, "steps": LOW_ACT_SYNTH_STEPS})
+    return spec
 
 
 # images that calibrate the tensors no statistics describe, when the prior's statistics give every other range:

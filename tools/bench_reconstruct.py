@@ -84,6 +84,7 @@ ROWS = [
     ("mobilenet_v1_0.75", "W4A4 squant", W4A4),
     ("mobilenet_v1_0.75", "W4A4 gptq (DFFG)", GPTQ + ["--act-bits", "4"]),
     ("mobilenet_v1_0.75", "W4A4 squant + reconstruct (DFFG)", W4A4 + REC),
+    ("mobilenet_v1_0.75", "W4A4 gptq + reconstruct (DFFG; the default start)", GPTQ44 + REC),
     ("mobilenet_v1_0.75", "W4A4 fl8 squant", W4A4 + FL8),
     ("mobilenet_v1_0.75", "W4A4 fl8 squant + reconstruct (DFFG)", W4A4 + FL8 + REC),
     ("mobilenet_v1_0.75", "W4A4 fl8 gptq + reconstruct (DFFG; the default start)", GPTQ44 + FL8 + REC),
@@ -116,7 +117,9 @@ def run_row(model: str, flags: list[str], work: Path, limit: int | None) -> dict
         row.update(samples="skipped: " + rec["params"]["skipped"].split(":")[0])
     elif rec is not None:
         blocks = rec["layers"].values()
-        row.update(samples=f"{rec['params']['samples']} {rec['params']['source']}",
+        steps = rec["params"].get("sample_info", {}).get("steps")
+        source = f"{rec['params']['samples']} {rec['params']['source']}" + (f", {steps} steps" if steps else "")
+        row.update(samples=source,
                    reconstruct_s=rec["params"]["seconds"],
                    mse_before=round(sum(b["mse_before"] for b in blocks), 4),
                    mse_after=round(sum(b["mse_after"] for b in blocks), 4))
