@@ -451,7 +451,9 @@ def _reconstruct_rows(report: dict) -> list[list[str]]:
     before = sum(b["mse_before"] for b in blocks)
     after = sum(b["mse_after"] for b in blocks)
     p = params["params"]
-    return [["reconstruction", f"{p['blocks']} blocks, {p['samples']} {p['source']} samples, {p['steps']} steps "
+    generated = p.get("sample_info", {}).get("steps")  # the generator's steps a batch (they follow --act-bits)
+    source = f"{p['source']} samples" + (f" ({generated} generator steps)" if generated else "")
+    return [["reconstruction", f"{p['blocks']} blocks, {p['samples']} {source}, {p['steps']} steps "
                                f"a block, {p['seconds']:.1f} s; block output MSE summed {before:.4g} -> {after:.4g}"]]
 
 

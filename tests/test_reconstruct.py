@@ -159,6 +159,7 @@ def test_synth_steps_reach_the_samples_reconstruction_learns_on(tmp_path):
     rec_pass = next(p for p in json.loads(report.read_text())["passes"] if p["name"] == "reconstruct")
     info = rec_pass["params"]["sample_info"]
     assert info["method"] == "dffg" and info["steps"] == 3, info
+    assert "16 synth:dffg samples (3 generator steps)" in proc.stdout + proc.stderr  # the summary says it too
 
 
 def test_learning_samples_take_more_generator_steps_under_4_bit_activations():
