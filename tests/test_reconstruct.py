@@ -163,20 +163,21 @@ def test_synth_steps_reach_the_samples_reconstruction_learns_on(tmp_path):
 
 
 def test_learning_samples_take_more_generator_steps_under_4_bit_activations():
-    """The DFFG samples a BN model learns on take LOW_ACT_SYNTH_STEPS under activations of 4 bits or fewer (on the
-    CPU, unless --synth-steps says otherwise); at 8-bit activations the CPU default stays."""
+    """The DFFG samples a BN model learns on at 224 px take LOW_ACT_SYNTH_STEPS under activations of 4 bits or fewer
+    (on the CPU, unless --synth-steps says otherwise); at 8-bit activations and on small inputs the CPU default
+    stays."""
     from onnxdfq.config import CPU_SYNTH_DEFAULTS, LOW_ACT_SYNTH_STEPS, CalibSpec, make_config
     from onnxdfq.pipeline import reconstruction_calib
 
-    def steps(act_bits, calib=None, **options):
-        config = make_config("gptq", bits=4, act_bits=act_bits, reconstruct=True, **options)
-        spec = reconstruction_calib(config, calib or CalibSpec(source="bn"), (3, 32, 32))
+    def steps(act_bits, calib=None, shape=(3, 224, 224)):
+        config = make_config("gptq", bits=4, act_bits=act_bits, reconstruct=True)
+        spec = reconstruction_calib(config, calib or CalibSpec(source="bn"), shape)
         assert spec.source == "synth" and spec.method == "dffg"
         return spec.synth_run()[1].get("steps")
 
     assert LOW_ACT_SYNTH_STEPS > CPU_SYNTH_DEFAULTS["dffg"]["steps"]
     assert steps(4) == steps(3) == LOW_ACT_SYNTH_STEPS
-    assert steps(8) == steps(6) == CPU_SYNTH_DEFAULTS["dffg"]["steps"]
+    assert steps(8) == steps(6) == steps(4, shape=(3, 32, 32)) == CPU_SYNTH_DEFAULTS["dffg"]["steps"]
     assert steps(4, CalibSpec(source="bn", synth_options={"steps": 7})) == 7  # --synth-steps wins
     assert steps(4, CalibSpec(source="bn", device="cuda")) is None  # the generator's own default off the CPU
 
