@@ -174,7 +174,7 @@ def _methods() -> list[str]:
 @click.option("--synth-steps", type=click.IntRange(1), default=None,
               help="Generator steps per batch for generated samples (--calib synth:, and the DFFG or inverted samples "
                    "--reconstruct and --method gptq learn on; default: the method's, DFFG 60 on the CPU, and 180 for "
-                   "the samples --reconstruct and gptq learn on at 224 px under 4-bit activations). MobileNet-V1 "
+                   "the samples --reconstruct and gptq learn on from 128 px under 4-bit activations). MobileNet-V1 "
                    "--reconstruct W4A4: 50.00 % at 60 steps, 55.38 at 180; W4A8: 72.92 at 60, 71.38 at 180.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Torch device that generates --calib synth: samples and runs --reconstruct.")
