@@ -73,7 +73,7 @@ DEFAULT_SYNTH_SAMPLES = 256  # generated samples when calib_samples is not given
 # generating on a CPU: DFFG's 150 steps for 256 samples took minutes on 2 shared cores; 60 steps for 128 samples
 # calibrate ResNet-20 W6A6 to 91.37 (256 real training images: 91.38; 150 steps / 256 samples: 91.40)
 CPU_SYNTH_DEFAULTS: dict[str, dict[str, int]] = {"dffg": {"samples": 128, "steps": 60}}
-# the DFFG samples --reconstruct / gptq learn on at 224 px (pipeline.LARGE_RECONSTRUCT_INPUT and up) under activations
+# the DFFG samples --reconstruct / gptq learn on from pipeline.LARGE_RECONSTRUCT_INPUT (128 px) up under activations
 # of 4 bits or fewer take more steps (closer to the BN statistics): MobileNet-V1 W4A4 + reconstruct 50.00 -> 55.38 %
 # at 180, W4A4 fl8 53.92 -> 58.00; at 8-bit activations they hurt (MobileNet-V1 W4A8 72.92 -> 71.38), and on
 # ResNet-20 (32 px) they did not help (see pipeline.reconstruction_calib), so 60 stays there
