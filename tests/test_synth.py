@@ -109,6 +109,59 @@ def test_dffg_keeps_intermediate_iterates(resnet20_model: onnx.ModelProto) -> No
     assert np.abs(final - earlier).max() <= 2 * 0.1 + 1e-5  # two sign steps of at most alpha apart
 
 
+def test_dffg_shifted_gradient_is_the_rolled_inputs_gradient_rolled_back(resnet20_model: onnx.ModelProto) -> None:
+    from onnxdfq.synth.dffg import DFFGGenerator
+    from onnxdfq.synth.executor import TorchGraph
+    from onnxdfq.synth.stats import bn_targets
+
+    graph = TorchGraph(resnet20_model).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plain = DFFGGenerator(graph, bn_targets(graph))
+    jittered = DFFGGenerator(graph, bn_targets(graph), jitter=3, flip=True)
+    jittered.prepare(tuple(x.shape), torch.Generator().manual_seed(5))
+    shifts = torch.Generator().set_state(jittered._rng.get_state())  # the shift the next call draws
+    dy, dx = torch.randint(-3, 4, (2,), generator=shifts).tolist()
+    mirror = bool(torch.randint(0, 2, (1,), generator=shifts))
+    got, _ = jittered.shifted_gradient(x)
+    moved = torch.roll(x, (dy, dx), (2, 3))
+    moved = moved.flip(3) if mirror else moved
+    expected, _ = plain.alignment_gradient(moved)
+    expected = torch.roll(expected.flip(3) if mirror else expected, (-dy, -dx), (2, 3))
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-7)
+    # the gradient moved with the input: it is not the unshifted one (zero padding sees other pixels)
+    assert (dy, dx, mirror) == (0, 0, False) or not torch.allclose(got, plain.alignment_gradient(x)[0])
+
+
+def test_dffg_jitter_and_prior_start_keep_the_seed_contract(resnet20_model: onnx.ModelProto) -> None:
+    """Without the new options the seed stream (and so every earlier sample set) is unchanged; with them the
+    run is reproducible, stays in the box, still matches BN, and a prior start gives smoother images."""
+    def run(steps: int = 20, **options: object) -> np.ndarray:
+        return synth.generate(resnet20_model, "dffg", 16, batch_size=16, steps=steps, seed=3,
+                              input_bounds=IMAGENET_BOX, **options)
+
+    default, explicit = run(), run(jitter=0, flip=False, init="noise")
+    np.testing.assert_array_equal(default, explicit)
+    jittered = run(jitter=2, flip=True)
+    np.testing.assert_array_equal(jittered, run(jitter=2, flip=True))
+    assert not np.allclose(jittered, default)
+    lows, highs = (b.reshape(1, 3, 1, 1) for b in IMAGENET_BOX)
+    noise = _noise_loss("resnet20", resnet20_model, 16, 32)
+    for x in (jittered, run(init="pink")):  # measured: 0.15 and 0.03 of noise's loss (the default: 0.10)
+        assert (x >= lows - 1e-6).all() and (x <= highs + 1e-6).all()
+        assert synth.bn_statistics_loss(resnet20_model, x) < 0.2 * noise
+
+    def roughness(x: np.ndarray) -> float:  # mean squared difference of neighbouring pixels
+        return float(np.mean(np.diff(x, axis=3) ** 2))
+
+    start_noise = run(steps=1, alpha=1e-4, alpha_final=1e-4, keep=1)
+    start_pink = run(steps=1, alpha=1e-4, alpha_final=1e-4, keep=1, init="pink")
+    assert roughness(start_pink) < 0.2 * roughness(start_noise)
+    with pytest.raises(SynthOptionError, match="init must be"):
+        run(init="photos")
+    with pytest.raises(SynthOptionError, match="jitter"):
+        run(jitter=-1)
+
+
 def test_chunked_alignment_gradient_equals_one_backward_pass(resnet20_model: onnx.ModelProto) -> None:
     from onnxdfq.synth.dffg import DFFGGenerator
     from onnxdfq.synth.executor import TorchGraph

@@ -72,16 +72,27 @@ class DFFGGenerator(Generator):
         keep: int = 8,
         stride: int = 3,
         input_prior_weight: float = 0.0,
+        jitter: int = 0,
+        flip: bool = False,
+        init: str = "noise",
     ) -> None:
         super().__init__(graph, targets)
-        if keep < 1 or stride < 1:
-            raise SynthOptionError(f"keep and stride must be >= 1, got keep={keep}, stride={stride}")
+        if keep < 1 or stride < 1 or jitter < 0:
+            raise SynthOptionError(f"keep and stride must be >= 1 and jitter >= 0, got keep={keep}, stride={stride}, "
+                                   f"jitter={jitter}")
         self.alpha = alpha
         self.alpha_final = alpha_final
         self.momentum = momentum
         self.keep = keep
         self.stride = stride
         self.input_prior_weight = input_prior_weight
+        self.jitter = jitter
+        self.flip = flip
+        self._rng = torch.Generator().manual_seed(0)
+        if init not in ("noise", "pink", "dead_leaves", "mixed", "ensemble"):
+            raise SynthOptionError(f"init must be noise or a prior generator (pink, dead_leaves, mixed, ensemble), "
+                                   f"got {init!r}")
+        self.init = init
 
     def _kept_steps(self, steps: int) -> list[int]:
         """Step counts after which the iterate is kept, last first (never before step 1)."""
@@ -95,6 +106,36 @@ class DFFGGenerator(Generator):
         progress = step / max(steps - 1, 1)
         return self.alpha_final + 0.5 * (self.alpha - self.alpha_final) * (1.0 + math.cos(math.pi * progress))
 
+    def prepare(self, batch_shape: tuple[int, ...], rng: torch.Generator) -> None:
+        if self.jitter or self.flip:  # the shifts follow the run's seed; without them the seed stream is untouched
+            self._rng = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+
+    def seed_batch(self, batch_shape: tuple[int, ...], rng: torch.Generator, device: str) -> torch.Tensor:
+        if self.init == "noise" or self.bounds is None or len(batch_shape) != 4:
+            return super().seed_batch(batch_shape, rng, device)
+        from .prior import InputSpace, prior_images
+
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=rng))
+        images = torch.from_numpy(prior_images(batch_shape[0], batch_shape[1:], InputSpace(), generator=self.init,
+                                               seed=seed)).to(device)
+        low, high = self.bounds
+        return low + images * (high - low)
+
+    def shifted_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The alignment gradient taken on ``x`` rolled by a random shift (and flipped), mapped back onto ``x``."""
+        if not self.jitter and not self.flip or x.dim() != 4:
+            return self.alignment_gradient(x)
+        dy, dx = (torch.randint(-self.jitter, self.jitter + 1, (2,), generator=self._rng).tolist()
+                  if self.jitter else (0, 0))
+        mirror = self.flip and bool(torch.randint(0, 2, (1,), generator=self._rng))
+        moved = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+        if mirror:
+            moved = moved.flip(3)
+        grad, loss = self.alignment_gradient(moved)
+        if mirror:
+            grad = grad.flip(3)
+        return torch.roll(grad, shifts=(-dy, -dx), dims=(2, 3)), loss
+
     def run(self, x0: torch.Tensor, steps: int, on_step: StepFn) -> list[torch.Tensor]:
         kept_steps = set(self._kept_steps(steps))
         x = x0.clone()
@@ -102,7 +143,7 @@ class DFFGGenerator(Generator):
         reduce_dims = tuple(range(1, x.dim()))
         kept: list[torch.Tensor] = []
         for step in range(steps):
-            grad, loss = self.alignment_gradient(x)
+            grad, loss = self.shifted_gradient(x)
             on_step(loss / len(self.targets))
             if self.input_prior_weight:
                 leaf = x.detach().requires_grad_(True)
