@@ -160,6 +160,27 @@ def test_dffg_jitter_and_prior_start_keep_the_seed_contract(resnet20_model: onnx
         run(init="photos")
     with pytest.raises(SynthOptionError, match="jitter"):
         run(jitter=-1)
+    with pytest.raises(SynthOptionError, match="blur"):
+        run(blur=-0.5)
+
+
+def test_gaussian_blur_keeps_constants_and_smooths_noise() -> None:
+    from onnxdfq.synth.dffg import gaussian_blur
+
+    constant = torch.full((2, 3, 9, 11), 0.7)
+    np.testing.assert_allclose(gaussian_blur(constant, 1.5).numpy(), constant.numpy(), rtol=1e-6)
+    noise = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    smooth = gaussian_blur(noise, 1.0)
+    assert smooth.shape == noise.shape
+    # white noise through a Gaussian of sigma s keeps 1 / (4 pi s^2) of its variance (0.08 at s = 1)
+    assert float(smooth.var() / noise.var()) == pytest.approx(1 / (4 * np.pi), rel=0.15)
+    # a single impulse spreads into the separable kernel: symmetric, peaked at the centre, summing to one
+    impulse = torch.zeros(1, 1, 15, 15)
+    impulse[0, 0, 7, 7] = 1.0
+    spread = gaussian_blur(impulse, 1.0)[0, 0]
+    assert float(spread.sum()) == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(spread, spread.flip(0)) and torch.allclose(spread, spread.T)
+    assert int(spread.argmax()) == 7 * 15 + 7
 
 
 def test_chunked_alignment_gradient_equals_one_backward_pass(resnet20_model: onnx.ModelProto) -> None:

@@ -25,6 +25,20 @@ shared CIFAR ResNet-20):
   for MobileNet-like models. Shrinking alpha whenever the loss rose did not help.
 - a cosine step size beat a geometric one; momentum 0.9 beat 0.5 and 0.8; ZeroQ's input prior
   raised the final BN loss by ~50 %, hence ``input_prior_weight=0``.
+
+Natural-image options (off by default): sign steps from Gaussian noise leave samples far rougher than
+photographs. On 224-px inputs in [-1, 1] (60 steps, batch 8), the mean squared difference of neighbouring
+pixels was 0.64 on EfficientNet-Lite0 and 0.40 on MobileNet-V1 against 0.018 for real val1300 images, and
+the share of power at high spatial frequency was 40-170x a photograph's.
+
+- ``init``: start from the image prior's procedural images (``pink``: 1/f noise) mapped into the input's box
+  instead of Gaussian noise;
+- ``blur``: smooth the gradient with a Gaussian of this many pixels before its sign is taken, so the sign
+  steps move whole regions rather than single pixels;
+- ``jitter`` / ``flip``: take each step's gradient on the batch rolled by a random shift of up to
+  ``jitter`` pixels (and mirrored), as DeepInversion does, which costs the BN match more.
+
+``init="pink", blur=1, alpha=0.05`` brought Lite0's roughness to 0.083 at a lower BN loss (0.38 against 0.43).
 """
 
 from __future__ import annotations
@@ -57,6 +71,13 @@ class DFFGGenerator(Generator):
         Steps between two kept iterates.
     input_prior_weight : float
         Weight of ZeroQ's N(0, 1) input term (default 0: off).
+    jitter, flip : int, bool
+        Random roll of up to ``jitter`` pixels (and a random mirror) of the batch before each gradient.
+    init : str
+        ``noise`` (Gaussian, the default) or a prior generator (``pink``, ``dead_leaves``, ``mixed``, ``ensemble``)
+        for the starting batch; a prior start needs the input's box.
+    blur : float
+        Sigma in pixels of the Gaussian the gradient is smoothed with before its sign (0: off).
     """
 
     default_steps = 150
@@ -75,6 +96,7 @@ class DFFGGenerator(Generator):
         jitter: int = 0,
         flip: bool = False,
         init: str = "noise",
+        blur: float = 0.0,
     ) -> None:
         super().__init__(graph, targets)
         if keep < 1 or stride < 1 or jitter < 0:
@@ -93,6 +115,9 @@ class DFFGGenerator(Generator):
             raise SynthOptionError(f"init must be noise or a prior generator (pink, dead_leaves, mixed, ensemble), "
                                    f"got {init!r}")
         self.init = init
+        if blur < 0:
+            raise SynthOptionError(f"blur must be >= 0 (a Gaussian's sigma in pixels), got {blur}")
+        self.blur = blur
 
     def _kept_steps(self, steps: int) -> list[int]:
         """Step counts after which the iterate is kept, last first (never before step 1)."""
@@ -148,9 +173,23 @@ class DFFGGenerator(Generator):
             if self.input_prior_weight:
                 leaf = x.detach().requires_grad_(True)
                 grad = grad + torch.autograd.grad(self.input_prior_weight * input_prior(leaf), leaf)[0]
+            if self.blur and grad.dim() == 4:
+                grad = gaussian_blur(grad, self.blur)
             l1 = grad.abs().sum(dim=reduce_dims, keepdim=True).clamp_min(1e-12)
             velocity = self.momentum * velocity + grad / l1
             x = self.project(x.detach() - self.step_size(step, steps) * torch.sign(velocity))
             if step + 1 in kept_steps:
                 kept.append(x.clone())
         return kept[::-1]
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``x`` (N, C, H, W) smoothed per channel by a Gaussian of ``sigma`` pixels (reflected at the borders)."""
+    radius = max(1, math.ceil(3 * sigma))
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = x.shape[1]
+    padded = torch.nn.functional.pad(x, (radius, radius, radius, radius), mode="reflect")
+    rows = torch.nn.functional.conv2d(padded, kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
+    return torch.nn.functional.conv2d(rows, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
