@@ -176,6 +176,11 @@ def _methods() -> list[str]:
                    "--reconstruct and --method gptq learn on; default: the method's, DFFG 60 on the CPU, and 180 for "
                    "the samples --reconstruct and gptq learn on from 128 px under 4-bit activations). MobileNet-V1 "
                    "--reconstruct W4A4: 50.00 % at 60 steps, 55.38 at 180; W4A8: 72.92 at 60, 71.38 at 180.")
+@click.option("--synth-opt", "synth_opts", multiple=True, metavar="KEY=VALUE",
+              help="Generator option, repeatable, for generated samples as --synth-steps (DFFG: alpha, keep, stride, "
+                   "init=noise|pink|dead_leaves, blur SIGMA_PX, jitter PX, flip; see onnxdfq.synth.dffg). "
+                   "EfficientNet-Lite0 W4A8 --method gptq: 74.42 % with the defaults, 78.17 with init=pink blur=1 "
+                   "alpha=0.05 (natural-looking samples); MobileNet-V1: 72.08 and 70.77.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Torch device that generates --calib synth: samples and runs --reconstruct.")
 @click.option("--format", "fmt", type=click.Choice(["qdq", "qdq-packed", "fakequant"]), default="qdq",
@@ -223,6 +228,7 @@ def quantize(model: Path, output: Path, method: str | None, bits: str, avg_bits:
              input_range: str | None, mean: str | None, std: str | None, preprocess: str | None, size: str | None,
              reduce_range: str, calib: str,
              calib_range: str, calib_samples: int | None, calib_percentile: float, seed: int, synth_steps: int | None,
+             synth_opts: tuple[str, ...],
              device: str, fmt: str,
              target: str, quantize_outputs: bool, reconstruct: bool, reconstruct_steps: int | None,
              reconstruct_samples: int | None, pseudo_bn: bool | None, first_last_bits: int | None,
@@ -253,7 +259,7 @@ def quantize(model: Path, output: Path, method: str | None, bits: str, avg_bits:
                    reduce_range={"auto": "auto", "on": True, "off": False}[reduce_range],
                    calib=calib, calib_range=calib_range, calib_samples=calib_samples,
                    calib_percentile=calib_percentile, seed=seed, device=device,
-                   synth_options={"steps": synth_steps} if synth_steps else None,
+                   synth_options=_synth_options(synth_opts, synth_steps),
                    mean=_floats(mean, "--mean"), std=_floats(std, "--std"), preprocess=preprocess, size=_size(size),
                    reconstruct=reconstruct or None, reconstruct_steps=reconstruct_steps,
                    reconstruct_samples=reconstruct_samples, pseudo_bn=pseudo_bn, first_last_bits=first_last_bits,
@@ -483,10 +489,10 @@ def _key_values(items: tuple[str, ...], flag: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _dfmpc_options(pairs: tuple[str, ...]) -> dict:
-    """--dfmpc-opt KEY=VALUE pairs -> keyword arguments of DFMPCPass (numbers, booleans, strings)."""
+def _dfmpc_options(pairs: tuple[str, ...], flag: str = "--dfmpc-opt") -> dict:
+    """KEY=VALUE pairs (--dfmpc-opt: keyword arguments of DFMPCPass) -> numbers, booleans and strings."""
     options: dict = {}
-    for key, text in _key_values(pairs, "--dfmpc-opt"):
+    for key, text in _key_values(pairs, flag):
         if text.lower() in ("true", "on", "yes", "false", "off", "no"):
             options[key] = text.lower() in ("true", "on", "yes")
             continue
@@ -495,6 +501,15 @@ def _dfmpc_options(pairs: tuple[str, ...]) -> dict:
         except ValueError:
             options[key] = text
     return options
+
+
+def _synth_options(pairs: tuple[str, ...], steps: int | None) -> dict | None:
+    """--synth-opt KEY=VALUE pairs and --synth-steps -> the generator's keyword options (whole numbers as int)."""
+    options = {key: int(value) if isinstance(value, float) and value.is_integer() else value
+               for key, value in _dfmpc_options(pairs, "--synth-opt").items()}
+    if steps:
+        options["steps"] = steps
+    return options or None
 
 
 def _write_json_atomic(data: dict, path: Path) -> None:

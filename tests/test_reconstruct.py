@@ -151,7 +151,8 @@ def test_synth_steps_reach_the_samples_reconstruction_learns_on(tmp_path):
     onnx.save(basic_block_model(0), model)
     proc = subprocess.run([sys.executable, "-m", "onnxdfq.cli", "quantize", str(model), "-o", str(out), "--bits", "4",
                            "--act-bits", "4", "--reconstruct", "--reconstruct-steps", "5",
-                           "--reconstruct-samples", "16", "--synth-steps", "3", "--report", str(report)],
+                           "--reconstruct-samples", "16", "--synth-steps", "3", "--synth-opt", "jitter=1",
+                           "--synth-opt", "blur=0.5", "--report", str(report)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr
     import json
@@ -159,7 +160,12 @@ def test_synth_steps_reach_the_samples_reconstruction_learns_on(tmp_path):
     rec_pass = next(p for p in json.loads(report.read_text())["passes"] if p["name"] == "reconstruct")
     info = rec_pass["params"]["sample_info"]
     assert info["method"] == "dffg" and info["steps"] == 3, info
+    assert info["options"] == {"jitter": 1, "blur": 0.5}, info
     assert "16 synth:dffg samples (3 generator steps)" in proc.stdout + proc.stderr  # the summary says it too
+    bad = subprocess.run([sys.executable, "-m", "onnxdfq.cli", "quantize", str(model), "-o", str(tmp_path / "b.onnx"),
+                          "--bits", "4", "--reconstruct", "--synth-opt", "bogus=1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unexpected keyword argument 'bogus'" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "b.onnx").exists()
 
 
 def test_learning_samples_take_more_generator_steps_under_4_bit_activations():

@@ -151,6 +151,9 @@ def synthesize(model: Any, spec: CalibSpec, progress: SynthProgress | None = Non
     seconds = time.perf_counter() - start
     info = {"method": spec.method, "seconds": round(seconds, 3), "seed": spec.seed,
             "steps": options.get("steps", generator.default_steps), "input_bounds": bounds_source}
+    chosen = {key: value for key, value in options.items() if key != "steps"}
+    if chosen:
+        info["options"] = chosen
     if generator.needs_bn:
         info["bn_loss"] = synth.bn_statistics_loss(model, x, device=spec.device)
     return x, info
