@@ -188,6 +188,25 @@ def test_learning_samples_take_more_generator_steps_under_4_bit_activations():
     assert steps(4, CalibSpec(source="bn", device="cuda")) is None  # the generator's own default off the CPU
 
 
+def test_learning_samples_from_128_px_are_natural_looking_dffg():
+    """From 128 px the DFFG samples a BN model learns on start from pink images with a smoothed gradient at half the
+    step (config.NATURAL_DFFG_OPTIONS); small inputs keep plain DFFG, and the user's options win key by key."""
+    from onnxdfq.config import NATURAL_DFFG_OPTIONS, CalibSpec, make_config
+    from onnxdfq.pipeline import reconstruction_calib
+
+    def options(calib=None, shape=(3, 224, 224), act_bits=8):
+        config = make_config("gptq", bits=4, act_bits=act_bits, reconstruct=True)
+        spec = reconstruction_calib(config, calib or CalibSpec(source="bn"), shape)
+        return spec.synth_run()[1]
+
+    assert NATURAL_DFFG_OPTIONS["init"] == "pink" and NATURAL_DFFG_OPTIONS["blur"] > 0
+    for act_bits in (8, 4):
+        assert NATURAL_DFFG_OPTIONS.items() <= options(act_bits=act_bits).items()
+    assert not {"init", "blur", "alpha"} & set(options(shape=(3, 32, 32)))
+    mine = options(CalibSpec(source="bn", synth_options={"init": "noise", "steps": 9}))
+    assert mine["init"] == "noise" and mine["steps"] == 9 and mine["blur"] == NATURAL_DFFG_OPTIONS["blur"]
+
+
 def test_default_method_is_gptq_only_for_reconstruction_below_8_bits():
     from onnxdfq.config import default_method
 

@@ -183,6 +183,27 @@ def test_gaussian_blur_keeps_constants_and_smooths_noise() -> None:
     assert int(spread.argmax()) == 7 * 15 + 7
 
 
+@pytest.mark.slow
+def test_natural_dffg_options_give_smoother_samples_that_match_bn_as_well() -> None:
+    """MobileNet-V1 at 224 px: config.NATURAL_DFFG_OPTIONS (the samples --reconstruct and gptq learn on from 128 px)
+    against plain DFFG, the same seed and steps. Plain sign steps from noise leave the samples far rougher than
+    photographs (module doc of onnxdfq.synth.dffg); the natural start and smoothed steps must fix that without
+    giving up the BN match."""
+    from onnxdfq.config import NATURAL_DFFG_OPTIONS
+
+    model = onnx.load(str(asset("imagenet/mobilenet_v1_0.75.onnx")))
+    box = ((-1.0,), (1.0,))
+    plain = synth.generate(model, "dffg", 8, batch_size=4, steps=30, seed=0, input_bounds=box, keep=2)
+    natural = synth.generate(model, "dffg", 8, batch_size=4, steps=30, seed=0, input_bounds=box, keep=2,
+                             **NATURAL_DFFG_OPTIONS)
+
+    def roughness(x: np.ndarray) -> float:
+        return float(np.mean(np.diff(x, axis=3) ** 2))
+
+    assert roughness(natural) < 0.3 * roughness(plain)
+    assert synth.bn_statistics_loss(model, natural) < 1.2 * synth.bn_statistics_loss(model, plain)
+
+
 def test_chunked_alignment_gradient_equals_one_backward_pass(resnet20_model: onnx.ModelProto) -> None:
     from onnxdfq.synth.dffg import DFFGGenerator
     from onnxdfq.synth.executor import TorchGraph
