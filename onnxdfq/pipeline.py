@@ -547,10 +547,11 @@ class ReconstructStage(Pass):
                                    "give --mean/--std or --preprocess")
         if spec.source == "synth" and samples.ndim == 4 and min(samples.shape[2:]) >= LARGE_RECONSTRUCT_INPUT:
             report.warnings.append(f"--reconstruct learnt on {spec.label} samples at {samples.shape[2]} px: from "
-                                   "GPTQ's start it lifts MobileNet-V1 W4A8 to 72.92 % (67.31 without, val1300) but "
-                                   "leaves EfficientNet-Lite0 W4A8 at 76.46 (76.69 without), where 256 real images "
-                                   "give 79.81 on the rest of val1300; check top-1 on real data, or give real images "
-                                   "with --calib data:PATH.npz")
+                                   "GPTQ's start it lifts MobileNet-V1 W4A8 to 72.85-73.00 % (67.31 without, val1300) "
+                                   "and EfficientNet-Lite0 W4A8 to 79.38 (76.69 without; 76.46 on rough samples "
+                                   "before the natural start), but one sample set against another moves top-1 by up "
+                                   "to 1.6 points; check top-1 on real data, or give real images with "
+                                   "--calib data:PATH.npz")
         if spec.source == "prior":
             report.warnings.append("--reconstruct learnt on prior images: on the BN-folded ResNet-20 W4A4 that "
                                    "measured worse than no reconstruction (80.18 vs 81.33 %; 86.7-87.6 on samples from "
