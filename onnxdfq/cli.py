@@ -457,8 +457,11 @@ def _reconstruct_rows(report: dict) -> list[list[str]]:
     before = sum(b["mse_before"] for b in blocks)
     after = sum(b["mse_after"] for b in blocks)
     p = params["params"]
-    generated = p.get("sample_info", {}).get("steps")  # the generator's steps a batch (they follow --act-bits)
-    source = f"{p['source']} samples" + (f" ({generated} generator steps)" if generated else "")
+    info = p.get("sample_info", {})
+    generated = info.get("steps")  # the generator's steps a batch (they follow --act-bits)
+    chosen = " ".join(f"{key}={value}" for key, value in info.get("options", {}).items())
+    details = ", ".join(part for part in (f"{generated} generator steps" if generated else "", chosen) if part)
+    source = f"{p['source']} samples" + (f" ({details})" if details else "")
     return [["reconstruction", f"{p['blocks']} blocks, {p['samples']} {source}, {p['steps']} steps "
                                f"a block, {p['seconds']:.1f} s; block output MSE summed {before:.4g} -> {after:.4g}"]]
 

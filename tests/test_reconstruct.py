@@ -161,7 +161,7 @@ def test_synth_steps_reach_the_samples_reconstruction_learns_on(tmp_path):
     info = rec_pass["params"]["sample_info"]
     assert info["method"] == "dffg" and info["steps"] == 3, info
     assert info["options"] == {"jitter": 1, "blur": 0.5}, info
-    assert "16 synth:dffg samples (3 generator steps)" in proc.stdout + proc.stderr  # the summary says it too
+    assert "16 synth:dffg samples (3 generator steps, jitter=1 blur=0.5)" in proc.stdout + proc.stderr  # the summary
     bad = subprocess.run([sys.executable, "-m", "onnxdfq.cli", "quantize", str(model), "-o", str(tmp_path / "b.onnx"),
                           "--bits", "4", "--reconstruct", "--synth-opt", "bogus=1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unexpected keyword argument 'bogus'" in bad.stderr, bad.stderr
