@@ -255,7 +255,7 @@ def quantize(model: Path, output: Path, method: str | None, bits: str, avg_bits:
     options = dict(cle=cle, absorb_bias=absorb_bias, bias_correction=bias_correction, sigmas=sigmas,
                    input_range=lohi, fmt=fmt, target=target, quantize_outputs=quantize_outputs,
                    squant_stages=tuple(v.strip() for v in squant_stages.split(",")) if squant_stages else None,
-                   dfmpc=_dfmpc_options(dfmpc_opts) if dfmpc_opts else None,
+                   dfmpc=_key_value_options(dfmpc_opts, "--dfmpc-opt") if dfmpc_opts else None,
                    reduce_range={"auto": "auto", "on": True, "off": False}[reduce_range],
                    calib=calib, calib_range=calib_range, calib_samples=calib_samples,
                    calib_percentile=calib_percentile, seed=seed, device=device,
@@ -492,8 +492,8 @@ def _key_values(items: tuple[str, ...], flag: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _dfmpc_options(pairs: tuple[str, ...], flag: str = "--dfmpc-opt") -> dict:
-    """KEY=VALUE pairs (--dfmpc-opt: keyword arguments of DFMPCPass) -> numbers, booleans and strings."""
+def _key_value_options(pairs: tuple[str, ...], flag: str) -> dict:
+    """KEY=VALUE pairs of a repeatable ``flag`` (--dfmpc-opt, --synth-opt) -> numbers, booleans and strings."""
     options: dict = {}
     for key, text in _key_values(pairs, flag):
         if text.lower() in ("true", "on", "yes", "false", "off", "no"):
@@ -509,7 +509,7 @@ def _dfmpc_options(pairs: tuple[str, ...], flag: str = "--dfmpc-opt") -> dict:
 def _synth_options(pairs: tuple[str, ...], steps: int | None) -> dict | None:
     """--synth-opt KEY=VALUE pairs and --synth-steps -> the generator's keyword options (whole numbers as int)."""
     options = {key: int(value) if isinstance(value, float) and value.is_integer() else value
-               for key, value in _dfmpc_options(pairs, "--synth-opt").items()}
+               for key, value in _key_value_options(pairs, "--synth-opt").items()}
     if steps:
         options["steps"] = steps
     return options or None
