@@ -103,6 +103,36 @@ def test_rounding_stays_within_one_step_and_learning_moves_it(captured, noise_da
         assert block.loss_after <= block.loss_before * 1.05, block
 
 
+def test_half_precision_store_learns_what_float32_learns(captured, noise_data):
+    """Holding the blocks' inputs and targets in float16 between blocks (store_half, for 224-px sample sets)
+    leaves the learning as it was: the same integers for nearly every weight, block losses within 2 %, float32
+    outputs."""
+    path, _ = noise_data
+    onnxdfq.quantize_model(basic_block_model(0), method="nearest", bits=4, act_bits=4, check=False,
+                           calib=f"data:{path}", reconstruct=True, reconstruct_steps=1)
+    args = [captured[key] for key in ("fp_model", "quant_model", "samples", "weights", "acts")]
+    full = rec.reconstruct(*args, options=rec.ReconstructOptions(steps=250))
+    half = rec.reconstruct(*args, options=rec.ReconstructOptions(steps=250, store_half=True))
+    same = sum(int((full.w_int[n] == half.w_int[n]).sum()) for n in full.w_int)
+    total = sum(full.w_int[n].size for n in full.w_int)
+    assert same >= 0.99 * total, (same, total)
+    assert sum(int((full.w_int[n] != captured["weights"][n].w_int).sum()) for n in full.w_int) > 0  # it learnt
+    for a, b in zip(full.blocks, half.blocks, strict=True):
+        assert b.loss_after == pytest.approx(a.loss_after, rel=0.02), (a, b)
+    assert half.outputs[0].dtype == np.float32
+
+
+def test_half_store_keeps_what_float16_cannot_hold():
+    x = torch.tensor([1.0, -3.3e-3, 1234.5678])
+    stored = rec._stored(x, True)
+    assert stored.dtype == torch.float16
+    assert torch.all((stored.float() - x).abs() <= x.abs() * 2.0**-11)
+    assert rec._stored(torch.tensor([1.0, 7.0e4]), True).dtype == torch.float32  # past float16's 65504
+    assert rec._stored(torch.tensor([3, 4]), True).dtype == torch.int64
+    assert rec._stored(x, False) is x
+    assert rec._loaded(stored, "cpu").dtype == torch.float32
+
+
 def test_reconstruction_beats_its_starting_point_on_held_out_inputs(noise_data):
     """3-bit weights on a small residual net: output SQNR against FP32 on inputs the reconstruction never saw rises
     by more than 2 dB over the nearest-rounded grids it starts from (+4.2 dB at 400 steps; the soft rounding starts
@@ -186,6 +216,24 @@ def test_learning_samples_take_more_generator_steps_under_4_bit_activations():
     assert steps(8) == steps(6) == steps(4, shape=(3, 32, 32)) == CPU_SYNTH_DEFAULTS["dffg"]["steps"]
     assert steps(4, CalibSpec(source="bn", synth_options={"steps": 7})) == 7  # --synth-steps wins
     assert steps(4, CalibSpec(source="bn", device="cuda")) is None  # the generator's own default off the CPU
+
+
+def test_learning_sample_count_at_224_px():
+    """Reconstruction learns on DEFAULT_RECONSTRUCT_SAMPLES at 224 px under 8-bit activations (held in float16),
+    LARGE_RECONSTRUCT_SAMPLES under 4-bit ones (whose samples take 3x the generator steps) and for GPTQ alone;
+    small inputs and the user's --reconstruct-samples are untouched."""
+    from onnxdfq.config import DEFAULT_RECONSTRUCT_SAMPLES, CalibSpec, make_config
+    from onnxdfq.pipeline import LARGE_RECONSTRUCT_SAMPLES, reconstruction_calib
+
+    def count(act_bits=8, reconstruct=True, shape=(3, 224, 224), **kw):
+        config = make_config("gptq", bits=4, act_bits=act_bits, reconstruct=reconstruct, **kw)
+        return reconstruction_calib(config, CalibSpec(source="bn"), shape).samples
+
+    assert LARGE_RECONSTRUCT_SAMPLES < DEFAULT_RECONSTRUCT_SAMPLES
+    assert count() == count(act_bits=None) == DEFAULT_RECONSTRUCT_SAMPLES
+    assert count(act_bits=4) == count(reconstruct=False) == LARGE_RECONSTRUCT_SAMPLES
+    assert count(act_bits=4, shape=(3, 32, 32)) == DEFAULT_RECONSTRUCT_SAMPLES
+    assert count(act_bits=4, reconstruct_samples=96) == 96
 
 
 def test_learning_samples_from_128_px_are_natural_looking_dffg():
