@@ -202,7 +202,8 @@ def _methods() -> list[str]:
 @click.option("--reconstruct-steps", type=click.IntRange(0), default=None,
               help="Optimiser steps per block for --reconstruct (default 500).")
 @click.option("--reconstruct-samples", type=click.IntRange(1), default=None,
-              help="Samples --reconstruct and --method gptq learn on (default 256; 128 from 128 px up).")
+              help="Samples --reconstruct and --method gptq learn on (default 256; 128 from 128 px up, where more are "
+                   "held in float16: MobileNet-V1 W4A8 at 256 73.2-74.1 % against 72.9-73.0).")
 @click.option("--pseudo-bn/--no-pseudo-bn", default=None,
               help="With --reconstruct on a model without BN: learn on DFFG samples matched to the statistics the "
                    "prior images measured (pseudo-BN) instead of on the prior images themselves (default: the "

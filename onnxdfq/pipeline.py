@@ -520,9 +520,10 @@ class ReconstructStage(Pass):
         for name, grid in ws.act_qparams.items():
             scheme = QuantScheme(grid.bits, signed=grid.signed, symmetric=grid.dtype == "int8")
             acts[name] = rec.ActGrid(grid.scale, grid.zero_point, scheme.qmin, scheme.qmax)
-        large = samples.ndim == 4 and min(samples.shape[2:]) >= LARGE_RECONSTRUCT_INPUT
+        many = (samples.ndim == 4 and min(samples.shape[2:]) >= LARGE_RECONSTRUCT_INPUT
+                and len(samples) > LARGE_RECONSTRUCT_SAMPLES)
         options = rec.ReconstructOptions(steps=config.reconstruct_steps, device=spec.device, seed=spec.seed,
-                                         store_half=large)
+                                         store_half=many)
         quant_model = surgery.export_model(ws.graph, self.template)
         result = rec.reconstruct(ws.float_model, quant_model, samples, weights, acts, options=options,
                                  progress=getattr(self.progress, "reconstruct", None))
@@ -549,11 +550,11 @@ class ReconstructStage(Pass):
                                    "give --mean/--std or --preprocess")
         if spec.source == "synth" and samples.ndim == 4 and min(samples.shape[2:]) >= LARGE_RECONSTRUCT_INPUT:
             report.warnings.append(f"--reconstruct learnt on {spec.label} samples at {samples.shape[2]} px: from "
-                                   "GPTQ's start it lifts MobileNet-V1 W4A8 to 72.85-73.00 % (67.31 without, val1300) "
-                                   "and EfficientNet-Lite0 W4A8 to 79.38 (76.69 without; 76.46 on rough samples "
-                                   "before the natural start), but one sample set against another moves top-1 by up "
-                                   "to 1.6 points; check top-1 on real data, or give real images with "
-                                   "--calib data:PATH.npz")
+                                   "GPTQ's start it lifts MobileNet-V1 W4A8 to 72.85-73.00 % (67.31 without, val1300; "
+                                   "73.23-74.08 with --reconstruct-samples 256) and EfficientNet-Lite0 W4A8 to 79.38 "
+                                   "(76.69 without; 76.46 on rough samples before the natural start), but one sample "
+                                   "set against another moves top-1 by up to 1.6 points; check top-1 on real data, or "
+                                   "give real images with --calib data:PATH.npz")
         if spec.source == "prior":
             report.warnings.append("--reconstruct learnt on prior images: on the BN-folded ResNet-20 W4A4 that "
                                    "measured worse than no reconstruction (80.18 vs 81.33 %; 86.7-87.6 on samples from "
@@ -566,11 +567,11 @@ class ReconstructStage(Pass):
         return report
 
 
-# from this image side up reconstruction holds each block's float and quantized inputs and its targets for every
-# sample in float16 (MobileNet-V1's first block at 112 px: 0.3 MB a sample and tensor in float32), and takes fewer
-# samples where they are costly to make: 128, not 256, under activations of LOW_ACT_BITS or fewer (their samples take
-# 3x the generator steps) and for GPTQ alone. MobileNet-V1 W4A8 + reconstruct, 256 samples against 128: 73.23 /
-# 74.00 % (seeds 0, 1; 4.0 GB peak in float32) against 72.85 / 73.00 (val1300)
+# from this image side up reconstruction takes fewer samples by default: it holds each block's float and quantized
+# inputs and its targets for every sample (MobileNet-V1's first block at 112 px: 0.3 MB a sample and tensor), in
+# float16 when asked for more. 256 samples at W4A8 (--reconstruct-samples 256): MobileNet-V1 73.23 / 74.00 (seeds
+# 0, 1; 4.0 GB peak in float32) and 74.08 (float16, 3.3 GB) against 72.85-73.00 at 128, but EfficientNet-Lite0
+# 78.69 (4.6 GB) against 79.38, so 128 stays
 LARGE_RECONSTRUCT_INPUT = 128
 LARGE_RECONSTRUCT_SAMPLES = 128
 
@@ -587,7 +588,7 @@ def reconstruction_calib(config: QuantConfig, calib: Any, input_shape: tuple[int
     count = config.reconstruct_samples or DEFAULT_RECONSTRUCT_SAMPLES
     large = len(input_shape) == 3 and min(input_shape[1:]) >= LARGE_RECONSTRUCT_INPUT
     low_act = config.act_bits is not None and config.act_bits <= LOW_ACT_BITS
-    if config.reconstruct_samples is None and large and (low_act or not config.reconstruct):
+    if config.reconstruct_samples is None and large:
         count = LARGE_RECONSTRUCT_SAMPLES
     if calib.source == "data":
         return replace(calib, samples=config.reconstruct_samples or calib.samples)

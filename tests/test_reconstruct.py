@@ -219,9 +219,8 @@ def test_learning_samples_take_more_generator_steps_under_4_bit_activations():
 
 
 def test_learning_sample_count_at_224_px():
-    """Reconstruction learns on DEFAULT_RECONSTRUCT_SAMPLES at 224 px under 8-bit activations (held in float16),
-    LARGE_RECONSTRUCT_SAMPLES under 4-bit ones (whose samples take 3x the generator steps) and for GPTQ alone;
-    small inputs and the user's --reconstruct-samples are untouched."""
+    """From 128 px reconstruction learns on LARGE_RECONSTRUCT_SAMPLES unless --reconstruct-samples says otherwise
+    (more are held in float16); small inputs take DEFAULT_RECONSTRUCT_SAMPLES."""
     from onnxdfq.config import DEFAULT_RECONSTRUCT_SAMPLES, CalibSpec, make_config
     from onnxdfq.pipeline import LARGE_RECONSTRUCT_SAMPLES, reconstruction_calib
 
@@ -230,10 +229,9 @@ def test_learning_sample_count_at_224_px():
         return reconstruction_calib(config, CalibSpec(source="bn"), shape).samples
 
     assert LARGE_RECONSTRUCT_SAMPLES < DEFAULT_RECONSTRUCT_SAMPLES
-    assert count() == count(act_bits=None) == DEFAULT_RECONSTRUCT_SAMPLES
-    assert count(act_bits=4) == count(reconstruct=False) == LARGE_RECONSTRUCT_SAMPLES
+    assert count() == count(act_bits=4) == count(reconstruct=False) == LARGE_RECONSTRUCT_SAMPLES
     assert count(act_bits=4, shape=(3, 32, 32)) == DEFAULT_RECONSTRUCT_SAMPLES
-    assert count(act_bits=4, reconstruct_samples=96) == 96
+    assert count(reconstruct_samples=256) == 256
 
 
 def test_learning_samples_from_128_px_are_natural_looking_dffg():
