@@ -557,9 +557,10 @@ class ReconstructStage(Pass):
                                    "give real images with --calib data:PATH.npz")
         if spec.source == "prior":
             report.warnings.append("--reconstruct learnt on prior images: on the BN-folded ResNet-20 W4A4 that "
-                                   "measured worse than no reconstruction (80.18 vs 81.33 %; 86.7-87.6 on samples from "
-                                   "inverting the classifier, the default under 128 px); check top-1 on real data, or "
-                                   "give samples like the real inputs with --calib data:PATH.npz or synth:invert")
+                                   "measured worse than no reconstruction (80.18 vs 81.33 %; 87.34-87.67 on samples "
+                                   "from inverting the classifier, the default under 128 px); check top-1 on real "
+                                   "data, or give samples like the real inputs with --calib data:PATH.npz or "
+                                   "synth:invert")
         for block in result.blocks:
             report.rows.append(LayerRow(block.name, {"layers": block.layers, "activations": len(block.acts),
                                                      "mse_before": block.loss_before, "mse_after": block.loss_after,
