@@ -26,6 +26,7 @@ moved the statistics, and keep=2 gave 85.21.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -70,8 +71,7 @@ class InversionGenerator(Generator):
     needs_pixel_box = True
 
     def __init__(self, graph: TorchGraph, targets: Sequence[BNTarget], *, lr: float = 0.05, tv_weight: float = 0.01,
-                 jitter: float = 1 / 16, flip: bool = True, keep: int = 1,
-                 smooth: float = 0.5) -> None:
+                 jitter: float = 1 / 16, flip: bool = True, keep: int = 1, smooth: float = 0.5) -> None:
         super().__init__(graph, targets)
         if lr <= 0 or tv_weight < 0 or not 0 <= jitter < 1 or keep < 1 or smooth < 0:
             raise SynthOptionError(f"invert needs lr > 0, tv_weight >= 0, 0 <= jitter < 1, keep >= 1 and smooth >= 0, "
@@ -146,5 +146,7 @@ class InversionGenerator(Generator):
             if step in kept_steps:
                 with torch.no_grad():
                     pixels = torch.sigmoid(z)
-                    kept[step] = low + span * (gaussian_blur(pixels, self.smooth) if self.smooth else pixels)
+                    if self.smooth and min(height, width) > math.ceil(3 * self.smooth):  # reflect padding's limit
+                        pixels = gaussian_blur(pixels, self.smooth)
+                    kept[step] = low + span * pixels
         return [kept[step] for step in sorted(kept, reverse=True)]
