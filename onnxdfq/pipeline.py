@@ -520,10 +520,9 @@ class ReconstructStage(Pass):
         for name, grid in ws.act_qparams.items():
             scheme = QuantScheme(grid.bits, signed=grid.signed, symmetric=grid.dtype == "int8")
             acts[name] = rec.ActGrid(grid.scale, grid.zero_point, scheme.qmin, scheme.qmax)
-        many = (samples.ndim == 4 and min(samples.shape[2:]) >= LARGE_RECONSTRUCT_INPUT
-                and len(samples) > LARGE_RECONSTRUCT_SAMPLES)
+        large = samples.ndim == 4 and min(samples.shape[2:]) >= LARGE_RECONSTRUCT_INPUT
         options = rec.ReconstructOptions(steps=config.reconstruct_steps, device=spec.device, seed=spec.seed,
-                                         store_half=many)
+                                         store_half=large and len(samples) > LARGE_RECONSTRUCT_SAMPLES)
         quant_model = surgery.export_model(ws.graph, self.template)
         result = rec.reconstruct(ws.float_model, quant_model, samples, weights, acts, options=options,
                                  progress=getattr(self.progress, "reconstruct", None))
@@ -548,7 +547,7 @@ class ReconstructStage(Pass):
                                    "no preprocessing is known, so pixels drift out of what images give and the "
                                    "input grid widens for them (ResNet-20 W4A4 86.75 % against 87.51 kept inside); "
                                    "give --mean/--std or --preprocess")
-        if spec.source == "synth" and samples.ndim == 4 and min(samples.shape[2:]) >= LARGE_RECONSTRUCT_INPUT:
+        if spec.source == "synth" and large:
             report.warnings.append(f"--reconstruct learnt on {spec.label} samples at {samples.shape[2]} px: from "
                                    "GPTQ's start it lifts MobileNet-V1 W4A8 to 72.85-73.00 % (67.31 without, val1300; "
                                    "73.23-74.08 with --reconstruct-samples 256) and EfficientNet-Lite0 W4A8 to 79.38 "

@@ -486,7 +486,7 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
         logger.info("reconstruct block %d/%d (%s): mse %.4g -> %.4g, %d flips", index + 1, len(blocks),
                     ", ".join(block.layers), loss_before, loss_after, flipped)
         fp_in, q_in = fp_out, q_out
-    result.outputs = tuple((value.float() if value.dtype == torch.float16 else value).numpy() for value in q_in)
+    result.outputs = tuple(_loaded(value, "cpu").numpy() for value in q_in)
     result.act_scales = {name: act.scale for name, act in runner.acts.items()}
     result.seconds = time.perf_counter() - start_time
     return result
@@ -512,7 +512,7 @@ def _channel_sum_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _mse(outs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...], part: slice = slice(None)) -> float:
-    return float(sum(float((o[part].double() - t[part].double()).pow(2).mean())
+    return float(sum(float((_loaded(o[part], "cpu") - _loaded(t[part], "cpu")).pow(2).mean())
                      for o, t in zip(outs, targets, strict=True)))
 
 
