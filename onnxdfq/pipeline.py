@@ -521,7 +521,8 @@ class ReconstructStage(Pass):
             scheme = QuantScheme(grid.bits, signed=grid.signed, symmetric=grid.dtype == "int8")
             acts[name] = rec.ActGrid(grid.scale, grid.zero_point, scheme.qmin, scheme.qmax)
         large = samples.ndim == 4 and min(samples.shape[2:]) >= LARGE_RECONSTRUCT_INPUT
-        options = rec.ReconstructOptions(steps=config.reconstruct_steps, device=spec.device, seed=spec.seed,
+        steps = reconstruction_steps(config, samples.shape[1:], [grid.bits for grid in ws.act_qparams.values()])
+        options = rec.ReconstructOptions(steps=steps, device=spec.device, seed=spec.seed,
                                          store_half=large and len(samples) > LARGE_RECONSTRUCT_SAMPLES)
         quant_model = surgery.export_model(ws.graph, self.template)
         result = rec.reconstruct(ws.float_model, quant_model, samples, weights, acts, options=options,
@@ -539,7 +540,7 @@ class ReconstructStage(Pass):
         ws.float_model = None
         label = f"{spec.label} (pseudo-BN: prior statistics)" if source_model is not self.template else spec.label
         report = PassReport(self.name, params={"samples": result.samples, "source": label, "steps":
-                                               config.reconstruct_steps, "blocks": len(result.blocks),
+                                               steps, "blocks": len(result.blocks),
                                                "sample_info": {k: v for k, v in info.items() if k != "groups"},
                                                "seconds": round(result.seconds, 3)}, modified=True)
         if spec.source == "synth" and info.get("input_bounds", "").startswith("unbounded"):
@@ -549,8 +550,8 @@ class ReconstructStage(Pass):
                                    "give --mean/--std or --preprocess")
         if spec.source == "synth" and large:
             report.warnings.append(f"--reconstruct learnt on {spec.label} samples at {samples.shape[2]} px: from "
-                                   "GPTQ's start it lifts MobileNet-V1 W4A8 to 72.85-73.00 % (67.31 without, val1300; "
-                                   "73.23-74.08 with --reconstruct-samples 256) and EfficientNet-Lite0 W4A8 to 79.38 "
+                                   "GPTQ's start it lifts MobileNet-V1 W4A8 to 74.08-75.31 % (67.31 without, val1300; "
+                                   "72.85-73.00 at 500 steps a block) and EfficientNet-Lite0 W4A8 to 78.92-79.38 "
                                    "(76.69 without; 76.46 on rough samples before the natural start), but one sample "
                                    "set against another moves top-1 by up to 1.6 points; check top-1 on real data, or "
                                    "give real images with --calib data:PATH.npz")
@@ -571,9 +572,20 @@ class ReconstructStage(Pass):
 # inputs and its targets for every sample (MobileNet-V1's first block at 112 px: 0.3 MB a sample and tensor), in
 # float16 when asked for more. 256 samples at W4A8 (--reconstruct-samples 256): MobileNet-V1 73.23 / 74.00 (seeds
 # 0, 1; 4.0 GB peak in float32) and 74.08 (float16, 3.3 GB) against 72.85-73.00 at 128, but EfficientNet-Lite0
-# 78.69 (4.6 GB) against 79.38, so 128 stays
+# 78.69 (4.6 GB) against 79.38, so 128 stays (all at 500 steps a block, before LARGE_RECONSTRUCT_STEPS)
 LARGE_RECONSTRUCT_INPUT = 128
 LARGE_RECONSTRUCT_SAMPLES = 128
+
+
+def reconstruction_steps(config: QuantConfig, sample_shape: tuple[int, ...], act_bits: list[int]) -> int:
+    """Optimiser steps a block: the user's, else LARGE_RECONSTRUCT_STEPS for images from LARGE_RECONSTRUCT_INPUT
+    px whose activation grids are all 8-bit (see config.LARGE_RECONSTRUCT_STEPS), else DEFAULT_RECONSTRUCT_STEPS."""
+    from onnxdfq.config import DEFAULT_RECONSTRUCT_STEPS, LARGE_RECONSTRUCT_STEPS
+
+    if config.reconstruct_steps is not None:
+        return config.reconstruct_steps
+    large = len(sample_shape) == 3 and min(sample_shape[1:]) >= LARGE_RECONSTRUCT_INPUT
+    return LARGE_RECONSTRUCT_STEPS if large and min(act_bits, default=8) >= 8 else DEFAULT_RECONSTRUCT_STEPS
 
 
 def reconstruction_calib(config: QuantConfig, calib: Any, input_shape: tuple[int, ...] = (), *,

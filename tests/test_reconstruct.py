@@ -237,6 +237,24 @@ def test_learning_sample_count_at_224_px():
     assert count(reconstruct_samples=256) == 256
 
 
+def test_steps_a_block_double_from_128_px_under_8_bit_activations():
+    """Only the roundings learn when every activation grid is 8-bit (or float): from 128 px a block then takes
+    LARGE_RECONSTRUCT_STEPS; a 4-bit grid anywhere, or a small input, keeps DEFAULT_RECONSTRUCT_STEPS, and
+    --reconstruct-steps wins."""
+    from onnxdfq.config import DEFAULT_RECONSTRUCT_STEPS, LARGE_RECONSTRUCT_STEPS, make_config
+    from onnxdfq.pipeline import reconstruction_steps
+
+    def steps(act_bits=8, grids=(8, 8), shape=(3, 224, 224), **kw):
+        config = make_config("gptq", bits=4, act_bits=act_bits, reconstruct=True, **kw)
+        return reconstruction_steps(config, shape, list(grids))
+
+    assert LARGE_RECONSTRUCT_STEPS > DEFAULT_RECONSTRUCT_STEPS
+    assert steps() == steps(act_bits=None, grids=()) == steps(shape=(3, 128, 160)) == LARGE_RECONSTRUCT_STEPS
+    assert steps(act_bits=4, grids=(4, 4)) == steps(grids=(8, 4)) == DEFAULT_RECONSTRUCT_STEPS
+    assert steps(shape=(3, 32, 32)) == steps(shape=(3, 127, 224)) == steps(shape=(64,)) == DEFAULT_RECONSTRUCT_STEPS
+    assert steps(reconstruct_steps=40) == 40 and steps(act_bits=4, grids=(4,), reconstruct_steps=1200) == 1200
+
+
 def test_learning_samples_from_128_px_are_natural_looking_dffg():
     """From 128 px the DFFG samples a BN model learns on start from pink images with a smoothed gradient at half the
     step (config.NATURAL_DFFG_OPTIONS); small inputs keep plain DFFG, and the user's options win key by key."""
