@@ -201,7 +201,7 @@ def _methods() -> list[str]:
                    "Needs the synth extra (PyTorch); --device cuda runs it on a GPU.")
 @click.option("--reconstruct-steps", type=click.IntRange(0), default=None,
               help="Optimiser steps per block for --reconstruct (default 500; 1000 from 128 px up when every "
-                   "activation is 8-bit: MobileNet-V1 W4A8 74.1-75.3 % against 72.9-73.0 at 500).")
+                   "activation is 8-bit: MobileNet-V1 W4A8 73.8-75.3 % against 72.9-73.0 at 500).")
 @click.option("--reconstruct-samples", type=click.IntRange(1), default=None,
               help="Samples --reconstruct and --method gptq learn on (default 256; 128 from 128 px up, where more are "
                    "held in float16: MobileNet-V1 W4A8 at 256 73.2-74.1 % against 72.9-73.0, at 500 steps a block).")
