@@ -520,7 +520,7 @@ class ReconstructStage(Pass):
         for name, grid in ws.act_qparams.items():
             scheme = QuantScheme(grid.bits, signed=grid.signed, symmetric=grid.dtype == "int8")
             acts[name] = rec.ActGrid(grid.scale, grid.zero_point, scheme.qmin, scheme.qmax)
-        large = samples.ndim == 4 and min(samples.shape[2:]) >= LARGE_RECONSTRUCT_INPUT
+        large = large_input(samples.shape[1:])
         steps = reconstruction_steps(config, samples.shape[1:], [grid.bits for grid in ws.act_qparams.values()])
         options = rec.ReconstructOptions(steps=steps, device=spec.device, seed=spec.seed,
                                          store_half=large and len(samples) > LARGE_RECONSTRUCT_SAMPLES)
@@ -577,6 +577,11 @@ LARGE_RECONSTRUCT_INPUT = 128
 LARGE_RECONSTRUCT_SAMPLES = 128
 
 
+def large_input(sample_shape: tuple[int, ...]) -> bool:
+    """An image input (C, H, W) from LARGE_RECONSTRUCT_INPUT px on its shorter side."""
+    return len(sample_shape) == 3 and min(sample_shape[1:]) >= LARGE_RECONSTRUCT_INPUT
+
+
 def reconstruction_steps(config: QuantConfig, sample_shape: tuple[int, ...], act_bits: list[int]) -> int:
     """Optimiser steps a block: the user's, else LARGE_RECONSTRUCT_STEPS for images from LARGE_RECONSTRUCT_INPUT
     px whose activation grids are all 8-bit (see config.LARGE_RECONSTRUCT_STEPS), else DEFAULT_RECONSTRUCT_STEPS."""
@@ -584,8 +589,8 @@ def reconstruction_steps(config: QuantConfig, sample_shape: tuple[int, ...], act
 
     if config.reconstruct_steps is not None:
         return config.reconstruct_steps
-    large = len(sample_shape) == 3 and min(sample_shape[1:]) >= LARGE_RECONSTRUCT_INPUT
-    return LARGE_RECONSTRUCT_STEPS if large and min(act_bits, default=8) >= 8 else DEFAULT_RECONSTRUCT_STEPS
+    fine = min(act_bits, default=8) >= 8
+    return LARGE_RECONSTRUCT_STEPS if large_input(sample_shape) and fine else DEFAULT_RECONSTRUCT_STEPS
 
 
 def reconstruction_calib(config: QuantConfig, calib: Any, input_shape: tuple[int, ...] = (), *,
@@ -598,7 +603,7 @@ def reconstruction_calib(config: QuantConfig, calib: Any, input_shape: tuple[int
     from onnxdfq.config import DEFAULT_RECONSTRUCT_SAMPLES, LOW_ACT_BITS, LOW_ACT_SYNTH_STEPS, NATURAL_DFFG_OPTIONS
 
     count = config.reconstruct_samples or DEFAULT_RECONSTRUCT_SAMPLES
-    large = len(input_shape) == 3 and min(input_shape[1:]) >= LARGE_RECONSTRUCT_INPUT
+    large = large_input(input_shape)
     low_act = config.act_bits is not None and config.act_bits <= LOW_ACT_BITS
     if config.reconstruct_samples is None and large:
         count = LARGE_RECONSTRUCT_SAMPLES
