@@ -205,6 +205,12 @@ def _methods() -> list[str]:
 @click.option("--reconstruct-samples", type=click.IntRange(1), default=None,
               help="Samples --reconstruct and --method gptq learn on (default 256; 128 from 128 px up, where more are "
                    "held in float16: MobileNet-V1 W4A8 at 256 73.2-74.1 % against 72.9-73.0, at 500 steps a block).")
+@click.option("--reconstruct-loss", type=click.Choice(["fisher", "mse"]), default=None,
+              help="--reconstruct's loss a block (default fisher from 128 px up, mse below): fisher weights each "
+                   "output channel's squared error, per sample, by how much it moves the FP32 model's prediction "
+                   "(BRECQ's Fisher weighting, with classes drawn from the model's own prediction: no labels); mse "
+                   "weights every channel alike. EfficientNet-Lite0 W4A8: 80.15 %% against 79.38; ResNet-20 W4A4: "
+                   "87.73 against 88.16.")
 @click.option("--pseudo-bn/--no-pseudo-bn", default=None,
               help="With --reconstruct on a model without BN: learn on DFFG samples matched to the statistics the "
                    "prior images measured (pseudo-BN) instead of on the prior images themselves (default: the "
@@ -233,7 +239,8 @@ def quantize(model: Path, output: Path, method: str | None, bits: str, avg_bits:
              synth_opts: tuple[str, ...],
              device: str, fmt: str,
              target: str, quantize_outputs: bool, reconstruct: bool, reconstruct_steps: int | None,
-             reconstruct_samples: int | None, pseudo_bn: bool | None, first_last_bits: int | None,
+             reconstruct_samples: int | None, reconstruct_loss: str | None, pseudo_bn: bool | None,
+             first_last_bits: int | None,
              report_path: Path | None,
              allow_broken: bool, min_sqnr: float | None, quiet: bool) -> None:
     """Quantize MODEL without data (or calibrated on --calib samples) and write a QDQ ONNX model to --output.
@@ -264,7 +271,8 @@ def quantize(model: Path, output: Path, method: str | None, bits: str, avg_bits:
                    synth_options=_synth_options(synth_opts, synth_steps),
                    mean=_floats(mean, "--mean"), std=_floats(std, "--std"), preprocess=preprocess, size=_size(size),
                    reconstruct=reconstruct or None, reconstruct_steps=reconstruct_steps,
-                   reconstruct_samples=reconstruct_samples, pseudo_bn=pseudo_bn, first_last_bits=first_last_bits,
+                   reconstruct_samples=reconstruct_samples, reconstruct_loss=reconstruct_loss, pseudo_bn=pseudo_bn,
+                   first_last_bits=first_last_bits,
                    avg_bits=avg_bits, size_budget=size_budget,
                    sensitivity=sensitivity if bits.strip().lower() == "auto" else None, dfmpc_pairs=dfmpc_pairs,
                    avg_act_bits=avg_act_bits)
@@ -465,7 +473,8 @@ def _reconstruct_rows(report: dict) -> list[list[str]]:
     details = ", ".join(part for part in (f"{generated} generator steps" if generated else "", chosen) if part)
     source = f"{p['source']} samples" + (f" ({details})" if details else "")
     return [["reconstruction", f"{p['blocks']} blocks, {p['samples']} {source}, {p['steps']} steps "
-                               f"a block, {p['seconds']:.1f} s; block output MSE summed {before:.4g} -> {after:.4g}"]]
+                               f"a block, {p.get('loss', 'mse')} loss, {p['seconds']:.1f} s; block output MSE "
+                               f"summed {before:.4g} -> {after:.4g}"]]
 
 
 def _dfmpc_rows(report: dict) -> list[list[str]]:

@@ -522,7 +522,11 @@ class ReconstructStage(Pass):
             acts[name] = rec.ActGrid(grid.scale, grid.zero_point, scheme.qmin, scheme.qmax)
         large = large_input(samples.shape[1:])
         steps = reconstruction_steps(config, samples.shape[1:], [grid.bits for grid in ws.act_qparams.values()])
+        from onnxdfq.config import FISHER_DRAWS
+
+        loss = reconstruction_loss(config, samples.shape[1:])
         options = rec.ReconstructOptions(steps=steps, device=spec.device, seed=spec.seed,
+                                         fisher_draws=FISHER_DRAWS if loss == "fisher" else 0,
                                          store_half=large and len(samples) > LARGE_RECONSTRUCT_SAMPLES)
         quant_model = surgery.export_model(ws.graph, self.template)
         result = rec.reconstruct(ws.float_model, quant_model, samples, weights, acts, options=options,
@@ -540,7 +544,7 @@ class ReconstructStage(Pass):
         ws.float_model = None
         label = f"{spec.label} (pseudo-BN: prior statistics)" if source_model is not self.template else spec.label
         report = PassReport(self.name, params={"samples": result.samples, "source": label, "steps":
-                                               steps, "blocks": len(result.blocks),
+                                               steps, "loss": loss, "blocks": len(result.blocks),
                                                "sample_info": {k: v for k, v in info.items() if k != "groups"},
                                                "seconds": round(result.seconds, 3)}, modified=True)
         if spec.source == "synth" and info.get("input_bounds", "").startswith("unbounded"):
@@ -591,6 +595,14 @@ def reconstruction_steps(config: QuantConfig, sample_shape: tuple[int, ...], act
         return config.reconstruct_steps
     fine = min(act_bits, default=8) >= 8
     return LARGE_RECONSTRUCT_STEPS if large_input(sample_shape) and fine else DEFAULT_RECONSTRUCT_STEPS
+
+
+def reconstruction_loss(config: QuantConfig, sample_shape: tuple[int, ...]) -> str:
+    """The loss a block learns on: the user's, else "fisher" for images from LARGE_RECONSTRUCT_INPUT px and "mse"
+    below (see config.RECONSTRUCT_LOSSES)."""
+    if config.reconstruct_loss is not None:
+        return config.reconstruct_loss
+    return "fisher" if large_input(sample_shape) else "mse"
 
 
 def reconstruction_calib(config: QuantConfig, calib: Any, input_shape: tuple[int, ...] = (), *,
@@ -665,7 +677,9 @@ def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int |
         "data:PATH.npz"), calib_range ("mse", "percentile", "minmax"), calib_samples, calib_percentile,
         seed, device, calib_batch_size, synth_options (dict for the generator), mean/std (the model's
         preprocessing, 0-1 scale: the input range, the prior's input space, raw uint8 data files),
-        size ((H, W) for a dynamic image size). An unknown option is an OptionError naming the valid ones.
+        size ((H, W) for a dynamic image size); block reconstruction: reconstruct, reconstruct_steps,
+        reconstruct_samples, reconstruct_loss ("fisher", the default, or "mse"), pseudo_bn, first_last_bits.
+        An unknown option is an OptionError naming the valid ones.
     """
     if config is None:
         config = make_config(method or default_method(bits, bool(options.get("reconstruct"))),

@@ -358,3 +358,51 @@ def test_pseudo_bn_reconstruction_runs_on_a_folded_model(tmp_path):
     assert "pseudo-BN" in entry["params"]["source"] and entry["params"]["sample_info"]["method"] == "dffg"
     with pytest.raises(onnxdfq.errors.OptionError, match="--reconstruct"):
         onnxdfq.quantize_model(str(folded), bits=4, pseudo_bn=True, check=False)
+
+
+def test_fisher_weights_follow_what_reaches_the_prediction():
+    """The Fisher weighting of a block's squared error: a channel the classifier ignores gets weight 0 (no gradient
+    of the prediction reaches it), the others positive, each output's weights averaging 1."""
+    model = basic_block_model(0)
+    head = next(init for init in model.graph.initializer if init.name == "fc.weight")
+    w = numpy_helper.to_array(head).copy()
+    w[:, 3] = 0.0  # the last block's channel 3 no longer reaches the logits
+    head.CopyFrom(numpy_helper.from_array(w, "fc.weight"))
+    graph = TorchGraph(model)
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((16, 3, 16, 16)).astype(np.float32))
+    floats, side = rec._side_values(graph, x[:8])
+    runner = rec._Runner(graph, graph, side)
+    blocks = rec.find_blocks(graph, floats, {n.name for n in graph._nodes if n.op_type in ("Conv", "Gemm")})
+    weights = rec._fisher_weights(runner, blocks, {n.name: n for n in graph._nodes}, x, 8, "cpu", 4, 0)
+    last = weights[blocks[-2].outputs[0]]
+    assert last.shape == (16, 16)
+    assert float(last[:, 3].abs().max()) == 0.0
+    assert float((torch.cat([last[:, :3], last[:, 4:]], 1) > 0).float().mean()) > 0.95
+    for block in blocks:
+        value = weights[block.outputs[0]]
+        assert value.shape[0] == 16 and float(value.mean()) == pytest.approx(1.0, rel=1e-5)
+    assert weights["logits"].shape == (16, 10)
+
+
+def test_reconstruct_loss_is_checked_and_reported(tmp_path, noise_data, captured):
+    path, _ = noise_data
+    with pytest.raises(onnxdfq.errors.OptionError, match="--reconstruct-loss"):
+        onnxdfq.quantize_model(basic_block_model(0), bits=4, act_bits=4, reconstruct=True, reconstruct_loss="kl")
+    for given, used in ((None, "mse"), ("fisher", "fisher")):  # 16 px: mse unless asked
+        result = onnxdfq.quantize_model(basic_block_model(0), method="nearest", bits=4, act_bits=4, check=False,
+                                        calib=f"data:{path}", reconstruct=True, reconstruct_steps=5,
+                                        reconstruct_loss=given)
+        entry = next(p for p in result.report["passes"] if p["name"] == "reconstruct")
+        assert entry["params"]["loss"] == used
+
+
+def test_fisher_loss_is_the_default_from_128_px():
+    from onnxdfq.config import make_config
+    from onnxdfq.pipeline import reconstruction_loss
+
+    config = make_config("gptq", 4, 8, reconstruct=True)
+    assert reconstruction_loss(config, (3, 224, 224)) == reconstruction_loss(config, (3, 128, 160)) == "fisher"
+    assert reconstruction_loss(config, (3, 32, 32)) == reconstruction_loss(config, (3, 127, 224)) == "mse"
+    assert reconstruction_loss(config, (64,)) == "mse"
+    chosen = make_config("gptq", 4, 8, reconstruct=True, reconstruct_loss="mse")
+    assert reconstruction_loss(chosen, (3, 224, 224)) == "mse"

@@ -99,6 +99,10 @@ class ReconstructOptions:
     # that (MobileNet-V1 at 224 px and 256 samples: 3.97 GB peak in float32, 3.33 in float16); the arithmetic stays
     # float32
     store_half: bool = False
+    # BRECQ's Fisher weighting without labels: each block output channel's squared error is weighted per sample by
+    # the squared gradient of log p(y) at that channel (mean over positions), y drawn from the FP32 model's own
+    # prediction this many times (0: plain MSE)
+    fisher_draws: int = 0
     seed: int = 0
     device: str = "cpu"
 
@@ -404,6 +408,8 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
     held = (int(count * options.holdout) // batch) * batch if count >= 2 * batch else 0
     train = count - held
     judge = slice(train, count) if held else slice(0, count)  # the samples a block's loss is measured on
+    fisher = (_fisher_weights(runner, blocks, fp_nodes, x_all, batch, device, options.fisher_draws, options.seed)
+              if options.fisher_draws > 0 else {})
     fp_in = q_in = (x_all,)
     for index, block in enumerate(blocks):
         block_start = time.perf_counter()
@@ -424,7 +430,8 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
         fp_out = run_all(fp_in, False)
         for name in block.layers:
             runner.recipes[name].hard = True
-        loss_before = _mse(run_all(q_in, True), fp_out, judge)
+        out_w = tuple(fisher.get(name) for name in block.outputs)
+        loss_before = _mse(run_all(q_in, True), fp_out, judge, out_w)
         params_round = [runner.recipes[name].v for name in block.layers]
         acts_here = [name for name in _block_acts(block, runner.acts)]
         params_act = ([runner.acts[name].log_scale for name in acts_here if not runner.acts[name].fine]
@@ -451,7 +458,8 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
                 values = tuple(_loaded(v[pick], device) for v in q_in)
                 targets = tuple(_loaded(t[pick], device) for t in fp_out)
                 out = runner.run(block, values, quantized=True, drop=options.drop_prob)
-                loss = sum(_channel_sum_mse(o, t) for o, t in zip(out, targets, strict=True))
+                loss = sum(_channel_sum_mse(o, t, None if w is None else w[pick].to(device))
+                           for o, t, w in zip(out, targets, out_w, strict=True))
                 if step >= warm and params_round:
                     progress_frac = (step - warm) / max(1, options.steps - warm)
                     beta = options.beta[0] + (options.beta[1] - options.beta[0]) * progress_frac
@@ -465,13 +473,13 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
             for name in block.layers:
                 runner.recipes[name].hard = True
         q_out = run_all(q_in, True)
-        loss_after = _mse(q_out, fp_out, judge)
+        loss_after = _mse(q_out, fp_out, judge, out_w)
         if loss_after > loss_before:  # worse on the held-out samples (overfit, or QDrop's noise): keep the start
             with torch.no_grad():
                 for param, value in zip(learnable, saved, strict=True):
                     param.copy_(value)
             q_out = run_all(q_in, True)
-            loss_after = _mse(q_out, fp_out, judge)
+            loss_after = _mse(q_out, fp_out, judge, out_w)
         flipped = 0
         for name in block.layers:
             recipe = runner.recipes[name]
@@ -505,15 +513,64 @@ def _block_acts(block: Block, acts: dict[str, _ActQuant]) -> list[str]:
     return names
 
 
-def _channel_sum_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BRECQ's reconstruction loss: squared error summed over channels, averaged over samples and positions."""
+def _channel_sum_mse(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """BRECQ's reconstruction loss: squared error summed over channels, averaged over samples and positions;
+    ``weight`` [samples, channels] scales each sample's channels (the Fisher weighting)."""
     diff = (out - target).pow(2)
+    if weight is not None and diff.dim() > 1 and weight.shape == diff.shape[:2]:
+        diff = diff * weight.reshape(weight.shape + (1,) * (diff.dim() - 2))
     return diff.sum(1).mean() if diff.dim() > 1 else diff.mean()
 
 
-def _mse(outs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...], part: slice = slice(None)) -> float:
-    return float(sum(float((_loaded(o[part], "cpu") - _loaded(t[part], "cpu")).pow(2).mean())
-                     for o, t in zip(outs, targets, strict=True)))
+def _mse(outs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...], part: slice = slice(None),
+         weights: tuple[torch.Tensor | None, ...] | None = None) -> float:
+    weights = weights or (None,) * len(outs)
+    total = 0.0
+    for o, t, w in zip(outs, targets, weights, strict=True):
+        diff = (_loaded(o[part], "cpu") - _loaded(t[part], "cpu")).pow(2)
+        if w is not None and diff.dim() > 1 and w[part].shape == diff.shape[:2]:
+            diff = diff * w[part].reshape(w[part].shape + (1,) * (diff.dim() - 2))
+        total += float(diff.mean())
+    return total
+
+
+def _fisher_weights(runner: _Runner, blocks: list[Block], fp_nodes: dict[str, NodeSpec], x_all: torch.Tensor,
+                    batch: int, device: str, draws: int, seed: int) -> dict[str, torch.Tensor]:
+    """Per block output: [samples, channels] mean over positions of (d log p(y) / d output)^2, y drawn from the
+    FP32 prediction (the Fisher's diagonal, so no label is needed), normalised to mean 1 per output."""
+    generator = torch.Generator().manual_seed(seed + 7919)
+    sums: dict[str, list[torch.Tensor]] = {name: [] for block in blocks for name in block.outputs}
+    for part in _batches(len(x_all), batch):
+        x = x_all[part].to(device).requires_grad_(True)
+        values: tuple[torch.Tensor, ...] = (x,)
+        kept: list[tuple[str, torch.Tensor]] = []
+        for block in blocks:
+            values = runner.run(block, values, quantized=False, fp_nodes=[fp_nodes[n.name] for n in block.nodes])
+            for name, value in zip(block.outputs, values, strict=True):
+                if value.requires_grad:
+                    value.retain_grad()
+                    kept.append((name, value))
+        final = values[0].reshape(values[0].shape[0], -1)
+        probs_given = bool((final >= 0).all()) and bool(torch.allclose(final.sum(1), torch.ones(len(final)),
+                                                                          atol=1e-3))
+        log_p = torch.log(final.clamp_min(1e-12)) if probs_given else torch.log_softmax(final, dim=1)
+        acc = {name: torch.zeros(value.shape[:2]) for name, value in kept}
+        for draw in range(draws):
+            labels = torch.multinomial(log_p.detach().exp().cpu(), 1, generator=generator).reshape(-1)
+            for _, value in kept:
+                value.grad = None
+            log_p[torch.arange(len(labels)), labels.to(device)].sum().backward(retain_graph=draw < draws - 1)
+            for name, value in kept:
+                g = value.grad.detach().cpu().pow(2)
+                acc[name] += g.reshape(g.shape[0], g.shape[1], -1).mean(2) if g.dim() > 2 else g
+        for name, _ in kept:
+            sums[name].append(acc[name] / draws)
+    weights = {}
+    for name, parts in sums.items():
+        if parts:
+            w = torch.cat(parts)
+            weights[name] = w / w.mean().clamp_min(1e-30)
+    return weights
 
 
 # float16's largest finite value is 65504: a tensor reaching past this keeps float32
