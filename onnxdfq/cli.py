@@ -472,8 +472,9 @@ def _reconstruct_rows(report: dict) -> list[list[str]]:
     chosen = " ".join(f"{key}={value}" for key, value in info.get("options", {}).items())
     details = ", ".join(part for part in (f"{generated} generator steps" if generated else "", chosen) if part)
     source = f"{p['source']} samples" + (f" ({details})" if details else "")
+    loss = p.get("loss", "mse") + (f" (weights {p['fisher_seconds']:.1f} s)" if p.get("fisher_seconds") else "")
     return [["reconstruction", f"{p['blocks']} blocks, {p['samples']} {source}, {p['steps']} steps "
-                               f"a block, {p.get('loss', 'mse')} loss, {p['seconds']:.1f} s; block output MSE "
+                               f"a block, {loss} loss, {p['seconds']:.1f} s; block output MSE "
                                f"summed {before:.4g} -> {after:.4g}"]]
 
 

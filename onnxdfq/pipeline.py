@@ -544,7 +544,8 @@ class ReconstructStage(Pass):
         ws.float_model = None
         label = f"{spec.label} (pseudo-BN: prior statistics)" if source_model is not self.template else spec.label
         report = PassReport(self.name, params={"samples": result.samples, "source": label, "steps":
-                                               steps, "loss": loss, "blocks": len(result.blocks),
+                                               steps, "loss": loss, "fisher_seconds": round(result.fisher_seconds, 3),
+                                               "blocks": len(result.blocks),
                                                "sample_info": {k: v for k, v in info.items() if k != "groups"},
                                                "seconds": round(result.seconds, 3)}, modified=True)
         if spec.source == "synth" and info.get("input_bounds", "").startswith("unbounded"):

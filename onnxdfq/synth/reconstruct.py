@@ -14,7 +14,10 @@ block by block, in graph order:
   start far off (MobileNet-V1's conv_pw_1: 6x the starting rounding's error);
 - each sub-8-bit activation's step size is learnt (LSQ: a straight-through round, the scale's gradient
   flows), and its quantization is dropped at random per element while learning (QDrop), which keeps the
-  learnt weights flat against the activation noise they meet at inference. 8-bit grids stay as calibrated.
+  learnt weights flat against the activation noise they meet at inference. 8-bit grids stay as calibrated;
+- with ``fisher_draws`` the loss weights each output channel's squared error, per sample, by the FP32 model's
+  Fisher information there (BRECQ's weighting; the class is drawn from the model's own prediction, so no label is
+  needed), measured once before the first block.
 
 Only numbers come out: integer weights and activation scales, which the pipeline writes into its grids, so
 the QDQ file is emitted exactly as without reconstruction. Everything here is torch; the caller passes
@@ -127,6 +130,7 @@ class ReconstructResult:
     seconds: float = 0.0
     outputs: tuple[np.ndarray, ...] = ()  # the quantized graph's outputs on the samples, after the last block
     biases: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> learnt bias (learn_bias only)
+    fisher_seconds: float = 0.0  # measuring the Fisher weights (fisher_draws)
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -408,8 +412,10 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
     held = (int(count * options.holdout) // batch) * batch if count >= 2 * batch else 0
     train = count - held
     judge = slice(train, count) if held else slice(0, count)  # the samples a block's loss is measured on
+    fisher_start = time.perf_counter()
     fisher = (_fisher_weights(runner, blocks, fp_nodes, x_all, batch, device, options.fisher_draws, options.seed)
               if options.fisher_draws > 0 else {})
+    result.fisher_seconds = time.perf_counter() - fisher_start
     fp_in = q_in = (x_all,)
     for index, block in enumerate(blocks):
         block_start = time.perf_counter()
