@@ -524,7 +524,7 @@ class ReconstructStage(Pass):
         steps = reconstruction_steps(config, samples.shape[1:], [grid.bits for grid in ws.act_qparams.values()])
         from onnxdfq.config import FISHER_DRAWS
 
-        loss = reconstruction_loss(config, samples.shape[1:])
+        loss = reconstruction_loss(config)
         options = rec.ReconstructOptions(steps=steps, device=spec.device, seed=spec.seed,
                                          fisher_draws=FISHER_DRAWS if loss == "fisher" else 0,
                                          store_half=large and len(samples) > LARGE_RECONSTRUCT_SAMPLES)
@@ -598,12 +598,9 @@ def reconstruction_steps(config: QuantConfig, sample_shape: tuple[int, ...], act
     return LARGE_RECONSTRUCT_STEPS if large_input(sample_shape) and fine else DEFAULT_RECONSTRUCT_STEPS
 
 
-def reconstruction_loss(config: QuantConfig, sample_shape: tuple[int, ...]) -> str:
-    """The loss a block learns on: the user's, else "fisher" for images from LARGE_RECONSTRUCT_INPUT px and "mse"
-    below (see config.RECONSTRUCT_LOSSES)."""
-    if config.reconstruct_loss is not None:
-        return config.reconstruct_loss
-    return "fisher" if large_input(sample_shape) else "mse"
+def reconstruction_loss(config: QuantConfig) -> str:
+    """The loss a block learns on: the user's, else "mse" (see config.RECONSTRUCT_LOSSES for the measurements)."""
+    return config.reconstruct_loss or "mse"
 
 
 def reconstruction_calib(config: QuantConfig, calib: Any, input_shape: tuple[int, ...] = (), *,

@@ -388,21 +388,9 @@ def test_reconstruct_loss_is_checked_and_reported(tmp_path, noise_data, captured
     path, _ = noise_data
     with pytest.raises(onnxdfq.errors.OptionError, match="--reconstruct-loss"):
         onnxdfq.quantize_model(basic_block_model(0), bits=4, act_bits=4, reconstruct=True, reconstruct_loss="kl")
-    for given, used in ((None, "mse"), ("fisher", "fisher")):  # 16 px: mse unless asked
+    for given, used in ((None, "mse"), ("fisher", "fisher")):  # mse unless asked
         result = onnxdfq.quantize_model(basic_block_model(0), method="nearest", bits=4, act_bits=4, check=False,
                                         calib=f"data:{path}", reconstruct=True, reconstruct_steps=5,
                                         reconstruct_loss=given)
         entry = next(p for p in result.report["passes"] if p["name"] == "reconstruct")
         assert entry["params"]["loss"] == used
-
-
-def test_fisher_loss_is_the_default_from_128_px():
-    from onnxdfq.config import make_config
-    from onnxdfq.pipeline import reconstruction_loss
-
-    config = make_config("gptq", 4, 8, reconstruct=True)
-    assert reconstruction_loss(config, (3, 224, 224)) == reconstruction_loss(config, (3, 128, 160)) == "fisher"
-    assert reconstruction_loss(config, (3, 32, 32)) == reconstruction_loss(config, (3, 127, 224)) == "mse"
-    assert reconstruction_loss(config, (64,)) == "mse"
-    chosen = make_config("gptq", 4, 8, reconstruct=True, reconstruct_loss="mse")
-    assert reconstruction_loss(chosen, (3, 224, 224)) == "mse"
