@@ -567,6 +567,8 @@ def _fisher_weights(runner: _Runner, blocks: list[Block], fp_nodes: dict[str, No
                 value.grad = None
             log_p[torch.arange(len(labels)), labels.to(device)].sum().backward(retain_graph=draw < draws - 1)
             for name, value in kept:
+                if value.grad is None:  # not on the path to the prediction (another graph output): stays plain
+                    continue
                 g = value.grad.detach().cpu().pow(2)
                 acc[name] += g.reshape(g.shape[0], g.shape[1], -1).mean(2) if g.dim() > 2 else g
         for name, _ in kept:
@@ -575,7 +577,8 @@ def _fisher_weights(runner: _Runner, blocks: list[Block], fp_nodes: dict[str, No
     for name, parts in sums.items():
         if parts:
             w = torch.cat(parts)
-            weights[name] = w / w.mean().clamp_min(1e-30)
+            if float(w.mean()) > 0:  # no gradient reached it at all: plain squared error
+                weights[name] = w / w.mean()
     return weights
 
 
