@@ -522,10 +522,15 @@ def _block_acts(block: Block, acts: dict[str, _ActQuant]) -> list[str]:
 def _channel_sum_mse(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """BRECQ's reconstruction loss: squared error summed over channels, averaged over samples and positions;
     ``weight`` [samples, channels] scales each sample's channels (the Fisher weighting)."""
-    diff = (out - target).pow(2)
-    if weight is not None and diff.dim() > 1 and weight.shape == diff.shape[:2]:
-        diff = diff * weight.reshape(weight.shape + (1,) * (diff.dim() - 2))
+    diff = _weighted((out - target).pow(2), weight)
     return diff.sum(1).mean() if diff.dim() > 1 else diff.mean()
+
+
+def _weighted(diff: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Squared errors scaled per sample and channel by ``weight`` [samples, channels] where it fits."""
+    if weight is None or diff.dim() < 2 or weight.shape != diff.shape[:2]:
+        return diff
+    return diff * weight.reshape(weight.shape + (1,) * (diff.dim() - 2))
 
 
 def _mse(outs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...], part: slice = slice(None),
@@ -534,9 +539,7 @@ def _mse(outs: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...], part
     total = 0.0
     for o, t, w in zip(outs, targets, weights, strict=True):
         diff = (_loaded(o[part], "cpu") - _loaded(t[part], "cpu")).pow(2)
-        if w is not None and diff.dim() > 1 and w[part].shape == diff.shape[:2]:
-            diff = diff * w[part].reshape(w[part].shape + (1,) * (diff.dim() - 2))
-        total += float(diff.mean())
+        total += float(_weighted(diff, None if w is None else w[part]).mean())
     return total
 
 
