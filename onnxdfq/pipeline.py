@@ -522,10 +522,11 @@ class ReconstructStage(Pass):
             acts[name] = rec.ActGrid(grid.scale, grid.zero_point, scheme.qmin, scheme.qmax)
         large = large_input(samples.shape[1:])
         steps = reconstruction_steps(config, samples.shape[1:], [grid.bits for grid in ws.act_qparams.values()])
-        from onnxdfq.config import FISHER_DRAWS
+        from onnxdfq.config import FISHER_DRAWS, RECONSTRUCT_INPUT_MIX
 
         loss = reconstruction_loss(config)
-        options = rec.ReconstructOptions(steps=steps, device=spec.device, seed=spec.seed,
+        mix = RECONSTRUCT_INPUT_MIX if config.reconstruct_input_mix is None else float(config.reconstruct_input_mix)
+        options = rec.ReconstructOptions(steps=steps, device=spec.device, seed=spec.seed, input_mix=mix,
                                          fisher_draws=FISHER_DRAWS if loss == "fisher" else 0,
                                          store_half=large and len(samples) > LARGE_RECONSTRUCT_SAMPLES)
         quant_model = surgery.export_model(ws.graph, self.template)
@@ -545,6 +546,7 @@ class ReconstructStage(Pass):
         label = f"{spec.label} (pseudo-BN: prior statistics)" if source_model is not self.template else spec.label
         report = PassReport(self.name, params={"samples": result.samples, "source": label, "steps":
                                                steps, "loss": loss, "fisher_seconds": round(result.fisher_seconds, 3),
+                                               "input_mix": mix,
                                                "blocks": len(result.blocks),
                                                "sample_info": {k: v for k, v in info.items() if k != "groups"},
                                                "seconds": round(result.seconds, 3)}, modified=True)
@@ -676,7 +678,8 @@ def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int |
         seed, device, calib_batch_size, synth_options (dict for the generator), mean/std (the model's
         preprocessing, 0-1 scale: the input range, the prior's input space, raw uint8 data files),
         size ((H, W) for a dynamic image size); block reconstruction: reconstruct, reconstruct_steps,
-        reconstruct_samples, reconstruct_loss ("fisher", the default, or "mse"), pseudo_bn, first_last_bits.
+        reconstruct_samples, reconstruct_loss ("mse", the default, or "fisher"),
+        reconstruct_input_mix (0..1, default 0.5), pseudo_bn, first_last_bits.
         An unknown option is an OptionError naming the valid ones.
     """
     if config is None:

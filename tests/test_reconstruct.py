@@ -394,3 +394,28 @@ def test_reconstruct_loss_is_checked_and_reported(tmp_path, noise_data, captured
                                         reconstruct_loss=given)
         entry = next(p for p in result.report["passes"] if p["name"] == "reconstruct")
         assert entry["params"]["loss"] == used
+
+
+def test_input_mix_learns_from_the_fp32_path(captured, noise_data):
+    """QDrop's input mixing at 1.0: a block after the first learns on the FP32 path's inputs only, so another
+    rounding of the block before it cannot change its integers; at 0 (BRECQ, the quantized path) it does."""
+    path, _ = noise_data
+    onnxdfq.quantize_model(basic_block_model(0), method="nearest", bits=4, act_bits=8, check=False,
+                           calib=f"data:{path}", reconstruct=True, reconstruct_steps=1)
+    fp_model, quant_model, samples, weights, acts = (captured[key] for key in
+                                                     ("fp_model", "quant_model", "samples", "weights", "acts"))
+    stem = weights["stem"]
+    floored = dict(weights, stem=rec.WeightGrid(stem.scale, np.clip(stem.w_int - 1, stem.qmin, stem.qmax),
+                                                 stem.qmin, stem.qmax, stem.swap_axes))
+
+    def learnt(grids, mix):
+        result = rec.reconstruct(fp_model, quant_model, samples, grids, acts,
+                                 options=rec.ReconstructOptions(steps=200, input_mix=mix))
+        block = result.blocks[1]  # the first residual block, after the stem
+        assert block.flipped > 0, block  # it learnt, and kept what it learnt
+        return {name: result.w_int[name] for name in block.layers}
+
+    mixed, mixed_floored = learnt(weights, 1.0), learnt(floored, 1.0)
+    assert all(np.array_equal(mixed[name], mixed_floored[name]) for name in mixed)
+    plain, plain_floored = learnt(weights, 0.0), learnt(floored, 0.0)
+    assert any(not np.array_equal(plain[name], plain_floored[name]) for name in plain)

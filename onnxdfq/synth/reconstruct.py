@@ -92,6 +92,9 @@ class ReconstructOptions:
     warmup: float = 0.2  # fraction of the steps before the regulariser starts
     beta: tuple[float, float] = (20.0, 2.0)  # the regulariser's exponent, annealed from the first to the second
     drop_prob: float = 0.5  # QDrop: chance that an activation element skips quantization while learning
+    # QDrop's input mixing: while learning, each element of a block's input comes from the FP32 path with this
+    # chance instead of the already reconstructed blocks (0: the quantized path only, BRECQ)
+    input_mix: float = 0.0
     learn_act: bool = True  # sub-8-bit grids only (MobileNet-V1 W4A8, real images: 72.50 % learning them, 73.27 not)
     # samples kept out of the optimisation: a block's loss before and after is measured on them, and a block
     # that got worse there keeps its start (MobileNet-V1's 768 -> 1001 classifier, fit on 96 samples, fell apart)
@@ -462,6 +465,9 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
             for step in range(options.steps):
                 pick = torch.randint(0, train, (batch,), generator=generator)
                 values = tuple(_loaded(v[pick], device) for v in q_in)
+                if options.input_mix > 0 and fp_in is not q_in:
+                    values = tuple(torch.where(torch.rand_like(q) < options.input_mix, _loaded(f[pick], device), q)
+                                   for q, f in zip(values, fp_in, strict=True))
                 targets = tuple(_loaded(t[pick], device) for t in fp_out)
                 out = runner.run(block, values, quantized=True, drop=options.drop_prob)
                 loss = sum(_channel_sum_mse(o, t, None if w is None else w[pick].to(device))
