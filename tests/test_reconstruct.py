@@ -384,16 +384,19 @@ def test_fisher_weights_follow_what_reaches_the_prediction():
     assert weights["logits"].shape == (16, 10)
 
 
-def test_reconstruct_loss_is_checked_and_reported(tmp_path, noise_data, captured):
+def test_reconstruct_loss_and_input_mix_are_checked_and_reported(tmp_path, noise_data, captured):
     path, _ = noise_data
     with pytest.raises(onnxdfq.errors.OptionError, match="--reconstruct-loss"):
         onnxdfq.quantize_model(basic_block_model(0), bits=4, act_bits=4, reconstruct=True, reconstruct_loss="kl")
-    for given, used in ((None, "mse"), ("fisher", "fisher")):  # mse unless asked
+    with pytest.raises(onnxdfq.errors.OptionError, match="--reconstruct-input-mix"):
+        onnxdfq.quantize_model(basic_block_model(0), bits=4, act_bits=4, reconstruct=True, reconstruct_input_mix=1.5)
+    for given, used, mix in ((None, "mse", None), ("fisher", "fisher", 0.0)):  # mse and mixing 0.5 unless asked
         result = onnxdfq.quantize_model(basic_block_model(0), method="nearest", bits=4, act_bits=4, check=False,
                                         calib=f"data:{path}", reconstruct=True, reconstruct_steps=5,
-                                        reconstruct_loss=given)
+                                        reconstruct_loss=given, reconstruct_input_mix=mix)
         entry = next(p for p in result.report["passes"] if p["name"] == "reconstruct")
         assert entry["params"]["loss"] == used
+        assert entry["params"]["input_mix"] == (0.5 if mix is None else mix)
 
 
 def test_input_mix_learns_from_the_fp32_path(captured, noise_data):
