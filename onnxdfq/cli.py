@@ -213,9 +213,10 @@ def _methods() -> list[str]:
                    "74.23 against 75.31, ResNet-20 W4A4 87.73 against 88.16.")
 @click.option("--reconstruct-input-mix", type=click.FloatRange(0.0, 1.0), default=None, metavar="P",
               help="--reconstruct: the chance that each element of a block's input comes from the FP32 model while "
-                   "it learns, else from the blocks already reconstructed (QDrop; default 0.5, 0: the quantized "
-                   "path only). At 0.5 EfficientNet-Lite0 W4A8 scored 80.08 / 78.85 %% (seeds 0 / 1) against "
-                   "79.38 / 78.92 at 0, ResNet-20 W4A4 88.51 against 88.16, MobileNet-V1 W4A8 75.08 against 75.31.")
+                   "it learns, else from the blocks already reconstructed (QDrop; 0: the quantized path only; "
+                   "default 0.5 from 500 steps a block, 0 below: its noise needs the steps). At 0.5 "
+                   "EfficientNet-Lite0 W4A8 scored 80.08 / 78.85 %% (seeds 0 / 1) against 79.38 / 78.92 at 0, "
+                   "ResNet-20 W4A4 88.51 against 88.16, MobileNet-V1 W4A8 75.08 against 75.31.")
 @click.option("--pseudo-bn/--no-pseudo-bn", default=None,
               help="With --reconstruct on a model without BN: learn on DFFG samples matched to the statistics the "
                    "prior images measured (pseudo-BN) instead of on the prior images themselves (default: the "

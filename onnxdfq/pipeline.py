@@ -522,10 +522,10 @@ class ReconstructStage(Pass):
             acts[name] = rec.ActGrid(grid.scale, grid.zero_point, scheme.qmin, scheme.qmax)
         large = large_input(samples.shape[1:])
         steps = reconstruction_steps(config, samples.shape[1:], [grid.bits for grid in ws.act_qparams.values()])
-        from onnxdfq.config import FISHER_DRAWS, RECONSTRUCT_INPUT_MIX
+        from onnxdfq.config import FISHER_DRAWS
 
         loss = reconstruction_loss(config)
-        mix = RECONSTRUCT_INPUT_MIX if config.reconstruct_input_mix is None else float(config.reconstruct_input_mix)
+        mix = reconstruction_input_mix(config, steps)
         options = rec.ReconstructOptions(steps=steps, device=spec.device, seed=spec.seed, input_mix=mix,
                                          fisher_draws=FISHER_DRAWS if loss == "fisher" else 0,
                                          store_half=large and len(samples) > LARGE_RECONSTRUCT_SAMPLES)
@@ -598,6 +598,16 @@ def reconstruction_steps(config: QuantConfig, sample_shape: tuple[int, ...], act
         return config.reconstruct_steps
     fine = min(act_bits, default=8) >= 8
     return LARGE_RECONSTRUCT_STEPS if large_input(sample_shape) and fine else DEFAULT_RECONSTRUCT_STEPS
+
+
+def reconstruction_input_mix(config: QuantConfig, steps: int) -> float:
+    """QDrop's input mixing chance: the user's, else RECONSTRUCT_INPUT_MIX from MIXED_RECONSTRUCT_STEPS steps a block
+    and 0 below (its random inputs need the steps: see config.RECONSTRUCT_INPUT_MIX)."""
+    from onnxdfq.config import MIXED_RECONSTRUCT_STEPS, RECONSTRUCT_INPUT_MIX
+
+    if config.reconstruct_input_mix is not None:
+        return float(config.reconstruct_input_mix)
+    return RECONSTRUCT_INPUT_MIX if steps >= MIXED_RECONSTRUCT_STEPS else 0.0
 
 
 def reconstruction_loss(config: QuantConfig) -> str:
@@ -679,7 +689,7 @@ def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int |
         preprocessing, 0-1 scale: the input range, the prior's input space, raw uint8 data files),
         size ((H, W) for a dynamic image size); block reconstruction: reconstruct, reconstruct_steps,
         reconstruct_samples, reconstruct_loss ("mse", the default, or "fisher"),
-        reconstruct_input_mix (0..1, default 0.5), pseudo_bn, first_last_bits.
+        reconstruct_input_mix (0..1; default 0.5 from 500 steps a block, else 0), pseudo_bn, first_last_bits.
         An unknown option is an OptionError naming the valid ones.
     """
     if config is None:
