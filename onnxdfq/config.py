@@ -109,6 +109,11 @@ FISHER_DRAWS = 4
 # MIXED_RECONSTRUCT_STEPS it is 0
 RECONSTRUCT_INPUT_MIX = 0.5
 MIXED_RECONSTRUCT_STEPS = 500
+# torch.compile of the learning steps (--reconstruct-compile): by default on the CPU for inputs from
+# LARGE_RECONSTRUCT_INPUT px and from this many steps a block. Compiling costs ~4 s a block and phase; MobileNet-V1
+# W4A8's steps then take 331 ms summed over its blocks against 696 eager, while ResNet-20 at 32 px gains nothing
+# (see onnxdfq.synth.reconstruct.ReconstructOptions.compile and BENCHMARKS)
+COMPILED_RECONSTRUCT_STEPS = 200
 # --bits auto: the weight widths each layer may get, and how their cost at the output is found
 AUTO_WIDTHS = (2, 3, 4, 5, 6, 8)
 AUTO_ACT_WIDTHS = (4, 8)  # --avg-act-bits: each activation at 4 bits or at --act-bits
@@ -284,6 +289,7 @@ class QuantConfig:
     reconstruct_samples: int | None = None  # None: DEFAULT_RECONSTRUCT_SAMPLES
     reconstruct_loss: str | None = None  # one of RECONSTRUCT_LOSSES; None: "mse"
     reconstruct_input_mix: float | None = None  # None: RECONSTRUCT_INPUT_MIX
+    reconstruct_compile: bool | None = None  # None: see pipeline.reconstruction_compile
     # BN folded away: reconstruction learns on DFFG samples matched to the prior's statistics (pseudo-BN) instead
     # of on the prior images themselves (see pipeline.ReconstructStage; off: measured far worse at 224 px)
     pseudo_bn: bool = False
@@ -344,7 +350,7 @@ CALIB_OPTIONS = {"calib_range": "estimator", "calib_samples": "samples", "calib_
                  "std": "std", "synth_options": "synth_options", "size": "size"}
 _DIRECT = ("cle", "absorb_bias", "bias_correction", "sigmas", "reduce_range", "input_range", "fmt", "target",
            "quantize_outputs", "reconstruct", "reconstruct_steps", "reconstruct_samples", "reconstruct_loss",
-           "reconstruct_input_mix",
+           "reconstruct_input_mix", "reconstruct_compile",
            "pseudo_bn", "first_last_bits",
            "avg_bits", "size_budget", "sensitivity", "auto_widths", "dfmpc_pairs",
            "avg_act_bits")
@@ -455,6 +461,9 @@ def _check_reconstruct(direct: dict[str, Any], high: int | None) -> None:
         raise OptionError(f"--first-last-bits must be in 2..8, got {first_last}")
     if first_last is not None and high is not None:
         raise OptionError("--first-last-bits sets uniform widths' ends; DF-MPC chooses its own pairs (--bits LOW/HIGH)")
+    if direct.get("reconstruct_compile") is not None and not direct.get("reconstruct"):
+        raise OptionError("--reconstruct-compile / --no-reconstruct-compile run --reconstruct's steps: give "
+                          "--reconstruct")
     if direct.get("pseudo_bn") is not None and not direct.get("reconstruct"):
         raise OptionError("--pseudo-bn / --no-pseudo-bn choose --reconstruct's samples: give --reconstruct")
     loss = direct.get("reconstruct_loss")

@@ -526,7 +526,9 @@ class ReconstructStage(Pass):
 
         loss = reconstruction_loss(config)
         mix = reconstruction_input_mix(config, steps)
+        compiled = reconstruction_compile(config, samples.shape[1:], steps, spec.device)
         options = rec.ReconstructOptions(steps=steps, device=spec.device, seed=spec.seed, input_mix=mix,
+                                         compile=compiled,
                                          fisher_draws=FISHER_DRAWS if loss == "fisher" else 0,
                                          store_half=large and len(samples) > LARGE_RECONSTRUCT_SAMPLES)
         quant_model = surgery.export_model(ws.graph, self.template)
@@ -546,7 +548,7 @@ class ReconstructStage(Pass):
         label = f"{spec.label} (pseudo-BN: prior statistics)" if source_model is not self.template else spec.label
         report = PassReport(self.name, params={"samples": result.samples, "source": label, "steps":
                                                steps, "loss": loss, "fisher_seconds": round(result.fisher_seconds, 3),
-                                               "input_mix": mix,
+                                               "input_mix": mix, "compiled": result.compiled,
                                                "blocks": len(result.blocks),
                                                "sample_info": {k: v for k, v in info.items() if k != "groups"},
                                                "seconds": round(result.seconds, 3)}, modified=True)
@@ -562,6 +564,9 @@ class ReconstructStage(Pass):
                                    "(76.69 without; with QDrop's input mixing, on by default), but one sample "
                                    "set against another moves top-1 by up to 1.6 points; check top-1 on real data, or "
                                    "give real images with --calib data:PATH.npz")
+        if result.compile_error:
+            report.warnings.append(f"--reconstruct-compile: torch.compile failed, so the steps ran eager (same "
+                                   f"results, slower): {result.compile_error}")
         if spec.source == "prior":
             report.warnings.append("--reconstruct learnt on prior images: on the BN-folded ResNet-20 W4A4 that "
                                    "measured worse than no reconstruction (80.18 vs 81.33 %; 87.34-87.67 on samples "
@@ -608,6 +613,17 @@ def reconstruction_input_mix(config: QuantConfig, steps: int) -> float:
     if config.reconstruct_input_mix is not None:
         return float(config.reconstruct_input_mix)
     return RECONSTRUCT_INPUT_MIX if steps >= MIXED_RECONSTRUCT_STEPS else 0.0
+
+
+def reconstruction_compile(config: QuantConfig, sample_shape: tuple[int, ...], steps: int, device: str) -> bool:
+    """Whether the learning steps run under torch.compile: the user's choice, else on the CPU for images from
+    LARGE_RECONSTRUCT_INPUT px at COMPILED_RECONSTRUCT_STEPS steps a block or more, where the fused fake
+    quantization repays the compiling (see config.COMPILED_RECONSTRUCT_STEPS); on CUDA only when asked."""
+    from onnxdfq.config import COMPILED_RECONSTRUCT_STEPS
+
+    if config.reconstruct_compile is not None:
+        return bool(config.reconstruct_compile)
+    return device == "cpu" and large_input(sample_shape) and steps >= COMPILED_RECONSTRUCT_STEPS
 
 
 def reconstruction_loss(config: QuantConfig) -> str:
@@ -689,7 +705,8 @@ def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int |
         preprocessing, 0-1 scale: the input range, the prior's input space, raw uint8 data files),
         size ((H, W) for a dynamic image size); block reconstruction: reconstruct, reconstruct_steps,
         reconstruct_samples, reconstruct_loss ("mse", the default, or "fisher"),
-        reconstruct_input_mix (0..1; default 0.5 from 500 steps a block, else 0), pseudo_bn, first_last_bits.
+        reconstruct_input_mix (0..1; default 0.5 from 500 steps a block, else 0), reconstruct_compile (torch.compile
+        the learning steps; default: on the CPU from 128 px and 200 steps a block), pseudo_bn, first_last_bits.
         An unknown option is an OptionError naming the valid ones.
     """
     if config is None:

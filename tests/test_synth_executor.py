@@ -230,3 +230,23 @@ def test_unsupported_ops_are_all_named_at_construction() -> None:
     with pytest.raises(UnsupportedOpError, match=r"Erf \(nodes: erf_node\).*TopK \(nodes: topk_node\)"):
         TorchGraph(model)
     assert issubclass(UnsupportedOpError, ValueError)
+
+
+@pytest.mark.ort
+@pytest.mark.parametrize("name", ["mobile_block", "shape_ops", "legacy_attrs"])
+def test_tiny_model_compiles_into_one_graph(name: str) -> None:
+    """Shapes, pads and clip bounds read from tensors are traced as constants, so torch.compile (what
+    --reconstruct-compile runs each block's steps under) takes the whole graph without a break and computes
+    what onnxruntime computes."""
+    model = TINY_MODELS[name]()
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).standard_normal(dims).astype(np.float32) * 2
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(None, {session.get_inputs()[0].name: x})
+    torch._dynamo.reset()
+    compiled = torch.compile(TorchGraph(model).eval().forward, fullgraph=True, dynamic=False,
+                             options={"layout_optimization": False})
+    with torch.no_grad():
+        (actual,) = compiled(torch.from_numpy(x))
+    scale = max(float(np.abs(expected).max()), 1e-6)
+    np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-4, atol=1e-4 * scale)

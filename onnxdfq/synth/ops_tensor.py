@@ -35,11 +35,28 @@ class NodeSpec:
 OpFn = Callable[[NodeSpec, list[Any]], Any]
 
 
+# Shapes, pads and clip bounds are fixed by the graph (and the batch size): under torch.compile they are read
+# once while tracing and baked into the graph, where reading a tensor's values would otherwise break it
+@torch.compiler.assume_constant_result
+def _tensor_ints(value: torch.Tensor) -> list[int]:
+    return [int(v) for v in value.reshape(-1).tolist()]
+
+
+@torch.compiler.assume_constant_result
+def _tensor_float(value: torch.Tensor) -> float:
+    return float(value.reshape(-1)[0])
+
+
 def to_ints(value: torch.Tensor | Sequence[int]) -> list[int]:
     """A 0-d/1-d integer tensor (or a sequence) as a list of Python ints."""
     if isinstance(value, torch.Tensor):
-        return [int(v) for v in value.reshape(-1).tolist()]
+        return _tensor_ints(value)
     return [int(v) for v in value]
+
+
+def to_float(value: torch.Tensor | float) -> float:
+    """A one-element tensor (or a number) as a Python float."""
+    return _tensor_float(value) if isinstance(value, torch.Tensor) else float(value)
 
 
 def normalize_axis(axis: int, rank: int) -> int:
@@ -54,7 +71,7 @@ def torch_pads(onnx_pads: Sequence[int], axes: Sequence[int], rank: int) -> list
     """
     half = len(onnx_pads) // 2
     per_axis = {normalize_axis(a, rank): (onnx_pads[i], onnx_pads[i + half]) for i, a in enumerate(axes)}
-    first = min((a for a, p in per_axis.items() if p != (0, 0)), default=rank)
+    first = min([a for a, p in per_axis.items() if p != (0, 0)] or [rank])
     flat: list[int] = []
     for axis in range(rank - 1, first - 1, -1):
         flat.extend(per_axis.get(axis, (0, 0)))
@@ -88,7 +105,7 @@ def _unary(fn: Callable[[torch.Tensor], torch.Tensor]) -> OpFn:
 
 def _scalar_bound(value: Any) -> float | None:
     if isinstance(value, torch.Tensor):
-        return float(value) if value.numel() == 1 else None
+        return to_float(value) if value.numel() == 1 else None
     return None if value is None else float(value)
 
 
@@ -217,7 +234,7 @@ def _pad(node: NodeSpec, inputs: list[Any]) -> torch.Tensor:
     x = inputs[0]
     pads = to_ints(_attr_or_input(node, inputs, "pads", 1))
     value_in = node.attrs.get("value", inputs[2] if len(inputs) > 2 else None)
-    value = float(value_in) if value_in is not None else 0.0
+    value = to_float(value_in) if value_in is not None else 0.0
     axes_in = inputs[3] if len(inputs) > 3 else None
     axes = to_ints(axes_in) if axes_in is not None else list(range(x.dim()))
     onnx_mode = node.attrs.get("mode", "constant")
