@@ -471,9 +471,12 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
             warm = int(options.warmup * options.steps)
             generator = torch.Generator().manual_seed(options.seed + index)
 
-            def step_loss(values: tuple[torch.Tensor, ...], targets: tuple[torch.Tensor, ...],
-                          out_weights: tuple[torch.Tensor | None, ...], beta: torch.Tensor | None,
-                          block=block) -> torch.Tensor:
+            def step_loss(values: tuple[torch.Tensor, ...], fp_values: tuple[torch.Tensor, ...] | None,
+                          targets: tuple[torch.Tensor, ...], out_weights: tuple[torch.Tensor | None, ...],
+                          beta: torch.Tensor | None, block=block) -> torch.Tensor:
+                if fp_values is not None:  # QDrop's input mixing, inside the step so that compiling fuses it
+                    values = tuple(torch.where(torch.rand_like(q) < options.input_mix, f, q)
+                                   for q, f in zip(values, fp_values, strict=True))
                 out = runner.run(block, values, quantized=True, drop=options.drop_prob)
                 loss = sum(_channel_sum_mse(o, t, w) for o, t, w in zip(out, targets, out_weights, strict=True))
                 if beta is not None:
@@ -485,9 +488,8 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
             for step in range(options.steps):
                 pick = torch.randint(0, train, (batch,), generator=generator)
                 values = tuple(_loaded(v[pick], device) for v in q_in)
-                if options.input_mix > 0 and fp_in is not q_in:
-                    values = tuple(torch.where(torch.rand_like(q) < options.input_mix, _loaded(f[pick], device), q)
-                                   for q, f in zip(values, fp_in, strict=True))
+                fp_values = (tuple(_loaded(f[pick], device) for f in fp_in)
+                             if options.input_mix > 0 and fp_in is not q_in else None)
                 targets = tuple(_loaded(t[pick], device) for t in fp_out)
                 beta = None
                 if step >= warm and params_round:
@@ -497,14 +499,14 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
                                         device=device)
                 picked_w = tuple(None if w is None else w[pick].to(device) for w in out_w)
                 try:
-                    loss = learn_step(values, targets, picked_w, beta)
+                    loss = learn_step(values, fp_values, targets, picked_w, beta)
                 except Exception as error:  # noqa: BLE001 -- whatever the compiler raised, eager can go on
                     if learn_step is step_loss:
                         raise
                     result.compiled, result.compile_error = False, f"{type(error).__name__}: {error}"[:300]
                     logger.warning("reconstruct: torch.compile failed (%s); the steps run eager", result.compile_error)
                     learn_step = step_loss
-                    loss = learn_step(values, targets, picked_w, beta)
+                    loss = learn_step(values, fp_values, targets, picked_w, beta)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
