@@ -5,7 +5,8 @@ For each model the pipeline makes the learning samples and grids once (`--bits 4
 defaults otherwise, with --samples samples) and saves what the reconstruction engine receives. The engine then
 runs on those very inputs in a fresh process per configuration: eager and compiled, each at two step counts, so
 that a straight line through the two wall times splits the cost into a fixed part (the forward passes over all
-samples between blocks, plus compiling) and a per-step part. Peak RSS is the process's. Written to
+samples between blocks, plus compiling, cold: inductor's caches are off) and a per-step part. Peak RSS is the
+process's. Written to
 tools/results/compile_<device>.md/json.
 
     python tools/bench_compile.py                               # ResNet-20 W4A4, MobileNet-V1 and Lite0 W4A8
@@ -33,6 +34,11 @@ MODELS = {  # name: (model, act bits, preprocessing keywords)
     "mobilenet_v1_0.75": ("imagenet/mobilenet_v1_0.75.onnx", 8, {"preprocess": "inception"}),
     "efficientnet_lite0": ("imagenet/efficientnet_lite0.onnx", 8, {"mean": [0.498] * 3, "std": [0.502] * 3}),
 }
+
+
+# every compiled run compiles from scratch, as a user's first run does: with inductor's on-disk caches the second
+# run of two reuses the first one's kernels and the line through their wall times breaks
+COLD = {**os.environ, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
 
 
 def capture(name: str, samples: int, path: Path, device: str) -> None:
@@ -78,7 +84,7 @@ def measure(name: str, path: Path, steps: tuple[int, int], device: str) -> dict:
         for count in steps:
             out = subprocess.run([sys.executable, __file__, "--engine", str(path), "--steps", str(count), str(count),
                                   "--device", device] + (["--compiled"] if compiled else []),
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True, check=True, env=COLD)
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         per_step = (runs[1]["seconds"] - runs[0]["seconds"]) / (steps[1] - steps[0])
         fixed = runs[0]["seconds"] - per_step * steps[0]
