@@ -220,8 +220,8 @@ def _methods() -> list[str]:
 @click.option("--reconstruct-compile/--no-reconstruct-compile", default=None,
               help="--reconstruct: run each block's learning steps under torch.compile (needs a C++ compiler on the "
                    "CPU; a failure falls back to eager with a warning). Default: on the CPU for images from 128 px "
-                   "at 200 steps a block or more, where MobileNet-V1's steps ran 2.1x faster after ~4 s of "
-                   "compiling a block; off for small inputs (ResNet-20 at 32 px gains nothing) and on CUDA, where "
+                   "at 500 steps a block or more, where MobileNet-V1's steps ran about 2x faster after 1-5 min of "
+                   "compiling; off for small inputs (ResNet-20 at 32 px gains little) and on CUDA, where "
                    "it also replays each step as a CUDA graph but is not measured yet.")
 @click.option("--pseudo-bn/--no-pseudo-bn", default=None,
               help="With --reconstruct on a model without BN: learn on DFFG samples matched to the statistics the "

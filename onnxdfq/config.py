@@ -110,10 +110,11 @@ FISHER_DRAWS = 4
 RECONSTRUCT_INPUT_MIX = 0.5
 MIXED_RECONSTRUCT_STEPS = 500
 # torch.compile of the learning steps (--reconstruct-compile): by default on the CPU for inputs from
-# LARGE_RECONSTRUCT_INPUT px and from this many steps a block. Compiling costs ~4 s a block and phase; MobileNet-V1
-# W4A8's steps then take 331 ms summed over its blocks against 696 eager, while ResNet-20 at 32 px gains nothing
+# LARGE_RECONSTRUCT_INPUT px and from this many steps a block. Compiling from a cold cache cost MobileNet-V1 ~80 s
+# and EfficientNet-Lite0 ~5 min on two threads; the steps then take about half the time (MobileNet-V1 417 ms summed
+# over its blocks against 857 eager), so it pays from a few hundred steps a block; ResNet-20 at 32 px gains little
 # (see onnxdfq.synth.reconstruct.ReconstructOptions.compile and BENCHMARKS)
-COMPILED_RECONSTRUCT_STEPS = 200
+COMPILED_RECONSTRUCT_STEPS = 500
 # --bits auto: the weight widths each layer may get, and how their cost at the output is found
 AUTO_WIDTHS = (2, 3, 4, 5, 6, 8)
 AUTO_ACT_WIDTHS = (4, 8)  # --avg-act-bits: each activation at 4 bits or at --act-bits

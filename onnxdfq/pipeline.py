@@ -706,7 +706,7 @@ def quantize_model(model_or_path: Any, *, method: str | None = None, bits: int |
         size ((H, W) for a dynamic image size); block reconstruction: reconstruct, reconstruct_steps,
         reconstruct_samples, reconstruct_loss ("mse", the default, or "fisher"),
         reconstruct_input_mix (0..1; default 0.5 from 500 steps a block, else 0), reconstruct_compile (torch.compile
-        the learning steps; default: on the CPU from 128 px and 200 steps a block), pseudo_bn, first_last_bits.
+        the learning steps; default: on the CPU from 128 px and 500 steps a block), pseudo_bn, first_last_bits.
         An unknown option is an OptionError naming the valid ones.
     """
     if config is None:

@@ -496,10 +496,10 @@ def test_compile_failure_falls_back_to_eager_and_says_so(captured, noise_data, m
     assert any("torch.compile failed" in w and "no C++ compiler" in w for w in result.report["warnings"])
 
 
-def test_compile_by_default_on_the_cpu_from_128_px_and_200_steps():
-    """torch.compile repays its ~4 s a block only on large inputs with enough steps: on by default on the CPU from
-    128 px and COMPILED_RECONSTRUCT_STEPS steps, off below, off on CUDA unless asked; the user's choice wins, and
-    it needs --reconstruct."""
+def test_compile_by_default_on_the_cpu_from_128_px_and_500_steps():
+    """torch.compile repays its compiling (minutes, cold) only on large inputs with enough steps: on by default on
+    the CPU from 128 px and COMPILED_RECONSTRUCT_STEPS steps, off below, off on CUDA unless asked; the user's
+    choice wins, and it needs --reconstruct."""
     from onnxdfq.config import COMPILED_RECONSTRUCT_STEPS, make_config
     from onnxdfq.pipeline import reconstruction_compile
 

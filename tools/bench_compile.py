@@ -37,8 +37,12 @@ MODELS = {  # name: (model, act bits, preprocessing keywords)
 
 
 # every compiled run compiles from scratch, as a user's first run does: with inductor's on-disk caches the second
-# run of two reuses the first one's kernels and the line through their wall times breaks
-COLD = {**os.environ, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+# run of two reuses the first one's kernels and the line through their wall times breaks. Turning the graph caches
+# off is not enough (the compiled C++ kernels stay cached: Lite0 came out at -1160 ms a step), so each run gets an
+# empty cache directory of its own
+def cold_env(cache_dir: str) -> dict:
+    return {**os.environ, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0", "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
+            "TORCHINDUCTOR_CACHE_DIR": cache_dir}
 
 
 def capture(name: str, samples: int, path: Path, device: str) -> None:
@@ -82,9 +86,10 @@ def measure(name: str, path: Path, steps: tuple[int, int], device: str) -> dict:
     for compiled in (False, True):
         runs = []
         for count in steps:
-            out = subprocess.run([sys.executable, __file__, "--engine", str(path), "--steps", str(count), str(count),
-                                  "--device", device] + (["--compiled"] if compiled else []),
-                                 capture_output=True, text=True, check=True, env=COLD)
+            with tempfile.TemporaryDirectory() as cache:
+                out = subprocess.run([sys.executable, __file__, "--engine", str(path), "--steps", str(count),
+                                      str(count), "--device", device] + (["--compiled"] if compiled else []),
+                                     capture_output=True, text=True, check=True, env=cold_env(cache))
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         per_step = (runs[1]["seconds"] - runs[0]["seconds"]) / (steps[1] - steps[0])
         fixed = runs[0]["seconds"] - per_step * steps[0]
