@@ -110,9 +110,10 @@ FISHER_DRAWS = 4
 RECONSTRUCT_INPUT_MIX = 0.5
 MIXED_RECONSTRUCT_STEPS = 500
 # torch.compile of the learning steps (--reconstruct-compile): by default on the CPU for inputs from
-# LARGE_RECONSTRUCT_INPUT px and from this many steps a block. Compiling from a cold cache cost MobileNet-V1 ~80 s
-# and EfficientNet-Lite0 ~5 min on two threads; the steps then take about half the time (MobileNet-V1 417 ms summed
-# over its blocks against 857 eager), so it pays from a few hundred steps a block; ResNet-20 at 32 px gains little
+# LARGE_RECONSTRUCT_INPUT px and from this many steps a block. Compiling from a cold cache cost MobileNet-V1 1-1.5 min
+# and EfficientNet-Lite0 5-6 min on two threads; the steps then take about half the time (MobileNet-V1, timed after
+# compiling, one thread: 331 ms summed over its blocks against 696 eager; Lite0's reconstruction at 1000 steps a
+# block 1606 s against 2284, compiling included), so it pays from a few hundred steps; ResNet-20 at 32 px gains none
 # (see onnxdfq.synth.reconstruct.ReconstructOptions.compile and BENCHMARKS)
 COMPILED_RECONSTRUCT_STEPS = 500
 # --bits auto: the weight widths each layer may get, and how their cost at the output is found

@@ -112,10 +112,11 @@ class ReconstructOptions:
     seed: int = 0
     device: str = "cpu"
     # torch.compile each block's learning step (two graphs a block: before and after the regulariser starts). On
-    # the CPU inductor fuses the fake quantization and QDrop's random masks around each conv: on two threads
-    # MobileNet-V1 W4A8's steps took 417 ms summed over its 28 blocks against 857 eager (tools/bench_compile.py),
-    # for 1-5 min of compiling from a cold cache; ResNet-20's small convs gain little. On CUDA the step is also
-    # replayed as a CUDA graph (not measured: no GPU). A compile failure (no C++ compiler, say) falls back to eager
+    # the CPU inductor fuses the fake quantization and QDrop's random masks around each conv: at one thread
+    # MobileNet-V1 W4A8's steps took 331 ms summed over its 28 blocks against 696 eager, after 1-1.5 min of compiling
+    # from a cold cache (two threads; Lite0 5-6 min); ResNet-20's small convs gain nothing (389 against 385 ms). On
+    # CUDA the step is also replayed as a CUDA graph (not measured: no GPU). A compile failure (no C++ compiler, say)
+    # falls back to eager
     compile: bool = False
 
 
