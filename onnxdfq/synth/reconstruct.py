@@ -546,7 +546,8 @@ def reconstruct(fp_model: Any, quant_model: Any, samples: np.ndarray,
 def _compiled(step: Callable, device: str) -> Callable:
     """``step`` under torch.compile, with the previous block's graphs dropped: every block's step is the same
     Python function over other nodes, and dynamo's per-function cache would otherwise fill up after a few blocks
-    and fall back to eager without a word."""
+    and fall back to eager without a word. The reset is process-wide: other functions a caller compiled in this
+    process are compiled again on their next call."""
     torch._dynamo.reset()
     # inductor's channels-last layout for convs cost the CPU steps: ResNet-20 389 -> 520 ms, MobileNet-V1 331 -> 390
     options = {"layout_optimization": False, "triton.cudagraphs": device.startswith("cuda")}
