@@ -16,10 +16,10 @@ and a carried onnx-graphsurgeon wheel go on PYTHONPATH; the assets are copied in
         --platform manylinux2014_x86_64 -d .whl onnx-graphsurgeon==0.6.1
     mkdir -p .assets/cifar10 .assets/imagenet && cp ../shared/assets/cifar10/{resnet20.onnx,test.npz} .assets/cifar10 \\
         && cp -r ../shared/assets/imagenet/{mobilenet_v1_0.75.onnx,val1300} .assets/imagenet
-    # device run, carry [".whl", ".assets"]:
+    # device run 1, carry [".whl", ".assets/cifar10"] (both models' assets together pass the 64 MiB a call takes):
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
       PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 python3 tools/bench_cuda_reconstruct.py --assets .assets --out $OUT
-    python3 tools/bench_cuda_reconstruct.py ... --only mobilenet_v1_0.75 --steps 200     # the second call
+    # device run 2, carry [".whl", ".assets/imagenet"]: the same with --only mobilenet_v1_0.75 --steps 200
 
 Here, to check the script (two CPU rows, a few steps): python tools/bench_cuda_reconstruct.py --device cpu \\
     --only resnet20 --steps 5 --limit 500 --out /tmp/cuda_check
