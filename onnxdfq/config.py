@@ -87,9 +87,9 @@ NATURAL_DFFG_OPTIONS: dict[str, object] = {"init": "pink", "blur": 1.0, "alpha":
 DEFAULT_ESTIMATOR = "mse"
 # block reconstruction (--reconstruct): optimiser steps per block and calibration samples. From 128 px up with every
 # activation grid at 8 bits (only the roundings learn) a block takes twice the steps: MobileNet-V1 W4A8 on val1300
-# 72.85 % -> 75.31 at 1000 (EfficientNet-Lite0 79.38 -> 79.15, within one sample set against another); 4-bit
-# activations keep 500 for time (MobileNet-V1 W4A4 takes 14 min at 500), and so do small inputs (ResNet-20 W4A4
-# takes 3 min)
+# 72.85 % -> 75.31 at 1000 (EfficientNet-Lite0 79.38 -> 79.15, within one sample set against another). 4-bit
+# activations keep 500: their step sizes learn too, and twice the steps fit the 128 samples (MobileNet-V1 W4A4
+# 56.62 -> 51.46 on the same samples, compiled); so do small inputs (ResNet-20 W4A4 takes 3 min)
 DEFAULT_RECONSTRUCT_STEPS = 500
 LARGE_RECONSTRUCT_STEPS = 1000
 DEFAULT_RECONSTRUCT_SAMPLES = 256
