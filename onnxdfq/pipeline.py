@@ -560,9 +560,9 @@ class ReconstructStage(Pass):
         if spec.source == "synth" and large:
             report.warnings.append(f"--reconstruct learnt on {spec.label} samples at {samples.shape[2]} px: from "
                                    "GPTQ's start it lifts MobileNet-V1 W4A8 to 73.77-75.31 % (67.31 without, val1300; "
-                                   "72.85-73.00 at 500 steps a block) and EfficientNet-Lite0 W4A8 to 79.38-80.23 "
-                                   "(76.69 without; with QDrop's input mixing, on by default), but one sample "
-                                   "set against another moves top-1 by up to 1.6 points; check top-1 on real data, or "
+                                   "72.85-73.00 at 500 steps a block) and EfficientNet-Lite0 W4A8 to 78.23-80.62, "
+                                   "mean 79.67 over six runs (76.69 without), but one run against another moves "
+                                   "top-1 by up to 2.4 points; check top-1 on real data, or "
                                    "give real images with --calib data:PATH.npz")
         if result.compile_error:
             report.warnings.append(f"--reconstruct-compile: torch.compile failed, so the steps ran eager (same "

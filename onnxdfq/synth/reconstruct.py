@@ -608,8 +608,8 @@ def _fisher_weights(runner: _Runner, blocks: list[Block], fp_nodes: dict[str, No
                     value.retain_grad()
                     kept.append((name, value))
         final = values[0].reshape(values[0].shape[0], -1)
-        probs_given = bool((final >= 0).all()) and bool(torch.allclose(final.sum(1), torch.ones(len(final), device=final.device),
-                                                                          atol=1e-3))
+        ones = torch.ones(len(final), device=final.device)
+        probs_given = bool((final >= 0).all()) and bool(torch.allclose(final.sum(1), ones, atol=1e-3))
         log_p = torch.log(final.clamp_min(1e-12)) if probs_given else torch.log_softmax(final, dim=1)
         acc = {name: torch.zeros(value.shape[:2]) for name, value in kept}
         for draw in range(draws):
