@@ -39,6 +39,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from bench_compile import cold_env  # noqa: E402  (an empty inductor cache: a user's first run)
+
 # (model, act bits, test data, preprocessing flags): ResNet-20 W4A4 and MobileNet-V1 W4A8, the issue's time rows
 MODELS = {
     "resnet20": ("cifar10/resnet20.onnx", 4, "cifar10/test.npz", ["--preprocess", "imagenet"]),
@@ -78,8 +81,7 @@ class GpuMemory:
 
 def quantize(model: Path, flags: list[str], out: Path, report: Path, cache: str) -> dict:
     """One CLI run in a fresh process: wall seconds, peak RSS and GPU memory (MB), or {"error": last line}."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
-           "TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}
+    env = cold_env(cache)
     start = time.perf_counter()
     with GpuMemory() as gpu, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([*CLI, "quantize", str(model), "-o", str(out), "-q", "--allow-broken",
